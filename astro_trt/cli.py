@@ -1,0 +1,63 @@
+"""The astro-trt command line.
+
+Each stage owns its commands in ``<stage>/commands.py``; this group only names them and imports
+a stage when its command runs, so ``astro-trt --help`` never pays for torch or TensorRT.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from astro_trt.errors import AstroError
+
+# command name -> (module, attribute, one-line help shown by --help without importing it)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("astro_trt.model.commands", "data", "Fetch and prepare a dataset (offline-friendly)."),
+    "train": ("astro_trt.model.commands", "train", "Train an ASTRO model on the CPU and write a checkpoint."),
+    "export": ("astro_trt.engines.commands", "export", "Export a checkpoint to ONNX and TensorRT engines (a bundle)."),
+    "inspect": ("astro_trt.engines.commands", "inspect", "Show what is inside a bundle."),
+    "validate": ("astro_trt.validate.commands", "validate", "Parity report of a bundle against PyTorch."),
+    "bench": ("astro_trt.validate.commands", "bench", "Throughput of the split against the full model."),
+    "bench-kernels": ("astro_trt.plugins.commands", "bench_kernels", "Time the attention kernels (GPU)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attr, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, help_) for name, (_, _, help_) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="astro-trt")
+def cli() -> None:
+    """Compile a trained ASTRO recommendation model into verified TensorRT engines."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback."""
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except AstroError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)

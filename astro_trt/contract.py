@@ -1,0 +1,148 @@
+"""The engine I/O contract, defined once: names, dtypes and shapes of every input and output of
+the three graphs (user encoder, item scorer, full model) and the KV-cache layout that joins the
+encoder to the scorer. The exporter names graph tensors from here, the engine builder derives
+optimization profiles from here, the runtime binds buffers by it, the manifest records it and
+the tests read it back from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from astro_trt.config import ASTROConfig
+from astro_trt.errors import ConfigError
+
+# Symbolic (dynamic) dimensions. Everything else is fixed by the model config.
+BATCH = "batch"
+CANDIDATES = "candidates"
+DYNAMIC_DIMS = (BATCH, CANDIDATES)
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+# dtype of the floating tensors that cross an engine boundary for each precision. Logits are
+# always float32: a service compares and sorts them, and the cast is free next to the model.
+_FLOAT_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+USER_ENCODER = "user_encoder"
+ITEM_SCORER = "item_scorer"
+FULL_MODEL = "full_model"
+GRAPHS = (USER_ENCODER, ITEM_SCORER, FULL_MODEL)
+
+KV_CACHE = "kv_cache"
+# The KV cache is one tensor, batch-major, so that one user's cache is one contiguous slice and
+# a dynamic batch axis stays the leading one in both engines.
+KV_CACHE_AXES = ("batch", "layer", "block", "kv", "head", "slot", "head_dim")
+# History inputs the scorer needs besides the cache (masking and the time bias); the runtime
+# keeps them on the device with the cache as the "user state".
+SCORER_HISTORY_INPUTS = ("hist_lengths", "hist_times", "scenario", "request_time")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy-style name: int64, float32, float16, bfloat16
+    shape: tuple[int | str, ...]  # ints are fixed, strings are DYNAMIC_DIMS
+
+    def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(dims[d] if isinstance(d, str) else d for d in self.shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor '{name}'")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+
+
+def float_dtype(precision: str) -> str:
+    try:
+        return _FLOAT_DTYPE[precision]
+    except KeyError:
+        raise ConfigError(f"unknown precision '{precision}'; choose one of {list(PRECISIONS)}") from None
+
+
+def kv_cache_shape(cfg: ASTROConfig) -> tuple[int | str, ...]:
+    return (BATCH, cfg.num_layers, cfg.num_blocks, 2, cfg.num_heads, cfg.max_len, cfg.head_dim)
+
+
+def history_inputs(cfg: ASTROConfig) -> tuple[TensorSpec, ...]:
+    blk = (BATCH, cfg.num_blocks, cfg.max_len)
+    return (
+        TensorSpec("hist_items", "int64", blk),
+        TensorSpec("hist_behaviors", "int64", blk),
+        TensorSpec("hist_times", "int64", blk),
+        TensorSpec("hist_lengths", "int64", (BATCH, cfg.num_blocks)),
+        TensorSpec("scenario", "int64", (BATCH,)),
+        TensorSpec("request_time", "int64", (BATCH,)),
+    )
+
+
+def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:
+    """The I/O of the three graphs, in the positional order of their inputs."""
+    hist = {t.name: t for t in history_inputs(cfg)}
+    cand = TensorSpec("cand_items", "int64", (BATCH, CANDIDATES))
+    logits = TensorSpec("logits", "float32", (BATCH, CANDIDATES, cfg.num_tasks))
+    kv = TensorSpec(KV_CACHE, float_dtype(precision), kv_cache_shape(cfg))
+    encoder_inputs = tuple(hist[n] for n in ("hist_items", "hist_behaviors", "hist_times", "hist_lengths", "scenario"))
+    return {
+        USER_ENCODER: GraphIO(USER_ENCODER, encoder_inputs, (kv,)),
+        ITEM_SCORER: GraphIO(ITEM_SCORER, (kv, *(hist[n] for n in SCORER_HISTORY_INPUTS), cand), (logits,)),
+        FULL_MODEL: GraphIO(FULL_MODEL, (*hist.values(), cand), (logits,)),
+    }
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """What the manifest records about the cache, so a service can allocate and slice it."""
+
+    name: str
+    axes: tuple[str, ...]
+    shape: tuple[int | str, ...]
+    dtype: str
+    scorer_history_inputs: tuple[str, ...]
+    bytes_per_user: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["axes"], out["shape"] = list(self.axes), list(self.shape)
+        out["scorer_history_inputs"] = list(self.scorer_history_inputs)
+        return out
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
+
+
+def dtype_bytes(dtype: str) -> int:
+    return _DTYPE_BYTES[dtype]
+
+
+def kv_cache_layout(cfg: ASTROConfig, precision: str) -> KVCacheLayout:
+    shape = kv_cache_shape(cfg)
+    per_user = dtype_bytes(float_dtype(precision))
+    for d in shape[1:]:
+        per_user *= int(d)
+    return KVCacheLayout(KV_CACHE, KV_CACHE_AXES, shape, float_dtype(precision), SCORER_HISTORY_INPUTS, per_user)

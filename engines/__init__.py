@@ -1,0 +1,1 @@
+"""TensorRT back ends, engine builds, the deployment bundle and the runtime."""

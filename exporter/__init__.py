@@ -1,0 +1,1 @@
+"""Export a checkpoint to ONNX: user encoder, item scorer, full model."""

@@ -1,0 +1,1 @@
+"""The ASTRO model in PyTorch, its data pipeline, training and checkpoints."""

@@ -1,0 +1,68 @@
+"""Log-scale distance buckets of ASTRO.md §3, in an exact integer form.
+
+    bucket(x, n, xmax) = 0 if x < 1 else min(n - 1, 1 + floor(log(x) / log(xmax) * (n - 2)))
+
+Evaluating that with float logarithms makes every runtime (PyTorch, ONNX Runtime, TensorRT,
+a Triton kernel) free to disagree at bucket edges, which moves a score by a whole table entry.
+In real arithmetic the formula equals "how many thresholds x has reached", with
+thr_1 = 1 and thr_m = ceil(xmax ** ((m - 1) / (n - 2))) for m = 2..n-1, and integer
+comparisons give the same bucket everywhere. The thresholds are computed once, here, exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import torch
+
+
+def _int_root_ceil(xmax: int, num: int, den: int) -> int:
+    """Smallest integer t with t ** den >= xmax ** num, i.e. ceil(xmax ** (num / den)), exactly."""
+    target = xmax**num
+    guess = max(1, math.ceil(xmax ** (num / den)))
+    while guess > 1 and (guess - 1) ** den >= target:
+        guess -= 1
+    while guess**den < target:
+        guess += 1
+    return guess
+
+
+def bucket_thresholds(n: int, xmax: int) -> list[int]:
+    """The n-1 thresholds: bucket(x) = number of thresholds <= x."""
+    if n < 3:
+        # n - 2 <= 0: the formula degenerates; ASTRO configs validate n >= 3 for time and
+        # n >= 2 for positions, where n == 2 means "0 for x < 1, else 1".
+        return [1] * (n - 1)
+    thresholds = [1]
+    frac_den = n - 2
+    for m in range(2, n):
+        f = Fraction(m - 1, frac_den)
+        thresholds.append(_int_root_ceil(xmax, f.numerator, f.denominator))
+    return thresholds
+
+
+def bucketize_reference(x: int, n: int, xmax: int) -> int:
+    """The formula as written, in float64; tests compare the exact form against it."""
+    if x < 1:
+        return 0
+    if n < 3:
+        return n - 1
+    return min(n - 1, 1 + math.floor(math.log(x) / math.log(xmax) * (n - 2)))
+
+
+def bucketize(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Bucket of every element of the integer tensor x (any shape)."""
+    return (x.unsqueeze(-1) >= thresholds).sum(-1)
+
+
+def distance_table(table: torch.Tensor, length: int, n: int) -> torch.Tensor:
+    """Position bias by distance: ``table[..., bucket(d, n, length)]`` for d = 0..length.
+
+    Positions only ever differ by 0..L (a candidate sits at L), so the bucketed position bias
+    is a fixed gather of the learned table, indexed by distance. Kernels and graphs receive
+    this [..., L + 1] table and never bucket positions themselves.
+    """
+    thr = torch.tensor(bucket_thresholds(n, length), dtype=torch.int64, device=table.device)
+    index = bucketize(torch.arange(length + 1, device=table.device), thr)
+    return table[..., index]

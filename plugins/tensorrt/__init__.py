@@ -1,0 +1,1 @@
+"""TensorRT IPluginV3 plugins over the Triton kernels."""

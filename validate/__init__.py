@@ -1,0 +1,1 @@
+"""Parity reports and throughput benchmarks."""
