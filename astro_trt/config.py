@@ -132,7 +132,9 @@ class ASTROConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix or regenerate it") from None
+            raise ConfigError(
+                f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix or regenerate it"
+            ) from None
         return cls.from_dict(data, source=str(path))
 
     def save(self, path: str | Path) -> None:

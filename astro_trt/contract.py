@@ -107,7 +107,12 @@ def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:
     cand = TensorSpec("cand_items", "int64", (BATCH, CANDIDATES))
     logits = TensorSpec("logits", "float32", (BATCH, CANDIDATES, cfg.num_tasks))
     kv = TensorSpec(KV_CACHE, float_dtype(precision), kv_cache_shape(cfg))
-    encoder_inputs = tuple(hist[n] for n in ("hist_items", "hist_behaviors", "hist_times", "hist_lengths", "scenario"))
+    encoder_names = ["hist_items", "hist_behaviors"]
+    if cfg.num_layers > 1:
+        # The encoder skips the last layer's history attention (only its K/V are needed), so a
+        # one-layer encoder never reads times, lengths or scenario: they are not graph inputs then.
+        encoder_names += ["hist_times", "hist_lengths", "scenario"]
+    encoder_inputs = tuple(hist[n] for n in encoder_names)
     return {
         USER_ENCODER: GraphIO(USER_ENCODER, encoder_inputs, (kv,)),
         ITEM_SCORER: GraphIO(ITEM_SCORER, (kv, *(hist[n] for n in SCORER_HISTORY_INPUTS), cand), (logits,)),

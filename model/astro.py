@@ -72,6 +72,7 @@ class BlockLayer(nn.Module):
         super().__init__()
         d, f = cfg.d_model, cfg.ffn_dim
         self.heads, self.head_dim, self.eps = cfg.num_heads, cfg.head_dim, cfg.layer_norm_eps
+        self.width = d  # a Python int: layer_norm's normalized_shape must stay static when traced
 
         def weight(*shape: int, fan_in: int) -> nn.Parameter:
             return nn.Parameter(torch.randn(*shape) / math.sqrt(fan_in))
@@ -99,15 +100,16 @@ class BlockLayer(nn.Module):
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, Nb, S, d] -> q, k, v [B, Nb, H, S, dh]."""
-        return tuple(self._split_heads(torch.einsum("bnsd,nde->bnse", x, w)) for w in (self.w_q, self.w_k, self.w_v))
+        # Broadcast matmul ([B, Nb, S, d] @ [Nb, d, e]), not einsum: ONNX Einsum has no bfloat16.
+        return tuple(self._split_heads(x @ w) for w in (self.w_q, self.w_k, self.w_v))
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """Eq. 3: LayerNorm(X + W2 GELU(W1 U + b1) + b2), with U = heads merged."""
         b, n, h, s, dh = attended.shape
         u = attended.transpose(2, 3).reshape(b, n, s, h * dh)
-        hidden = F.gelu(torch.einsum("bnsd,ndf->bnsf", u, self.w_1) + self.b_1[:, None, :])
-        y = torch.einsum("bnsf,nfd->bnsd", hidden, self.w_2) + self.b_2[:, None, :]
-        y = F.layer_norm(x + self.dropout(y), (x.shape[-1],), eps=self.eps)
+        hidden = F.gelu(u @ self.w_1 + self.b_1[:, None, :])
+        y = hidden @ self.w_2 + self.b_2[:, None, :]
+        y = F.layer_norm(x + self.dropout(y), (self.width,), eps=self.eps)
         return y * self.ln_w[:, None, :] + self.ln_b[:, None, :]
 
 
@@ -129,7 +131,7 @@ class GatedFusion(nn.Module):
         x = e.reshape(1, b * m, nb, d).transpose(0, 1)  # [B*M, 1, Nb, d]: one "block" of Nb tokens
         q, k, v = self.layer.project(x)
         inv_tau = self.layer.inv_tau(scenario).repeat_interleave(m, dim=0)  # [B*M, 1, H]
-        scores = torch.einsum("bnhid,bnhjd->bnhij", q, k) * inv_tau[..., None, None]
+        scores = q @ k.transpose(-1, -2) * inv_tau[..., None, None]
         g = self.layer.finish(x, torch.softmax(scores, dim=-1) @ v)  # all Nb tokens see each other
         g = g.reshape(b, m, nb * d)
         y = g * torch.sigmoid(self.se_b(F.relu(self.se_a(g))))

@@ -1,0 +1,176 @@
+"""The deployment bundle (ARCHITECTURE.md decision 5): writing it atomically, loading and
+verifying it, and adding reports to it.
+
+Layout::
+
+    DIR/manifest.json, DIR/manifest.sha256     (astro_trt.manifest)
+    DIR/checkpoint/{config.json,model.safetensors}
+    DIR/onnx/<precision>/<graph>.onnx
+    DIR/engines/<precision>/<graph>.plan      (absent with --no-engines)
+    DIR/reports/                              (validate/bench; see write_report)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from astro_trt.config import ASTROConfig
+from astro_trt.contract import GraphIO, TensorSpec
+from astro_trt.errors import BundleError, ConfigError
+from astro_trt.manifest import REPORTS, read_manifest, sha256_file, verify_files, write_manifest
+
+CHECKPOINT_DIR = "checkpoint"
+
+
+def onnx_relpath(graph: str, precision: str) -> str:
+    return f"onnx/{precision}/{graph}.onnx"
+
+
+def engine_relpath(graph: str, precision: str) -> str:
+    return f"engines/{precision}/{graph}.plan"
+
+
+def _graph_io(data: dict[str, Any]) -> GraphIO:
+    def spec(t: dict[str, Any]) -> TensorSpec:
+        return TensorSpec(t["name"], t["dtype"], tuple(t["shape"]))
+
+    return GraphIO(data["name"], tuple(spec(t) for t in data["inputs"]), tuple(spec(t) for t in data["outputs"]))
+
+
+@dataclass
+class Bundle:
+    """A loaded (and, by default, verified) bundle. Paths are absolute."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    config: ASTROConfig
+    precisions: list[str]
+    backend: str | None  # back-end name the engines were built with; None for an ONNX-only bundle
+    checkpoint_dir: Path
+    checkpoint_sha256: str
+
+    def _precision(self, precision: str) -> str:
+        if precision not in self.precisions:
+            raise BundleError(
+                f"{self.directory}: no {precision} graphs in this bundle (it has {self.precisions}); "
+                f"re-export with --precision {precision}"
+            )
+        return precision
+
+    def attention(self, precision: str) -> str:
+        """Effective attention lowering of that precision's graphs: plugin | native | reference."""
+        return self.manifest["attention"]["effective"][self._precision(precision)]
+
+    def onnx_path(self, graph: str, precision: str) -> Path:
+        entry = self.manifest["onnx"][self._precision(precision)].get(graph)
+        if entry is None:
+            raise BundleError(f"{self.directory}: no {graph} graph for {precision}; re-export the bundle")
+        return self.directory / entry["path"]
+
+    def engine_path(self, graph: str, precision: str) -> Path | None:
+        entry = self.manifest.get("engines", {}).get(self._precision(precision), {}).get(graph)
+        return None if entry is None else self.directory / entry["path"]
+
+    def engine_io(self, graph: str, precision: str) -> list[dict[str, Any]] | None:
+        entry = self.manifest.get("engines", {}).get(self._precision(precision), {}).get(graph)
+        return None if entry is None else entry["io"]
+
+    def io(self, precision: str) -> dict[str, GraphIO]:
+        graphs = self.manifest["onnx"][self._precision(precision)]
+        return {graph: _graph_io(entry["io"]) for graph, entry in graphs.items()}
+
+    def profile(self, graph: str) -> dict[str, tuple[int, int, int]]:
+        """Dynamic axis -> (min, opt, max) the engines of ``graph`` accept."""
+        try:
+            return {dim: tuple(r) for dim, r in self.manifest["profile"][graph].items()}  # type: ignore[misc]
+        except KeyError:
+            raise BundleError(f"{self.directory}: no profile for graph '{graph}' in the manifest") from None
+
+
+def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+    """Read a bundle; with ``verify`` check the manifest's own hash and every file's sha256 and
+    refuse (BundleError naming the file) anything missing, changed or unexpected."""
+    directory = Path(path).resolve()
+    manifest = read_manifest(directory)
+    if verify:
+        verify_files(directory, manifest)
+    try:
+        config = ASTROConfig.from_dict(manifest["config"], source=f"{directory}/manifest.json config")
+        checkpoint = manifest["checkpoint"]
+        backend = manifest.get("backend")
+        return Bundle(
+            directory=directory, manifest=manifest, config=config, precisions=list(manifest["precisions"]),
+            backend=backend["name"] if backend else None, checkpoint_dir=directory / checkpoint["path"],
+            checkpoint_sha256=checkpoint["sha256"],
+        )
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise BundleError(f"{directory}/manifest.json is incomplete ({exc}); re-export the bundle") from None
+
+
+def write_report(bundle_dir: str | Path, name: str, files: Mapping[str, bytes | str | Path]) -> list[Path]:
+    """Add report files under ``reports/<name>/`` and record them (and their sha256) in the
+    manifest, so the bundle stays verifiable. ``files`` maps a file name to its content (bytes,
+    text, or a path to copy). The bundle is verified first: a report never blesses a changed bundle.
+    Returns the written paths."""
+    directory = Path(bundle_dir).resolve()
+    manifest = read_manifest(directory)
+    verify_files(directory, manifest)
+    if not name or "/" in name or name.startswith("."):
+        raise BundleError(f"report name '{name}' must be a plain folder name such as 'validate'")
+    target = directory / REPORTS / name
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for filename, content in files.items():
+        if "/" in filename or filename.startswith("."):
+            raise BundleError(f"report file name '{filename}' must be a plain file name")
+        path = target / filename
+        if isinstance(content, Path):
+            shutil.copyfile(content, path)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+        rel = path.relative_to(directory).as_posix()
+        manifest["files"][rel] = sha256_file(path)
+        written.append(path)
+    manifest.setdefault("reports", {})[name] = sorted(
+        set(manifest.get("reports", {}).get(name, [])) | {p.relative_to(directory).as_posix() for p in written}
+    )
+    write_manifest(directory, manifest, hash_all=False)
+    return written
+
+
+@contextmanager
+def staged_bundle(out: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; on normal exit it replaces ``out`` by rename,
+    on any exception (KeyboardInterrupt included) it is removed, so no partial bundle is ever at
+    ``out``. The caller writes the manifest last, inside the block."""
+    out = Path(out).resolve()
+    if out.exists() and not force:
+        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield stage
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(stage, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(stage, out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+__all__ = [
+    "Bundle", "CHECKPOINT_DIR", "engine_relpath", "load_bundle", "onnx_relpath", "staged_bundle", "write_report",
+]

@@ -1,0 +1,160 @@
+"""A serving session over a bundle on a GPU (ARCHITECTURE.md decision 4).
+
+``encode(history)`` runs the user encoder once and keeps the KV cache on the device as a
+:class:`UserState`; ``score(state, candidates)`` binds that cache's device buffer directly as the
+scorer's ``kv_cache`` input (no copy), so one encoded user is scored against any number of
+candidate batches. ``full(history, candidates)`` runs the full-model engine (the baseline).
+
+Device buffers are torch CUDA tensors; inputs are validated on the host first (engines/inputs.py).
+Needs a GPU and the back end the bundle was built with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from astro_trt import contract
+from astro_trt.contract import FULL_MODEL, ITEM_SCORER, KV_CACHE, USER_ENCODER
+from astro_trt.engines.backend import BACKENDS
+from astro_trt.engines.bundle import Bundle, load_bundle
+from astro_trt.engines.inputs import validate_candidates, validate_history
+from astro_trt.errors import BackendError, BundleError
+
+_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int64": "int64"}
+
+
+@dataclass
+class UserState:
+    """One encoded batch of users, resident on the device: the KV cache plus the history inputs
+    the scorer needs (lengths, times, scenario, request time)."""
+
+    kv_cache: Any  # torch.Tensor [B, N_L, Nb, 2, H, L, dh] on the device
+    history: dict[str, Any]  # contract.SCORER_HISTORY_INPUTS -> torch.Tensor on the device
+    batch: int
+
+
+class _Engine:
+    """One deserialized engine with one execution context."""
+
+    def __init__(self, trt: Any, runtime: Any, path: Path, cuda_graphs: bool) -> None:
+        engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise BackendError(f"{path}: the engine does not deserialize on this GPU (wrong GPU, driver or "
+                               "back-end version); re-export the bundle on or for this GPU")
+        self.engine = engine
+        if cuda_graphs:
+            config = engine.create_runtime_config()
+            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            self.context = engine.create_execution_context(config)
+        else:
+            self.context = engine.create_execution_context()
+        self.outputs = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
+                        if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT]
+
+    def run(self, inputs: dict[str, Any], outputs: dict[str, Any], stream: Any) -> None:
+        for name, tensor in inputs.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        for name, tensor in outputs.items():
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise BackendError("TensorRT failed to enqueue the engine; run with a smaller batch or check the log")
+
+
+class Session:
+    """Engines of one precision of a bundle, ready to serve on ``device``."""
+
+    def __init__(self, bundle: Bundle | str | Path, precision: str = "fp16", *, device: str = "cuda",
+                 cuda_graphs: bool = False, graphs: tuple[str, ...] = contract.GRAPHS) -> None:
+        import torch
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if self.bundle.backend is None:
+            raise BundleError(f"{self.bundle.directory} has no engines (exported with --no-engines); re-export it "
+                              "with a TensorRT back end")
+        if not torch.cuda.is_available():
+            raise BackendError("the engine runtime needs an NVIDIA GPU with CUDA; validate on the CPU with "
+                               "ONNX Runtime instead (astro-trt validate --runtime ort)")
+        backend = BACKENDS[self.bundle.backend]
+        if cuda_graphs and not backend.cuda_graphs:
+            raise BackendError(f"CUDA graphs are not supported by this runtime on back end '{backend.name}'; "
+                               "drop cuda_graphs or use a TensorRT-RTX bundle")
+        self.cfg = self.bundle.config
+        self.precision = precision
+        self.io = self.bundle.io(precision)
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device)
+        trt = backend.load()
+        from astro_trt.engines.build import _make_logger
+
+        self._runtime = trt.Runtime(_make_logger(trt))
+        self.engines: dict[str, _Engine] = {}
+        for graph in graphs:
+            path = self.bundle.engine_path(graph, precision)
+            if path is None:
+                raise BundleError(f"{self.bundle.directory}: no {precision} engine for {graph}; re-export the bundle")
+            self.engines[graph] = _Engine(trt, self._runtime, path, cuda_graphs)
+
+    def _dtype(self, name: str) -> Any:
+        import torch
+
+        return getattr(torch, _TORCH_DTYPES[name])
+
+    def _to_device(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        return {n: torch.from_numpy(a).to(self.device, non_blocking=True) for n, a in arrays.items()}
+
+    def _output(self, graph: str, name: str, dims: dict[str, int]) -> Any:
+        import torch
+
+        spec = self.io[graph].tensor(name)
+        return torch.empty(spec.concrete(dims), dtype=self._dtype(spec.dtype), device=self.device)
+
+    def encode(self, history: Any) -> UserState:
+        """History (model/astro.py History or a mapping of contract names) -> UserState on the device."""
+        import torch
+
+        arrays = validate_history(self.cfg, history, self.bundle.profile(USER_ENCODER))
+        batch = arrays["hist_items"].shape[0]
+        with torch.cuda.stream(self.stream):
+            dev = self._to_device(arrays)
+            kv = self._output(USER_ENCODER, KV_CACHE, {contract.BATCH: batch})
+            inputs = {n: dev[n] for n in self.io[USER_ENCODER].input_names}
+            self.engines[USER_ENCODER].run(inputs, {KV_CACHE: kv}, self.stream)
+        return UserState(kv, {n: dev[n] for n in contract.SCORER_HISTORY_INPUTS}, batch)
+
+    def score(self, state: UserState, cand_items: Any) -> Any:
+        """cand_items [B, M] -> logits [B, M, T] (float32 torch tensor on the device). The
+        scorer reads ``state.kv_cache`` in place: its device pointer is bound as the input."""
+        import torch
+
+        cand = validate_candidates(self.cfg, cand_items, state.batch, self.bundle.profile(ITEM_SCORER))
+        dims = {contract.BATCH: state.batch, contract.CANDIDATES: cand.shape[1]}
+        with torch.cuda.stream(self.stream):
+            inputs = {KV_CACHE: state.kv_cache, **state.history, "cand_items": self._to_device({"c": cand})["c"]}
+            logits = self._output(ITEM_SCORER, "logits", dims)
+            self.engines[ITEM_SCORER].run(inputs, {"logits": logits}, self.stream)
+        self.stream.synchronize()
+        return logits
+
+    def full(self, history: Any, cand_items: Any) -> Any:
+        """The baseline: every (user, candidate) pair recomputed by the full-model engine."""
+        import torch
+
+        arrays = validate_history(self.cfg, history, self.bundle.profile(FULL_MODEL))
+        batch = arrays["hist_items"].shape[0]
+        arrays["cand_items"] = validate_candidates(self.cfg, cand_items, batch, self.bundle.profile(FULL_MODEL))
+        dims = {contract.BATCH: batch, contract.CANDIDATES: arrays["cand_items"].shape[1]}
+        with torch.cuda.stream(self.stream):
+            dev = self._to_device(arrays)
+            logits = self._output(FULL_MODEL, "logits", dims)
+            self.engines[FULL_MODEL].run({n: dev[n] for n in self.io[FULL_MODEL].input_names}, {"logits": logits},
+                                         self.stream)
+        self.stream.synchronize()
+        return logits
+
+
+__all__ = ["Session", "UserState"]

@@ -1,0 +1,156 @@
+"""Checks of exported graphs: onnx.checker (full), then ONNX Runtime on the CPU against the fp32
+PyTorch model on a synthetic batch (padding, empty blocks, every time bucket).
+
+Session creation lives here, in ``onnx_session``, for every stage that runs a graph on the CPU.
+ONNX Runtime's CPU provider has no bfloat16 kernels for most ops (Add, MatMul, ...); a graph it
+cannot load runs in ``onnx.reference`` instead (slow, exact op semantics), and ``runner_for``
+says which one ran.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from astro_trt import contract
+from astro_trt.contract import GraphIO
+from astro_trt.errors import ExportError
+from astro_trt.model.astro import ASTRO, History
+
+# fp32 graphs: the same float32 arithmetic in another order (matmul blocking, fused softmax);
+# seen errors are ~1e-6 on logits of magnitude ~1, so 1e-4 leaves 100x headroom.
+FP32_TOLERANCE = 1e-4
+# Half precision: no more than twice PyTorch's own error in that precision (same inputs, same
+# oracle). The floor covers the rare batch where PyTorch's own error happens to be ~0.
+HALF_RATIO = 2.0
+HALF_FLOOR = {"fp16": 2e-3, "bf16": 1.6e-2}  # ~2 ulp at 1.0 in each format
+
+
+def onnx_session(path: Path | str):
+    """An ONNX Runtime CPU session (the one place sessions are made; single-threaded ops off)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the exporter's graphs trip harmless optimizer warnings
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def runner_for(path: Path | str) -> str:
+    """ "onnxruntime" if ONNX Runtime's CPU provider can run the graph, else "onnx.reference"."""
+    try:
+        onnx_session(path)
+    except Exception as exc:  # ORT raises its own NotImplemented/Fail types
+        if "NOT_IMPLEMENTED" in str(exc):
+            return "onnx.reference"
+        raise
+    return "onnxruntime"
+
+
+def run_onnx(path: Path | str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a graph on the CPU: ONNX Runtime, or onnx.reference for graphs ORT cannot run."""
+    try:
+        session = onnx_session(path)
+    except Exception as exc:
+        if "NOT_IMPLEMENTED" not in str(exc):
+            raise
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(str(path))
+        return dict(zip(evaluator.output_names, evaluator.run(None, feeds), strict=True))
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """numpy view of a tensor, bfloat16 included (through ml_dtypes, as onnx and ORT expect)."""
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.detach().numpy()
+
+
+def feeds(io: GraphIO, history: History, cand_items: torch.Tensor, kv_cache: torch.Tensor | None = None):
+    """Inputs of one contract graph from a request (and, for the scorer, a kv_cache)."""
+    by_name = {
+        "hist_items": history.items,
+        "hist_behaviors": history.behaviors,
+        "hist_times": history.times,
+        "hist_lengths": history.lengths,
+        "scenario": history.scenario,
+        "request_time": history.request_time,
+        "cand_items": cand_items,
+        contract.KV_CACHE: kv_cache,
+    }
+    return {name: to_numpy(by_name[name]) for name in io.input_names}
+
+
+def _outputs(model: ASTRO, history: History, cand_items: torch.Tensor, kv_in: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {
+            contract.USER_ENCODER: model.encode_user(history).float(),
+            contract.ITEM_SCORER: model.score(kv_in, history, cand_items).float(),
+            contract.FULL_MODEL: model.full(history, cand_items).float(),
+        }
+
+
+def _max_abs(a: np.ndarray | torch.Tensor, b: torch.Tensor) -> float:
+    a = torch.as_tensor(np.asarray(a, dtype=np.float32)) if not isinstance(a, torch.Tensor) else a.float()
+    return float((a - b).abs().max())
+
+
+def check_graphs(model: ASTRO, result, *, batch: int = 2, candidates: int = 5, seed: int = 0) -> dict[str, float]:
+    """Full onnx.checker on each graph, then the graph on the CPU against the fp32 PyTorch model
+    on ``synthetic_batch(cfg, batch, candidates, seed=seed)``.
+
+    Returns max abs error per graph (logits; kv_cache for the encoder). Raises ExportError when a
+    graph fails the checker or its error exceeds the precision's tolerance (FP32_TOLERANCE, or
+    HALF_RATIO x PyTorch's own error in fp16/bf16).
+    """
+    import onnx
+
+    from astro_trt.model.synthetic import synthetic_batch
+
+    for path in result.paths.values():
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"{path}: fails onnx.checker ({exc}); re-export it") from exc
+    request = synthetic_batch(model.cfg, batch, candidates, seed=seed)
+    errors = {}
+    for name, (error, limit) in graph_errors(model, result, request.history, request.cand_items).items():
+        if not error <= limit:  # also catches NaN
+            raise ExportError(
+                f"{result.paths[name]}: max abs error {error:.3g} against the fp32 PyTorch model exceeds the "
+                f"{result.precision} tolerance {limit:.3g}; the graph does not compute the model"
+            )
+        errors[name] = error
+    return errors
+
+
+def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """graph -> (max abs error of the graph on the CPU against the fp32 PyTorch model, tolerance).
+
+    The scorer is fed the oracle's cache in the graph's dtype, so its error is its own.
+    """
+    from astro_trt.exporter.precision import torch_dtype
+
+    oracle = copy.deepcopy(model).float().eval()
+    with torch.no_grad():
+        kv_oracle = oracle.encode_user(history)
+    expected = _outputs(oracle, history, cand_items, kv_oracle)
+    kv_in = kv_oracle.to(torch_dtype(result.precision))
+    limits = dict.fromkeys(expected, FP32_TOLERANCE)
+    if result.precision != "fp32":
+        own = _outputs(copy.deepcopy(oracle).to(kv_in.dtype), history, cand_items, kv_in)
+        limits = {
+            name: max(HALF_RATIO * _max_abs(own[name], expected[name]), HALF_FLOOR[result.precision]) for name in own
+        }
+    out = {}
+    for name, path in result.paths.items():
+        got = run_onnx(path, feeds(result.io[name], history, cand_items, kv_in))[result.io[name].output_names[0]]
+        out[name] = (_max_abs(got, expected[name]), limits[name])
+    return out

@@ -1,0 +1,49 @@
+"""Graph cleanup with onnx-graphsurgeon: fold constants, drop dead nodes, sort, and pin the graph
+I/O to the contract (names, dtypes and the symbolic dims ``batch`` / ``candidates``)."""
+
+from __future__ import annotations
+
+import onnx
+
+from astro_trt.contract import GraphIO
+
+ONNX_DTYPE = {
+    "float32": onnx.TensorProto.FLOAT,
+    "float16": onnx.TensorProto.FLOAT16,
+    "bfloat16": onnx.TensorProto.BFLOAT16,
+    "int64": onnx.TensorProto.INT64,
+}
+
+
+def clean(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx_graphsurgeon as gs
+
+    # graphsurgeon round-trips local functions lossily (a Constant's value_float comes back as a
+    # double), so the functions stay out of its hands and are put back unchanged.
+    functions = list(model.functions)
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.functions[:]
+    graph = gs.import_onnx(bare)
+    graph.fold_constants().cleanup(remove_unused_graph_inputs=False).toposort()
+    out = gs.export_onnx(graph)
+    out.ir_version = model.ir_version
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    out.functions.extend(functions)
+    return out
+
+
+def pin_io(model: onnx.ModelProto, io: GraphIO) -> None:
+    """Set every graph input/output type and shape from the contract (dims by name when dynamic)."""
+    from onnx import helper
+
+    by_name = {t.name: t for t in io.inputs + io.outputs}
+    actual = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
+    expected = io.input_names + io.output_names
+    if actual != expected:
+        raise RuntimeError(f"{io.name}: traced I/O {actual} does not match the contract {expected}")
+    for value in list(model.graph.input) + list(model.graph.output):
+        spec = by_name[value.name]
+        elem = ONNX_DTYPE[spec.dtype]
+        value.CopyFrom(helper.make_tensor_value_info(spec.name, elem, list(spec.shape)))

@@ -1,0 +1,148 @@
+"""The reference bodies of the two astro attention ops as ONNX model-local functions.
+
+Each body is plugins/reference.py's arithmetic in standard opset-18 ops, input for input in the
+reference's argument order, so ONNX Runtime and TensorRT-RTX (which inline local functions)
+compute exactly what the oracle computes, while full TensorRT with the astro plugins registered
+runs the plugin instead. Like the reference, the body upcasts to float32 and casts the result
+back to the dtype of q, which keeps half-precision graphs accurate in the softmax.
+
+Two choices keep the bodies cheap and parser-friendly:
+- bias tables are gathered through one flat Gather (index = (block * H + head) * NT + bucket)
+  instead of a per-block GatherElements;
+- time buckets are "number of thresholds <= dt" (model/buckets.py), an integer comparison that
+  every runtime evaluates identically.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnxscript import FLOAT, INT64, script
+from onnxscript import opset18 as op
+from onnxscript.values import Opset
+
+from astro_trt.plugins.names import CANDIDATE_ONNX_OP, MSA_ONNX_OP, ONNX_DOMAIN, ONNX_OPSET_VERSION
+
+astro = Opset(ONNX_DOMAIN, ONNX_OPSET_VERSION)
+
+
+@script(astro, default_opset=op)
+def _time_bias(dt: INT64, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
+    """dt [B, Nb, *S] int64 (rank 3 or 4) -> bias [B, Nb, H, *S] float32."""
+    bucket = op.ReduceSum(
+        op.Cast(op.GreaterOrEqual(op.Unsqueeze(dt, [-1]), time_thresholds), to=onnx.TensorProto.INT64),
+        [-1],
+        keepdims=0,
+    )  # [B, Nb, *S]
+    table_shape = op.Shape(time_bias)  # [Nb, H, NT]
+    nb = op.Slice(table_shape, [0], [1])
+    heads = op.Slice(table_shape, [1], [2])
+    buckets = op.Slice(table_shape, [2], [3])
+    # Offset of row (block, head) in the flattened table, shaped [1, Nb, H] then padded to the
+    # rank of the bucket index so that it broadcasts over the sequence axes.
+    rows = op.ReduceProd(op.Slice(table_shape, [0], [2]), keepdims=0)
+    offsets = op.Mul(op.Reshape(op.Range(0, rows, 1), op.Concat([1], nb, heads, axis=0)), buckets)
+    extra_axes = op.Sub(op.Size(op.Shape(bucket)), 2)  # number of sequence axes (1 or 2)
+    offsets = op.Reshape(offsets, op.Concat(op.Shape(offsets), op.Expand([1], op.Reshape(extra_axes, [1])), axis=0))
+    index = op.Add(op.Unsqueeze(bucket, [2]), offsets)  # [B, Nb, H, *S]
+    return op.Gather(op.Reshape(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), [-1]), index, axis=0)
+
+
+@script(astro, default_opset=op)
+def _masked_softmax(scores: FLOAT, visible) -> FLOAT:
+    """Softmax over the last axis restricted to ``visible``; rows with nothing visible -> 0."""
+    neg_inf = op.Constant(value_float=float("-inf"))
+    zero = op.Constant(value_float=0.0)
+    one = op.Constant(value_float=1.0)
+    scores = op.Where(visible, scores, neg_inf)
+    row_max = op.ReduceMax(scores, [-1], keepdims=1)
+    row_max = op.Where(op.IsInf(row_max), zero, row_max)
+    weights = op.Exp(op.Sub(scores, row_max))
+    denom = op.ReduceSum(weights, [-1], keepdims=1)
+    return op.Div(weights, op.Where(op.Greater(denom, zero), denom, one))
+
+
+@script(astro, default_opset=op)
+def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_thresholds, inv_tau):
+    """q, k, v [B, Nb, H, S, dh]; see plugins/reference.py multi_scale_self_attention."""
+    qf = op.Cast(q, to=onnx.TensorProto.FLOAT)
+    kf = op.Cast(k, to=onnx.TensorProto.FLOAT)
+    vf = op.Cast(v, to=onnx.TensorProto.FLOAT)
+    seq = op.Slice(op.Shape(q), [-2], [-1])  # [1]
+    pos = op.Range(0, op.Squeeze(seq, [0]), 1)  # [S]
+    pos_i = op.Unsqueeze(pos, [1])
+    pos_j = op.Unsqueeze(pos, [0])
+    dist = op.Abs(op.Sub(pos_i, pos_j))  # [S, S]
+    dt = op.Abs(op.Sub(op.Unsqueeze(times, [-1]), op.Unsqueeze(times, [-2])))  # [B, Nb, S, S]
+
+    scores = op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 2, 4, 3]))  # [B, Nb, H, S, S]
+    scores = op.Add(scores, op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]))
+    scores = op.Add(scores, _time_bias(dt, time_bias, time_thresholds))
+    scores = op.Mul(scores, op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4]))
+
+    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(seq, lengths), [-1]))  # [B, Nb, S]
+    visible = op.And(op.Unsqueeze(valid, [2, 3]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, 1, S, S]
+    weights = _masked_softmax(scores, visible)
+    return op.CastLike(op.MatMul(weights, vf), q)
+
+
+@script(astro, default_opset=op)
+def CandidateAttention(
+    q, k, v, k_cache, v_cache, lengths, hist_times, request_time, pos_bias, time_bias, time_thresholds, inv_tau
+):
+    """q, k, v [B, Nb, H, M, dh]; k_cache, v_cache [B, Nb, H, L, dh]; see plugins/reference.py."""
+    qf = op.Cast(q, to=onnx.TensorProto.FLOAT)
+    kf = op.Cast(k, to=onnx.TensorProto.FLOAT)
+    vf = op.Cast(v, to=onnx.TensorProto.FLOAT)
+    kc = op.Cast(k_cache, to=onnx.TensorProto.FLOAT)
+    vc = op.Cast(v_cache, to=onnx.TensorProto.FLOAT)
+    pos_table = op.Cast(pos_bias, to=onnx.TensorProto.FLOAT)
+    hist = op.Slice(op.Shape(k_cache), [-2], [-1])  # [1] = L
+    pos = op.Range(0, op.Squeeze(hist, [0]), 1)  # [L]
+
+    s_hist = op.MatMul(qf, op.Transpose(kc, perm=[0, 1, 2, 4, 3]))  # [B, Nb, H, M, L]
+    s_hist = op.Add(s_hist, op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]))
+    dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
+    s_hist = op.Add(s_hist, op.Unsqueeze(_time_bias(dt, time_bias, time_thresholds), [3]))
+    # Distance 0 and time difference 0 fall in bucket 0 of both tables.
+    zero_bucket = op.Add(
+        op.Gather(pos_table, 0, axis=2), op.Gather(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), 0, axis=2)
+    )  # [Nb, H]
+    s_self = op.Add(op.ReduceSum(op.Mul(qf, kf), [-1], keepdims=1), op.Unsqueeze(zero_bucket, [0, 3, 4]))
+
+    scores = op.Concat(s_hist, s_self, axis=-1)  # [B, Nb, H, M, L + 1]
+    scores = op.Mul(scores, op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4]))
+    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1]))  # [B, Nb, L]
+    self_visible = op.Expand(
+        op.Constant(value=onnx.helper.make_tensor("t", onnx.TensorProto.BOOL, [1], [True])),
+        op.Concat(op.Slice(op.Shape(valid), [0], [2]), [1], axis=0),
+    )
+    visible = op.Unsqueeze(op.Concat(valid, self_visible, axis=-1), [2, 3])  # [B, Nb, 1, 1, L + 1]
+    weights = _masked_softmax(scores, visible)
+    out = op.Add(
+        op.MatMul(op.Slice(weights, [0], hist, [-1]), vc),
+        op.Mul(op.Slice(weights, hist, op.Add(hist, 1), [-1]), vf),
+    )
+    return op.CastLike(out, q)
+
+
+def function_protos() -> list[onnx.FunctionProto]:
+    """The model-local functions every exported graph carries (helpers first, callers after)."""
+    return [f.to_function_proto() for f in (_time_bias, _masked_softmax, MultiScaleSelfAttention, CandidateAttention)]
+
+
+OPS = {MSA_ONNX_OP: MultiScaleSelfAttention, CANDIDATE_ONNX_OP: CandidateAttention}
+
+
+def attention_functions() -> list[onnx.FunctionProto]:
+    """The two astro functions with their private helpers inlined, so that a graph carries exactly
+    one local function per attention op and nothing else in the astro domain."""
+    import onnx.inliner
+
+    helpers = [(ONNX_DOMAIN, f.name) for f in (_time_bias, _masked_softmax)]
+    holder = onnx.helper.make_model(
+        onnx.helper.make_graph([], "holder", [], []),
+        opset_imports=[onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid(ONNX_DOMAIN, ONNX_OPSET_VERSION)],
+        functions=function_protos(),
+    )
+    inlined = onnx.inliner.inline_selected_functions(holder, helpers, exclude=False)
+    return list(inlined.functions)

@@ -1,0 +1,53 @@
+"""nn.Module wrappers that give each graph a forward taking the contract's inputs positionally
+(astro_trt.contract.graph_io order) and returning its outputs, so that tracing one wrapper
+yields exactly one contract graph."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from astro_trt import contract
+from astro_trt.model.astro import ASTRO, History
+
+
+class UserEncoderGraph(nn.Module):
+    def __init__(self, model: ASTRO) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, hist_items, hist_behaviors, hist_times, hist_lengths, scenario) -> torch.Tensor:
+        # encode_user never reads request_time; the History slot only needs a tensor of the right batch.
+        h = History(hist_items, hist_behaviors, hist_times, hist_lengths, scenario, scenario)
+        return self.model.encode_user(h)
+
+
+class ItemScorerGraph(nn.Module):
+    def __init__(self, model: ASTRO) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, kv_cache, hist_lengths, hist_times, scenario, request_time, cand_items) -> torch.Tensor:
+        # score reads only lengths, times, scenario and request_time of the history (the contract's
+        # SCORER_HISTORY_INPUTS); item and behaviour ids live in the cache already.
+        h = History(None, None, hist_times, hist_lengths, scenario, request_time)
+        return self.model.score(kv_cache, h, cand_items).float()
+
+
+class FullModelGraph(nn.Module):
+    def __init__(self, model: ASTRO) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, hist_items, hist_behaviors, hist_times, hist_lengths, scenario, request_time, cand_items
+    ) -> torch.Tensor:
+        h = History(hist_items, hist_behaviors, hist_times, hist_lengths, scenario, request_time)
+        return self.model.full(h, cand_items).float()
+
+
+WRAPPERS: dict[str, type[nn.Module]] = {
+    contract.USER_ENCODER: UserEncoderGraph,
+    contract.ITEM_SCORER: ItemScorerGraph,
+    contract.FULL_MODEL: FullModelGraph,
+}

@@ -1,0 +1,141 @@
+"""``--attention native``: the astro function nodes rewritten into ONNX Attention (opset 23).
+
+Both ops become one Attention over 4-D [B * Nb, H, S, dh] tensors with q pre-scaled by 1 / tau,
+scale = 1 and a materialized additive mask (bias / tau where visible, -inf elsewhere), which is
+the form TensorRT fuses into IAttention in fp16/bf16 (FINDINGS.md). Unlike the reference bodies
+these keep q/k/v in the graph's precision: the fused kernel is the point.
+- MultiScaleSelfAttention: a query with no visible key (a padding slot) makes Attention's softmax
+  0/0; a Where on "any key visible" after the op restores the reference's zeros.
+- CandidateAttention: keys are [K_cache (L) ; k_1..k_M] and the mask lets candidate i see the valid
+  history and only its own k_i (the SUMI diagonal); every row sees itself, so no row is empty.
+  The mask is O(M * (L + M)) per block and head, which is what a plugin avoids.
+The rewrite swaps the function bodies and inlines them, so the result has no astro nodes.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnxscript import FLOAT, INT64, script
+from onnxscript import opset23 as op
+from onnxscript.values import Opset
+
+from astro_trt.plugins.names import CANDIDATE_ONNX_OP, MSA_ONNX_OP, ONNX_DOMAIN, ONNX_OPSET_VERSION
+
+NATIVE_OPSET = 23
+astro = Opset(ONNX_DOMAIN, ONNX_OPSET_VERSION)
+
+
+@script(astro, default_opset=op)
+def _time_bias(dt: INT64, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
+    """dt [B, Nb, *S] int64 (rank 3 or 4) -> bias [B, Nb, H, *S] float32 (as in functions.py)."""
+    bucket = op.ReduceSum(
+        op.Cast(op.GreaterOrEqual(op.Unsqueeze(dt, [-1]), time_thresholds), to=onnx.TensorProto.INT64),
+        [-1],
+        keepdims=0,
+    )
+    table_shape = op.Shape(time_bias)
+    nb = op.Slice(table_shape, [0], [1])
+    heads = op.Slice(table_shape, [1], [2])
+    buckets = op.Slice(table_shape, [2], [3])
+    rows = op.ReduceProd(op.Slice(table_shape, [0], [2]), keepdims=0)
+    offsets = op.Mul(op.Reshape(op.Range(0, rows, 1), op.Concat([1], nb, heads, axis=0)), buckets)
+    extra_axes = op.Sub(op.Size(op.Shape(bucket)), 2)
+    offsets = op.Reshape(offsets, op.Concat(op.Shape(offsets), op.Expand([1], op.Reshape(extra_axes, [1])), axis=0))
+    index = op.Add(op.Unsqueeze(bucket, [2]), offsets)
+    return op.Gather(op.Reshape(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), [-1]), index, axis=0)
+
+
+@script(astro, default_opset=op)
+def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_thresholds, inv_tau):
+    shape = op.Shape(q)  # [B, Nb, H, S, dh]
+    seq = op.Slice(shape, [-2], [-1])
+    pos = op.Range(0, op.Squeeze(seq, [0]), 1)
+    pos_i = op.Unsqueeze(pos, [1])
+    pos_j = op.Unsqueeze(pos, [0])
+    dt = op.Abs(op.Sub(op.Unsqueeze(times, [-1]), op.Unsqueeze(times, [-2])))
+    tau = op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4])  # [B, Nb, H, 1, 1]
+    dist = op.Abs(op.Sub(pos_i, pos_j))  # [S, S]
+    bias = op.Add(
+        op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]),
+        _time_bias(dt, time_bias, time_thresholds),
+    )  # [B, Nb, H, S, S]
+    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(seq, lengths), [-1]))  # [B, Nb, S]
+    visible = op.And(op.Unsqueeze(valid, [2, 3]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, 1, S, S]
+    mask = op.CastLike(op.Where(visible, op.Mul(bias, tau), op.Constant(value_float=float("-inf"))), q)
+
+    heads_seq_dim = op.Slice(shape, [2], [5])
+    to_4d = op.Concat([-1], heads_seq_dim, axis=0)
+    mask_4d = op.Reshape(mask, op.Concat([-1], op.Slice(shape, [2], [4]), seq, axis=0))  # mask is [B, Nb, H, S, S]
+    out = op.Attention(
+        op.Reshape(op.Mul(q, op.CastLike(tau, q)), to_4d),
+        op.Reshape(k, to_4d),
+        op.Reshape(v, to_4d),
+        mask_4d,
+        scale=1.0,
+    )
+    out = op.Reshape(out, shape)
+    any_visible = op.ReduceMax(op.Cast(visible, to=onnx.TensorProto.INT64), [-1], keepdims=1)  # [B, Nb, 1, S, 1]
+    return op.Where(op.Greater(any_visible, 0), out, op.CastLike(0.0, q))
+
+
+@script(astro, default_opset=op)
+def CandidateAttention(
+    q, k, v, k_cache, v_cache, lengths, hist_times, request_time, pos_bias, time_bias, time_thresholds, inv_tau
+):
+    shape = op.Shape(q)  # [B, Nb, H, M, dh]
+    hist = op.Slice(op.Shape(k_cache), [-2], [-1])  # [1] = L
+    cands = op.Slice(shape, [-2], [-1])  # [1] = M
+    pos = op.Range(0, op.Squeeze(hist, [0]), 1)
+    pos_table = op.Cast(pos_bias, to=onnx.TensorProto.FLOAT)
+    tau = op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4])  # [B, Nb, H, 1, 1]
+    neg_inf = op.Constant(value_float=float("-inf"))
+
+    dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
+    hist_bias = op.Add(
+        op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]),
+        op.Unsqueeze(_time_bias(dt, time_bias, time_thresholds), [3]),
+    )  # [B, Nb, H, 1, L]
+    valid = op.Unsqueeze(op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1])), [2, 3])
+    hist_mask = op.Where(valid, op.Mul(hist_bias, tau), neg_inf)  # [B, Nb, H, 1, L]
+    zero_bucket = op.Add(
+        op.Gather(pos_table, 0, axis=2), op.Gather(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), 0, axis=2)
+    )  # [Nb, H]
+    m_range = op.Range(0, op.Squeeze(cands, [0]), 1)
+    diagonal = op.Equal(op.Unsqueeze(m_range, [1]), op.Unsqueeze(m_range, [0]))  # [M, M]
+    self_mask = op.Where(diagonal, op.Mul(op.Unsqueeze(zero_bucket, [0, 3, 4]), tau), neg_inf)  # [B, Nb, H, M, M]
+    rows = op.Concat(op.Slice(shape, [0], [4]), hist, axis=0)  # [B, Nb, H, M, L]
+    mask = op.CastLike(op.Concat(op.Expand(hist_mask, rows), self_mask, axis=-1), q)
+
+    keys = op.Add(hist, cands)
+    to_4d = op.Concat([-1], op.Slice(shape, [2], [5]), axis=0)
+    kv_4d = op.Concat([-1], op.Slice(shape, [2], [3]), keys, op.Slice(shape, [4], [5]), axis=0)
+    mask_4d = op.Concat([-1], op.Slice(shape, [2], [4]), keys, axis=0)
+    out = op.Attention(
+        op.Reshape(op.Mul(q, op.CastLike(tau, q)), to_4d),
+        op.Reshape(op.Concat(op.CastLike(k_cache, q), k, axis=-2), kv_4d),
+        op.Reshape(op.Concat(op.CastLike(v_cache, q), v, axis=-2), kv_4d),
+        op.Reshape(mask, mask_4d),
+        scale=1.0,
+    )
+    return op.Reshape(out, shape)
+
+
+def native_functions() -> list[onnx.FunctionProto]:
+    return [f.to_function_proto() for f in (_time_bias, MultiScaleSelfAttention, CandidateAttention)]
+
+
+def lower_native(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Replace the astro function bodies by the Attention forms and inline them (opset 23)."""
+    import onnx.inliner
+    import onnx.version_converter
+
+    # Raise the traced graph to opset 23 first; its ops only gained types between 18 and 23.
+    bare = onnx.ModelProto()
+    bare.CopyFrom(model)
+    del bare.functions[:]
+    converted = onnx.version_converter.convert_version(bare, NATIVE_OPSET)
+    converted.functions.extend(native_functions())
+    return onnx.inliner.inline_local_functions(converted)
+
+
+__all__ = ["lower_native", "NATIVE_OPSET", "MSA_ONNX_OP", "CANDIDATE_ONNX_OP"]
