@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,8 @@ def _summary(out: Path, manifest: dict[str, Any]) -> None:
                 _size(engine["bytes"]) if engine else "-", f"{engine['build_seconds']:.1f}" if engine else "-",
                 f"{manifest['parity'][precision][graph]:.2e}",
             )
-    console = Console()
+    # A pipe or CI log has no terminal width; a fixed width keeps graph names whole there.
+    console = Console(width=None if sys.stdout.isatty() else 110)
     console.print(table)
     backend = manifest["backend"]
     where = (f"{backend['name']} {backend['version']}, targets {','.join(backend['targets'])}"
@@ -140,6 +142,8 @@ def export(
     from astro_trt.manifest import build_manifest, write_manifest
     from astro_trt.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
 
+    CHECKPOINT_DOCUMENTS = ("metrics.json", "data.json")
+
     # Everything that can be refused is refused before the checkpoint is read or a file written.
     precisions = _precisions(precision)
     profile = Profile(max_batch=max_batch, max_candidates=max_candidates)
@@ -153,8 +157,10 @@ def export(
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:
         (stage / CHECKPOINT_DIR).mkdir()
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            shutil.copyfile(ckpt.directory / name, stage / CHECKPOINT_DIR / name)
+        # metrics.json and data.json travel too: validate reproduces the trained AUCs from them.
+        for name in (CONFIG_FILE, WEIGHTS_FILE, *CHECKPOINT_DOCUMENTS):
+            if (ckpt.directory / name).is_file():
+                shutil.copyfile(ckpt.directory / name, stage / CHECKPOINT_DIR / name)
         parts: dict[str, dict[str, Any]] = {}
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
             for p in precisions:

@@ -24,6 +24,7 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     bare = onnx.ModelProto()
     bare.CopyFrom(model)
     del bare.functions[:]
+    _quiet_onnxruntime()
     graph = gs.import_onnx(bare)
     graph.fold_constants().cleanup(remove_unused_graph_inputs=False).toposort()
     out = gs.export_onnx(graph)
@@ -32,6 +33,16 @@ def clean(model: onnx.ModelProto) -> onnx.ModelProto:
     out.opset_import.extend(model.opset_import)
     out.functions.extend(functions)
     return out
+
+
+def _quiet_onnxruntime() -> None:
+    """Constant folding runs subgraphs in ONNX Runtime, whose optimizer warns about every Unsqueeze
+    it cannot fold; those warnings say nothing about the exported graph, so errors only."""
+    try:
+        import onnxruntime
+    except ImportError:  # graphsurgeon then folds without it
+        return
+    onnxruntime.set_default_logger_severity(3)
 
 
 def pin_io(model: onnx.ModelProto, io: GraphIO) -> None:

@@ -1,0 +1,96 @@
+"""Pass/fail gates of the parity report: defaults, and the verdict of one measured figure
+against its limit, worded so that a failure says which gate and by how much."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+# Machine epsilon (spacing of floats at 1.0) of the half precisions.
+_HALF_EPS = {"fp16": 2.0**-10, "bf16": 2.0**-7}
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Defaults of the gates; every field has a CLI flag of the same name (dashes for underscores)."""
+
+    # fp32 engines compute what PyTorch computes, only the summation order differs: logits of
+    # magnitude ~1-10 carry ~1e-6 of float32 rounding, so 1e-4 leaves two orders of margin and
+    # still catches any real difference (a wrong weight, mask or bucket moves logits by >1e-2).
+    fp32_max_abs: float = 1e-4
+    # Half precision: the runtime's error against the fp32 oracle may be at most this many times
+    # PyTorch's own error in that precision (same weights, same inputs, cast the same way)...
+    half_error_ratio: float = 2.0
+    # ... plus this many half-precision ulps at 1.0 (fp16: 2 * 2^-10 ~ 2e-3, bf16: 2 * 2^-7 ~
+    # 1.6e-2). PyTorch's error is one sample of rounding; where it rounds luckily, a runtime with
+    # a different but equally valid summation order lands a couple of ulps of a logit ~1 away.
+    half_floor_ulps: float = 2.0
+    # AUC deltas: fp32 against the trained checkpoint's metrics.json (ml-100k) and the oracle.
+    auc_delta_fp32: float = 1e-4
+    auc_delta_half: float = 5e-3
+    # Split (encoder + scorer) against the full model in the same runtime, fp32. Half
+    # precision uses twice its logits limit: each side may sit that far from the oracle.
+    split_full_max_abs: float = 1e-4
+    topk: int = 10
+    topk_overlap: float = 0.9
+
+    def half_floor(self, precision: str) -> float:
+        return self.half_floor_ulps * _HALF_EPS[precision]
+
+    def logits_limit(self, precision: str, torch_error: float | None) -> float:
+        """Max abs logits error allowed against the oracle for a runtime in ``precision``.
+        ``torch_error`` is PyTorch's own max abs error in that precision (unused for fp32)."""
+        if precision == "fp32":
+            return self.fp32_max_abs
+        if torch_error is None:
+            raise ValueError(f"the {precision} gate needs PyTorch's own {precision} error")
+        return self.half_error_ratio * torch_error + self.half_floor(precision)
+
+    def auc_limit(self, precision: str) -> float:
+        return self.auc_delta_fp32 if precision == "fp32" else self.auc_delta_half
+
+    def split_full_limit(self, precision: str, torch_error: float | None) -> float:
+        if precision == "fp32":
+            return self.split_full_max_abs
+        return 2.0 * self.logits_limit(precision, torch_error)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """One measured figure against its limit. ``higher_is_better`` flips the comparison (overlap)."""
+
+    gate: str
+    subject: str  # e.g. "ort fp32 logits", "checkpoint"
+    value: float
+    limit: float
+    higher_is_better: bool = False
+    detail: str = ""
+
+    @property
+    def passed(self) -> bool:
+        if self.value != self.value:  # NaN never passes
+            return False
+        return self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+
+    @property
+    def margin(self) -> float:
+        """How far past the limit (positive = failed by that much)."""
+        return self.limit - self.value if self.higher_is_better else self.value - self.limit
+
+    def describe(self) -> str:
+        op = ">=" if self.higher_is_better else "<="
+        verdict = "PASS" if self.passed else f"FAIL by {abs(self.margin):.3g}"
+        text = f"{verdict}: {self.gate} [{self.subject}] = {self.value:.4g} (limit {op} {self.limit:.4g})"
+        return f"{text}; {self.detail}" if self.detail else text
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["passed"] = self.passed
+        out["margin"] = self.margin
+        return out
+
+
+__all__ = ["GateResult", "Gates"]

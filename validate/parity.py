@@ -1,0 +1,287 @@
+"""The parity report of a bundle: every runtime's outputs against the fp32 PyTorch oracle on the
+same batches (error statistics, error relative to PyTorch's own error in that precision, AUC and
+LogLoss, ranking agreement, split against full), judged by gates, written to BUNDLE/reports/
+as parity.json, parity.md and parity.png."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from astro_trt.errors import DataError
+from astro_trt.validate.gates import GateResult, Gates
+from astro_trt.validate.stats import abs_errors, error_stats
+
+RUNTIMES = ("torch", "ort", "trt")
+DATA_CHOICES = ("ml-100k", "synthetic")
+# Users whose kv_cache is compared element by element: the cache is ~100x the logits per user,
+# and a few hundred users already exercise every block length and time bucket.
+KV_USERS = 256
+EVAL_BATCH = 256  # the batch size training evaluates with (model/train.py); AUC pools across batches anyway
+SYNTHETIC_BATCHES, SYNTHETIC_USERS, SYNTHETIC_CANDIDATES = 3, 16, 16
+
+
+@dataclass
+class Outputs:
+    """One runner's outputs over all batches: logits [B, M, T] per batch (split and full) and
+    the kv_cache of the first KV_USERS users (float32)."""
+
+    split: list[np.ndarray] = field(default_factory=list)
+    full: list[np.ndarray] = field(default_factory=list)
+    kv: list[np.ndarray] = field(default_factory=list)
+
+    def masked(self, which: str, masks: Sequence[np.ndarray]) -> np.ndarray:
+        """Logits of the real candidates only, [N, T]: padded slots are no one's prediction."""
+        return np.concatenate([lg[m] for lg, m in zip(getattr(self, which), masks, strict=True)])
+
+
+@dataclass
+class ParityReport:
+    bundle: Path
+    data: str
+    results: dict[str, Any]
+    gates: list[GateResult]
+    skipped: dict[str, str]
+    paths: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    @property
+    def failed(self) -> list[GateResult]:
+        return [g for g in self.gates if not g.passed]
+
+    def summary(self) -> str:
+        head = (f"parity {'PASSED' if self.passed else 'FAILED'}: {len(self.gates) - len(self.failed)}/"
+                f"{len(self.gates)} gates passed on {self.data}")
+        lines = [head, *(f"  {g.describe()}" for g in self.failed)]
+        lines += [f"  skipped {rt}: {why}" for rt, why in self.skipped.items()]
+        if self.paths:
+            lines.append(f"  report: {self.paths.get('md', '')}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- data
+def load_batches(data: str, cfg: Any, checkpoint_dir: Path) -> list[Any]:
+    """The batches to compare on. ml-100k: the test split exactly as training evaluated it
+    (split spec from the checkpoint's data.json), so that the oracle's AUCs reproduce
+    metrics.json; synthetic: a few seeded random batches at the config's sizes."""
+    if data == "synthetic":
+        from astro_trt.model.synthetic import synthetic_batch
+
+        return [synthetic_batch(cfg, SYNTHETIC_USERS, SYNTHETIC_CANDIDATES, seed=s) for s in range(SYNTHETIC_BATCHES)]
+    if data != "ml-100k":
+        raise DataError(f"unknown --data '{data}'; choose one of {list(DATA_CHOICES)}")
+    from astro_trt.model import movielens
+    from astro_trt.model.requests import batches
+
+    spec = movielens.SplitSpec()
+    data_json = checkpoint_dir / "data.json"
+    if data_json.is_file():
+        split = json.loads(data_json.read_text()).get("split", {})
+        spec = movielens.SplitSpec(**{k: split[k] for k in ("candidates", "train_frac", "valid_frac") if k in split})
+    requests = movielens.build_requests(movielens.load_ml100k(), cfg, "test", spec)
+    return list(batches(requests, EVAL_BATCH, num_candidates=spec.candidates))
+
+
+def reference_metrics(checkpoint_dir: Path) -> dict[str, dict[str, float]] | None:
+    """Test metrics the checkpoint was trained to (metrics.json), or None when it has none."""
+    path = checkpoint_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["test"]["model"]
+    except (KeyError, TypeError, json.JSONDecodeError):
+        return None
+
+
+# ---------------------------------------------------------------------------- running
+def collect(runner: Any, batches: Sequence[Any], *, full: bool = True) -> Outputs:
+    """Run ``runner`` on every batch; ``full=False`` skips the full model (L+1 times the work)."""
+    from astro_trt.validate.runners import as_float32
+
+    out, kv_users = Outputs(), 0
+    for batch in batches:
+        kv = runner.encode(batch.history)
+        out.split.append(runner.score(kv, batch.history, batch.cand_items))
+        if full:
+            out.full.append(runner.full(batch.history, batch.cand_items))
+        if kv_users < KV_USERS:
+            take = min(KV_USERS - kv_users, batch.batch_size)
+            out.kv.append(as_float32(kv)[:take])
+            kv_users += take
+    return out
+
+
+def _metrics_of(outputs: Outputs, batches: Sequence[Any], task_names: Sequence[str] | None) -> dict:
+    from astro_trt.model.metrics import evaluate
+
+    by_batch = {id(b): lg for b, lg in zip(batches, outputs.split, strict=True)}
+    return evaluate(lambda b: by_batch[id(b)], batches, task_names or None)
+
+
+def _ranking(actual: Outputs, oracle: Outputs, masks: Sequence[np.ndarray], k: int, tasks: Sequence[str]) -> dict:
+    from astro_trt.validate.ranking import mean_kendall_tau, topk_overlap
+
+    a = np.concatenate(actual.split)  # [users, M, T]; same M in every batch
+    o = np.concatenate(oracle.split)
+    mask = np.concatenate(masks)
+    return {
+        task: {"topk_overlap": topk_overlap(a[..., t], o[..., t], k, mask),
+               "kendall_tau": mean_kendall_tau(a[..., t], o[..., t], mask)}
+        for t, task in enumerate(tasks)
+    }
+
+
+def validate_bundle(
+    bundle_dir: Path,
+    *,
+    data: str = "ml-100k",
+    runtimes: Sequence[str] = ("torch", "ort"),
+    checkpoint: Path | None = None,
+    gates: Gates | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ParityReport:
+    """Compare the bundle's runtimes against the fp32 PyTorch oracle of ``checkpoint`` (default:
+    the bundle's own copy) and write BUNDLE/reports/parity.{json,md,png}."""
+    from astro_trt.engines.bundle import load_bundle
+    from astro_trt.model.checkpoint import load_checkpoint
+    from astro_trt.validate.runners import OrtRunner, TorchRunner, make_trt_runner
+
+    gates = gates or Gates()
+    say = progress or (lambda _msg: None)
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown or not runtimes:
+        raise DataError(f"--runtime {','.join(runtimes)}: choose from {list(RUNTIMES)}")
+    bundle = load_bundle(bundle_dir, verify=True)
+    ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)
+    results: dict[str, Any] = {}
+    gate_results: list[GateResult] = []
+
+    same = ckpt.sha256 == bundle.checkpoint_sha256
+    gate_results.append(GateResult(
+        "checkpoint_sha256", "checkpoint", 1.0 if same else 0.0, 1.0, higher_is_better=True,
+        detail="" if same else (
+            f"checkpoint {ckpt.directory} has sha256 {ckpt.sha256} but the bundle was exported from "
+            f"{bundle.checkpoint_sha256}; re-export the bundle from this checkpoint (astro-trt export "
+            f"{ckpt.directory} --out BUNDLE) or validate against the checkpoint it was built from"),
+    ))
+    if ckpt.config.to_dict() != bundle.config.to_dict():
+        raise DataError(
+            f"checkpoint {ckpt.directory} has config '{ckpt.config.name}' which differs from the bundle's "
+            f"'{bundle.config.name}'; validate with the checkpoint the bundle was exported from"
+        )
+
+    cfg = bundle.config
+    tasks = list(cfg.task_names) or [f"task{t}" for t in range(cfg.num_tasks)]
+    say(f"loading {data} batches")
+    documents = ckpt.directory  # holds metrics.json / data.json (the bundle's copy carries them)
+    batches = load_batches(data, cfg, documents)
+    masks = [b.cand_mask.numpy() for b in batches]
+    say(f"{len(batches)} batches, {sum(int(m.sum()) for m in masks)} candidates; running the fp32 oracle")
+    oracle = collect(TorchRunner(ckpt.model, "fp32"), batches)
+    oracle_split = oracle.masked("split", masks)
+    oracle_metrics = _metrics_of(oracle, batches, tasks)
+    trained = reference_metrics(documents) if data == "ml-100k" else None
+    if data == "ml-100k" and trained is None:
+        say(f"no metrics.json with the checkpoint ({documents}): AUCs are compared with the oracle only")
+    results["oracle"] = {"metrics": oracle_metrics, "trained_metrics": trained,
+                         "split_vs_full": error_stats(oracle_split, oracle.masked("full", masks)).to_dict()}
+    errors_for_plot: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
+
+    for precision in bundle.precisions:
+        per: dict[str, Any] = {}
+        results[precision] = per
+        torch_error = None
+        runners: list[Any] = []
+        if precision != "fp32":
+            # PyTorch's own error in this precision: the yardstick for every half-precision runtime.
+            runners.append(TorchRunner(ckpt.model, precision))
+        elif "torch" in runtimes:
+            runners.append(None)  # torch-fp32 is the oracle itself: its split-vs-full is gated below
+        if "ort" in runtimes:
+            runners.append(OrtRunner({g: bundle.onnx_path(g, precision) for g in bundle.io(precision)},
+                                     cfg, precision))
+        if "trt" in runtimes:
+            trt_runner, why = make_trt_runner(bundle, precision)
+            if trt_runner is None:
+                skipped[f"trt-{precision}"] = why
+            else:
+                runners.append(trt_runner)
+        for runner in runners:
+            if runner is None:
+                outputs, name, rt = oracle, "torch-fp32", "torch"
+            else:
+                say(f"running {runner.name}")
+                # PyTorch in half precision on the CPU is slow, and only its scorer error is the
+                # yardstick: its full model is not run.
+                run_full = runner.runtime != "torch"
+                outputs, name, rt = collect(runner, batches, full=run_full), runner.name, runner.runtime
+            split = outputs.masked("split", masks)
+            entry: dict[str, Any] = {
+                "logits": error_stats(split, oracle_split, name="logits").to_dict(),
+                "kv_cache": error_stats(np.concatenate(outputs.kv), np.concatenate(oracle.kv),
+                                        name="kv_cache").to_dict(),
+                "metrics": _metrics_of(outputs, batches, tasks),
+                "ranking": _ranking(outputs, oracle, masks, gates.topk, tasks),
+            }
+            if outputs.full:
+                full = outputs.masked("full", masks)
+                entry["full_logits"] = error_stats(full, oracle_split, name="logits").to_dict()
+                entry["split_vs_full"] = error_stats(split, full, name="logits").to_dict()
+            entry["auc_delta_vs_oracle"] = {t: abs(entry["metrics"][t]["auc"] - oracle_metrics[t]["auc"])
+                                            for t in tasks}
+            if rt == "torch" and precision != "fp32":
+                torch_error = entry["logits"]["max_abs"]
+            if torch_error is not None:
+                entry["error_ratio_vs_torch"] = entry["logits"]["max_abs"] / max(torch_error, 1e-30)
+            per[name] = entry
+            if runner is not None:
+                errors_for_plot[name] = abs_errors(split, oracle_split)
+            gate_results += _gates_for(name, rt, precision, entry, torch_error, gates, trained, tasks)
+    report = ParityReport(Path(bundle.directory), data, results, gate_results, skipped)
+    from astro_trt.validate.report import write_parity_reports
+
+    report.paths = write_parity_reports(report, gates, errors_for_plot, checkpoint=ckpt, bundle=bundle)
+    return report
+
+
+def _gates_for(name: str, runtime: str, precision: str, entry: dict, torch_error: float | None, gates: Gates,
+               trained: dict | None, tasks: Sequence[str]) -> list[GateResult]:
+    out = []
+    is_yardstick = runtime == "torch"  # PyTorch itself: judged only on split-vs-full and the trained AUCs
+    subject = f"{name}"
+    if not is_yardstick:
+        limit = gates.logits_limit(precision, torch_error)
+        why = "" if precision == "fp32" else (
+            f"{gates.half_error_ratio:g} x PyTorch's own {precision} error {torch_error:.3g} + "
+            f"{gates.half_floor(precision):.3g} floor")
+        out.append(GateResult("logits_max_abs", subject, entry["logits"]["max_abs"], limit, detail=why))
+        out.append(GateResult("full_logits_max_abs", subject, entry["full_logits"]["max_abs"], limit, detail=why))
+        worst_task = max(tasks, key=lambda t: entry["auc_delta_vs_oracle"][t])
+        out.append(GateResult("auc_delta_vs_oracle", f"{subject} {worst_task}",
+                              entry["auc_delta_vs_oracle"][worst_task], gates.auc_limit(precision)))
+        low_task = min(tasks, key=lambda t: entry["ranking"][t]["topk_overlap"])
+        out.append(GateResult(f"top{gates.topk}_overlap", f"{subject} {low_task}",
+                              entry["ranking"][low_task]["topk_overlap"], gates.topk_overlap, higher_is_better=True))
+    if "split_vs_full" in entry:
+        out.append(GateResult("split_vs_full_max_abs", subject, entry["split_vs_full"]["max_abs"],
+                              gates.split_full_limit(precision, torch_error)))
+    if trained is not None:
+        for task in tasks:
+            if task in trained:
+                delta = abs(entry["metrics"][task]["auc"] - trained[task]["auc"])
+                out.append(GateResult("auc_delta_vs_metrics_json", f"{subject} {task}", delta,
+                                      gates.auc_limit(precision),
+                                      detail=f"trained AUC {trained[task]['auc']:.6f}"))
+    return out
+
+
+__all__ = ["DATA_CHOICES", "Outputs", "ParityReport", "RUNTIMES", "load_batches", "validate_bundle"]

@@ -1,0 +1,189 @@
+"""The runtimes a parity report compares, behind one small interface: ``encode`` (history ->
+kv_cache), ``score`` (kv_cache + candidates -> logits) and ``full`` (the baseline graph), all
+in and out as numpy (logits float32; the cache in the runtime's own dtype).
+
+TorchRunner is the PyTorch model (the fp32 oracle, or cast to a half precision); OrtRunner runs
+a bundle's ONNX graphs on ONNX Runtime (CPU); TrtRunner runs its engines through
+engines/runtime.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from astro_trt.config import ASTROConfig
+from astro_trt.contract import FULL_MODEL, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
+from astro_trt.errors import BackendError, BundleError
+from astro_trt.model.astro import History
+
+_TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# ONNX Runtime threads: the bench and CI machines give us two cores.
+ORT_THREADS = int(os.environ.get("ASTRO_ORT_THREADS", "2"))
+
+
+class Runner(Protocol):
+    name: str  # e.g. "torch-fp32", "ort-fp16"
+    runtime: str  # torch | ort | trt
+    precision: str
+
+    def encode(self, history: History) -> Any: ...
+
+    def score(self, kv_cache: Any, history: History, cand_items: torch.Tensor) -> np.ndarray: ...
+
+    def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray: ...
+
+
+def history_feeds(history: History, cand_items: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Contract input names -> int64 numpy arrays (a superset of any one graph's inputs)."""
+    feeds = {
+        "hist_items": history.items, "hist_behaviors": history.behaviors, "hist_times": history.times,
+        "hist_lengths": history.lengths, "scenario": history.scenario, "request_time": history.request_time,
+    }
+    if cand_items is not None:
+        feeds["cand_items"] = cand_items
+    return {k: np.ascontiguousarray(v.detach().cpu().numpy().astype(np.int64)) for k, v in feeds.items()}
+
+
+def as_float32(array: Any) -> np.ndarray:
+    # A runtime UserState (TensorRT runner) keeps its KV cache as a device tensor.
+    array = getattr(array, "kv_cache", array)
+    if isinstance(array, torch.Tensor):
+        return array.detach().float().cpu().numpy()
+    return np.asarray(array, dtype=np.float32)
+
+
+class TorchRunner:
+    """The PyTorch model in ``precision`` (a cast copy, the caller's model is left alone)."""
+
+    runtime = "torch"
+
+    def __init__(self, model: torch.nn.Module, precision: str = "fp32") -> None:
+        if precision not in _TORCH_DTYPE:
+            raise BundleError(f"unknown precision '{precision}'; choose one of {sorted(_TORCH_DTYPE)}")
+        self.precision = precision
+        self.name = f"torch-{precision}"
+        self.model = model if precision == "fp32" else copy.deepcopy(model).to(_TORCH_DTYPE[precision])
+        self.model.eval()
+
+    @torch.no_grad()
+    def encode(self, history: History) -> torch.Tensor:
+        return self.model.encode_user(history)
+
+    @torch.no_grad()
+    def score(self, kv_cache: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
+        kv = kv_cache if isinstance(kv_cache, torch.Tensor) else torch.from_numpy(np.asarray(kv_cache))
+        return as_float32(self.model.score(kv.to(_TORCH_DTYPE[self.precision]), history, cand_items))
+
+    @torch.no_grad()
+    def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
+        return as_float32(self.model.full(history, cand_items))
+
+
+def ort_session(path: Path, threads: int = ORT_THREADS) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op)."""
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise BundleError(f"ONNX graph {path} is missing; re-export the bundle")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # warnings about unused initializers are not the user's problem
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OrtRunner:
+    """ONNX Runtime (CPU) over the three ONNX graphs of one precision."""
+
+    runtime = "ort"
+
+    def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS):
+        missing = [g for g in (USER_ENCODER, ITEM_SCORER, FULL_MODEL) if g not in graphs]
+        if missing:
+            raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
+        self.precision = precision
+        self.name = f"ort-{precision}"
+        self.io = graph_io(cfg, precision)
+        self.sessions = {g: ort_session(Path(p), threads) for g, p in graphs.items()}
+        for graph, session in self.sessions.items():
+            got = [i.name for i in session.get_inputs()]
+            if got != self.io[graph].input_names:
+                raise BundleError(
+                    f"{graphs[graph]}: inputs {got} do not follow the engine contract {self.io[graph].input_names}; "
+                    "re-export the bundle with this version of astro-trt"
+                )
+
+    def _run(self, graph: str, feeds: dict[str, Any]) -> np.ndarray:
+        names = self.io[graph].input_names
+        return self.sessions[graph].run(None, {n: feeds[n] for n in names})[0]
+
+    def encode(self, history: History) -> np.ndarray:
+        return self._run(USER_ENCODER, history_feeds(history))
+
+    def score(self, kv_cache: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
+        feeds = history_feeds(history, cand_items)
+        feeds[KV_CACHE] = kv_cache
+        return as_float32(self._run(ITEM_SCORER, feeds))
+
+    def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
+        return as_float32(self._run(FULL_MODEL, history_feeds(history, cand_items)))
+
+
+def gpu_unavailable_reason() -> str | None:
+    """Why TensorRT engines cannot run here, or None when they can."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to PyTorch (TensorRT engines need one); run on a GPU machine"
+    return None
+
+
+class TrtRunner:
+    """TensorRT engines of one precision through engines/runtime.py (needs a GPU). The runtime
+    keeps the user state on the device; here it comes back to the host so that every runner's
+    cache can be compared with the oracle's."""
+
+    runtime = "trt"
+
+    def __init__(self, session: Any, precision: str) -> None:
+        self.session = session
+        self.precision = precision
+        self.name = f"trt-{precision}"
+
+    def encode(self, history: History) -> Any:
+        return self.session.encode(history_feeds(history))  # a runtime.UserState, cache on the device
+
+    def score(self, state: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
+        # The state already holds this history's device inputs; only the candidates travel.
+        return as_float32(self.session.score(state, history_feeds(history, cand_items)["cand_items"]))
+
+    def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
+        feeds = history_feeds(history, cand_items)
+        return as_float32(self.session.full(feeds, feeds["cand_items"]))
+
+
+def make_trt_runner(bundle: Any, precision: str) -> tuple[TrtRunner | None, str]:
+    """(runner, "") when the bundle's engines of ``precision`` can run here, else (None, why)."""
+    from astro_trt.contract import GRAPHS
+
+    missing = [g for g in GRAPHS if bundle.engine_path(g, precision) is None]
+    if missing:
+        return None, (f"the bundle has no {precision} engines for {missing} (exported with --no-engines?); "
+                      "re-export with engines to validate TensorRT")
+    reason = gpu_unavailable_reason()
+    if reason:
+        return None, reason
+    try:
+        from astro_trt.engines import runtime
+    except ImportError as exc:
+        return None, f"the TensorRT runtime cannot be imported ({exc}); install the back end the bundle names"
+    try:
+        session = runtime.Session(bundle, precision)
+    except BackendError as exc:
+        return None, str(exc)
+    return TrtRunner(session, precision), ""
