@@ -32,6 +32,9 @@ KV_CACHE = "kv_cache"
 # The KV cache is one tensor, batch-major, so that one user's cache is one contiguous slice and
 # a dynamic batch axis stays the leading one in both engines.
 KV_CACHE_AXES = ("batch", "layer", "block", "kv", "head", "slot", "head_dim")
+# The request's history inputs (ASTRO.md §1), in the field order of model/astro.py History, so that
+# ``zip(HISTORY_INPUTS, history.astuple())`` names a History's tensors.
+HISTORY_INPUTS = ("hist_items", "hist_behaviors", "hist_times", "hist_lengths", "scenario", "request_time")
 # History inputs the scorer needs besides the cache (masking and the time bias); the runtime
 # keeps them on the device with the cache as the "user state".
 SCORER_HISTORY_INPUTS = ("hist_lengths", "hist_times", "scenario", "request_time")
@@ -91,14 +94,8 @@ def kv_cache_shape(cfg: ASTROConfig) -> tuple[int | str, ...]:
 
 def history_inputs(cfg: ASTROConfig) -> tuple[TensorSpec, ...]:
     blk = (BATCH, cfg.num_blocks, cfg.max_len)
-    return (
-        TensorSpec("hist_items", "int64", blk),
-        TensorSpec("hist_behaviors", "int64", blk),
-        TensorSpec("hist_times", "int64", blk),
-        TensorSpec("hist_lengths", "int64", (BATCH, cfg.num_blocks)),
-        TensorSpec("scenario", "int64", (BATCH,)),
-        TensorSpec("request_time", "int64", (BATCH,)),
-    )
+    shapes = (blk, blk, blk, (BATCH, cfg.num_blocks), (BATCH,), (BATCH,))
+    return tuple(TensorSpec(name, "int64", shape) for name, shape in zip(HISTORY_INPUTS, shapes, strict=True))
 
 
 def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:

@@ -68,10 +68,15 @@ def _bundle_files(directory: Path) -> list[str]:
     return out
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path`` and rename it over ``path``, so a reader
+    (or a crash) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(directory: str | Path, manifest: dict[str, Any], *, hash_all: bool = True) -> dict[str, Any]:
@@ -81,8 +86,8 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any], *, hash_all:
     if hash_all:
         manifest["files"] = {rel: sha256_file(directory / rel) for rel in _bundle_files(directory)}
     body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
-    _atomic_write(directory / MANIFEST, body)
-    _atomic_write(directory / MANIFEST_HASH, f"{hashlib.sha256(body).hexdigest()}  {MANIFEST}\n".encode())
+    atomic_write(directory / MANIFEST, body)
+    atomic_write(directory / MANIFEST_HASH, f"{hashlib.sha256(body).hexdigest()}  {MANIFEST}\n".encode())
     return manifest
 
 
@@ -128,6 +133,7 @@ def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
 
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "MANIFEST", "MANIFEST_HASH", "REPORTS", "build_manifest", "read_manifest",
+    "FORMAT", "FORMAT_VERSION", "MANIFEST", "MANIFEST_HASH", "REPORTS", "atomic_write", "build_manifest",
+    "read_manifest",
     "sha256_file", "tool_info", "verify_files", "write_manifest",
 ]

@@ -24,7 +24,7 @@ from typing import Any
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GraphIO, TensorSpec
 from astro_trt.errors import BundleError, ConfigError
-from astro_trt.manifest import REPORTS, read_manifest, sha256_file, verify_files, write_manifest
+from astro_trt.manifest import REPORTS, atomic_write, read_manifest, sha256_file, verify_files, write_manifest
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -132,11 +132,8 @@ def write_report(bundle_dir: str | Path, name: str, files: Mapping[str, bytes | 
             raise BundleError(f"report file name '{filename}' must be a plain file name")
         path = target / filename
         if isinstance(content, Path):
-            shutil.copyfile(content, path)
-        elif isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
+            content = content.read_bytes()
+        atomic_write(path, content if isinstance(content, bytes) else content.encode())
         rel = path.relative_to(directory).as_posix()
         manifest["files"][rel] = sha256_file(path)
         written.append(path)

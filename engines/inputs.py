@@ -10,12 +10,10 @@ from typing import Any
 import numpy as np
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import BATCH, CANDIDATES
+from astro_trt.contract import BATCH, CANDIDATES, HISTORY_INPUTS
 from astro_trt.errors import DataError
 
-HISTORY_FIELDS = ("hist_items", "hist_behaviors", "hist_times", "hist_lengths", "scenario", "request_time")
-# History dataclass attribute for each contract name (model/astro.py History)
-_ATTRS = dict(zip(HISTORY_FIELDS, ("items", "behaviors", "times", "lengths", "scenario", "request_time"), strict=True))
+HISTORY_FIELDS = HISTORY_INPUTS
 
 
 def _as_int64(name: str, value: Any) -> np.ndarray:
@@ -53,7 +51,7 @@ def validate_history(
         raw = {n: history[n] for n in HISTORY_FIELDS}
     else:
         try:
-            raw = {n: getattr(history, attr) for n, attr in _ATTRS.items()}
+            raw = dict(zip(HISTORY_FIELDS, history.astuple(), strict=True))
         except AttributeError as exc:
             raise DataError(f"history must be a History or a mapping of {list(HISTORY_FIELDS)} ({exc})") from None
     arrays = {n: _as_int64(n, v) for n, v in raw.items()}

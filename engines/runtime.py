@@ -22,8 +22,6 @@ from astro_trt.engines.bundle import Bundle, load_bundle
 from astro_trt.engines.inputs import validate_candidates, validate_history
 from astro_trt.errors import BackendError, BundleError
 
-_TORCH_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16", "int64": "int64"}
-
 
 @dataclass
 class UserState:
@@ -44,23 +42,34 @@ class _Engine:
             raise BackendError(f"{path}: the engine does not deserialize on this GPU (wrong GPU, driver or "
                                "back-end version); re-export the bundle on or for this GPU")
         self.engine = engine
+        self.name = path.name
         if cuda_graphs:
-            config = engine.create_runtime_config()
-            config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
-            self.context = engine.create_execution_context(config)
+            # Kept on self: the context was created from it, so it must not be freed before the context.
+            self.runtime_config = engine.create_runtime_config()
+            self.runtime_config.cuda_graph_strategy = trt.CudaGraphStrategy.WHOLE_GRAPH_CAPTURE
+            self.context = engine.create_execution_context(self.runtime_config)
         else:
             self.context = engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(f"{path}: TensorRT could not create an execution context (out of GPU memory?); "
+                               "free GPU memory or use a smaller --max-batch/--max-candidates profile")
         self.outputs = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)
                         if engine.get_tensor_mode(engine.get_tensor_name(i)) == trt.TensorIOMode.OUTPUT]
 
     def run(self, inputs: dict[str, Any], outputs: dict[str, Any], stream: Any) -> None:
+        # TensorRT reports a refused shape or address by returning False, not by raising.
         for name, tensor in inputs.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        for name, tensor in outputs.items():
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise BackendError(f"{self.name}: input {name} of shape {tuple(tensor.shape)} is outside the "
+                                   "engine's optimization profile; split the request or re-export with a larger "
+                                   "profile")
+        for name, tensor in {**inputs, **outputs}.items():
+            if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                raise BackendError(f"{self.name}: TensorRT refused the device buffer of {name} (misaligned or not "
+                                   "a tensor of this engine); pass contiguous CUDA tensors")
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise BackendError("TensorRT failed to enqueue the engine; run with a smaller batch or check the log")
+            raise BackendError(f"{self.name}: TensorRT failed to enqueue the engine; run with a smaller batch or "
+                               "check the log")
 
 
 class Session:
@@ -97,11 +106,6 @@ class Session:
                 raise BundleError(f"{self.bundle.directory}: no {precision} engine for {graph}; re-export the bundle")
             self.engines[graph] = _Engine(trt, self._runtime, path, cuda_graphs)
 
-    def _dtype(self, name: str) -> Any:
-        import torch
-
-        return getattr(torch, _TORCH_DTYPES[name])
-
     def _to_device(self, arrays: dict[str, Any]) -> dict[str, Any]:
         import torch
 
@@ -111,7 +115,8 @@ class Session:
         import torch
 
         spec = self.io[graph].tensor(name)
-        return torch.empty(spec.concrete(dims), dtype=self._dtype(spec.dtype), device=self.device)
+        # The contract's numpy-style dtype names (float32, float16, bfloat16, int64) are torch's too.
+        return torch.empty(spec.concrete(dims), dtype=getattr(torch, spec.dtype), device=self.device)
 
     def encode(self, history: Any) -> UserState:
         """History (model/astro.py History or a mapping of contract names) -> UserState on the device."""

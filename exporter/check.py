@@ -29,12 +29,16 @@ HALF_RATIO = 2.0
 HALF_FLOOR = {"fp16": 2e-3, "bf16": 1.6e-2}  # ~2 ulp at 1.0 in each format
 
 
-def onnx_session(path: Path | str):
-    """An ONNX Runtime CPU session (the one place sessions are made; single-threaded ops off)."""
+def onnx_session(path: Path | str, threads: int | None = None):
+    """An ONNX Runtime CPU session, the one place sessions are made. ``threads`` caps the intra-op
+    threads (one inter-op thread then); None keeps ONNX Runtime's default of one per core."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the exporter's graphs trip harmless optimizer warnings
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -75,16 +79,8 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def feeds(io: GraphIO, history: History, cand_items: torch.Tensor, kv_cache: torch.Tensor | None = None):
     """Inputs of one contract graph from a request (and, for the scorer, a kv_cache)."""
-    by_name = {
-        "hist_items": history.items,
-        "hist_behaviors": history.behaviors,
-        "hist_times": history.times,
-        "hist_lengths": history.lengths,
-        "scenario": history.scenario,
-        "request_time": history.request_time,
-        "cand_items": cand_items,
-        contract.KV_CACHE: kv_cache,
-    }
+    by_name = dict(zip(contract.HISTORY_INPUTS, history.astuple(), strict=True))
+    by_name.update(cand_items=cand_items, **{contract.KV_CACHE: kv_cache})
     return {name: to_numpy(by_name[name]) for name in io.input_names}
 
 
@@ -142,6 +138,10 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
     with torch.no_grad():
         kv_oracle = oracle.encode_user(history)
     expected = _outputs(oracle, history, cand_items, kv_oracle)
+    broken = [name for name, t in expected.items() if not bool(torch.isfinite(t).all())]
+    if broken:
+        raise ExportError(f"the PyTorch model itself outputs NaN/inf ({', '.join(broken)}), so no graph can match it: "
+                          "the checkpoint's weights are broken; retrain or restore the checkpoint")
     kv_in = kv_oracle.to(torch_dtype(result.precision))
     limits = dict.fromkeys(expected, FP32_TOLERANCE)
     if result.precision != "fp32":

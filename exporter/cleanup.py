@@ -6,6 +6,7 @@ from __future__ import annotations
 import onnx
 
 from astro_trt.contract import GraphIO
+from astro_trt.errors import ExportError
 
 ONNX_DTYPE = {
     "float32": onnx.TensorProto.FLOAT,
@@ -53,7 +54,8 @@ def pin_io(model: onnx.ModelProto, io: GraphIO) -> None:
     actual = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
     expected = io.input_names + io.output_names
     if actual != expected:
-        raise RuntimeError(f"{io.name}: traced I/O {actual} does not match the contract {expected}")
+        raise ExportError(f"{io.name}: traced I/O {actual} does not match the contract {expected}; the model's "
+                          "entry point and astro_trt.contract.graph_io disagree, fix one of them")
     for value in list(model.graph.input) + list(model.graph.output):
         spec = by_name[value.name]
         elem = ONNX_DTYPE[spec.dtype]

@@ -27,7 +27,6 @@ from astro_trt.model.astro import ASTRO, History
 from astro_trt.plugins.names import ONNX_DOMAIN, ONNX_OPSET_VERSION
 
 TRACE_OPSET = 18  # every op of the model and the reference bodies exists in 18; TensorRT parses it
-NATIVE_OPSET = 23  # ONNX Attention
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps a file at 2 GB; stay clear of it
 
 
@@ -77,14 +76,17 @@ def export_onnx(
     from astro_trt.exporter.precision import model_in_precision
 
     traced_model = model_in_precision(model, precision, export_ops=True)
+    opset = TRACE_OPSET
+    if attention == "native":
+        from astro_trt.exporter.native import NATIVE_OPSET, lower_native
+
+        opset = NATIVE_OPSET
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         staged, domains = {}, {}
         for name in graphs:
             proto = _export_graph(traced_model, name, io[name], staging)
             if attention == "native":
-                from astro_trt.exporter.native import lower_native
-
                 proto = lower_native(proto)
             domains[name] = sorted({n.domain or "ai.onnx" for n in proto.graph.node})
             staged[name] = _save(proto, staging / f"{name}.onnx")
@@ -100,7 +102,7 @@ def export_onnx(
         io={name: io[name] for name in graphs},
         precision=precision,
         attention=attention,
-        opset=NATIVE_OPSET if attention == "native" else TRACE_OPSET,
+        opset=opset,
         kv_cache=contract.kv_cache_layout(cfg, precision),
         op_domains=domains,
     )

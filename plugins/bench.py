@@ -153,10 +153,11 @@ def run_benchmark(configs: list[str], candidates: list[int], dtype: str = "fp16"
     if getattr(props, "memory_clock_rate", 0) and getattr(props, "memory_bus_width", 0):
         bandwidth = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8  # DDR: two transfers a clock
     peak = peak_for(props.name, bandwidth)
-    torch_dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    from astro_trt.exporter.precision import torch_dtype
+
     results = []
     for case in cases(configs, candidates, batch):
-        args = make_inputs(case, torch_dtype)
+        args = make_inputs(case, torch_dtype(dtype))
         for impl, fn, dense_bytes in implementations(case, args):
             if dense_bytes > dense_mask_limit_gib * 2**30:
                 results.append(make_result(case, impl, None, dtype, peak,

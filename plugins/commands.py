@@ -7,24 +7,14 @@ from pathlib import Path
 
 import click
 
-from astro_trt.errors import ConfigError
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"--candidates must be comma-separated integers, got '{text}'; e.g. 64,256") from None
-    if not values or min(values) < 1:
-        raise ConfigError(f"--candidates needs positive integers, got '{text}'; e.g. 64,256,1024,4096")
-    return values
+from astro_trt.contract import PRECISIONS
 
 
 @click.command("bench-kernels")
 @click.option("--config", "configs", default="climber,climber-large", show_default=True,
               help="Comma-separated config presets whose shapes to time.")
 @click.option("--candidates", default="64,256,1024,4096", show_default=True, help="Candidates per user (M).")
-@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True)
+@click.option("--dtype", type=click.Choice(PRECISIONS), default="fp16", show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True, help="Users per batch.")
 @click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs (median).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -33,11 +23,12 @@ def bench_kernels(configs: str, candidates: str, dtype: str, batch: int, repeat:
     """Time both attention kernels against the reference, SDPA with a dense mask and FlexAttention."""
     from astro_trt.config import preset
     from astro_trt.plugins.bench import format_table, results_json, run_benchmark
+    from astro_trt.validate.bench import parse_candidates
 
     names = [name.strip() for name in configs.split(",") if name.strip()]
     for name in names:
         preset(name)  # unknown names fail here with the list of presets, before any GPU work
-    results = run_benchmark(names, _int_list(candidates), dtype=dtype, batch=batch, repeat=repeat)
+    results = run_benchmark(names, parse_candidates(candidates), dtype=dtype, batch=batch, repeat=repeat)
     click.echo(format_table(results))
     if json_out is not None:
         json_out.write_text(json.dumps(results_json(results), indent=2))

@@ -42,16 +42,21 @@ def test_own_checkpoint_passes_every_gate(report, bundle):
 
 
 def test_reports_written(report, bundle):
-    data = json.loads((bundle / "reports" / "parity.json").read_text())
+    reports = bundle / "reports" / "validate"
+    assert report.paths == {"json": reports / "parity.json", "md": reports / "parity.md", "png": reports / "parity.png"}
+    data = json.loads((reports / "parity.json").read_text())
     assert data["passed"] is True and data["data"] == "synthetic"
     assert data["results"]["fp32"]["ort-fp32"]["kv_cache"]["count"] > 0
-    md = (bundle / "reports" / "parity.md").read_text()
+    md = (reports / "parity.md").read_text()
     assert "PASSED" in md and "Kendall tau" in md and "parity.png" in md
-    assert (bundle / "reports" / "parity.png").read_bytes()[:4] == b"\x89PNG"
-    # Reports live under reports/, which the bundle's verification tolerates.
+    assert (reports / "parity.png").read_bytes()[:4] == b"\x89PNG"
+    # The reports are recorded (and hashed) in the manifest, so the bundle still verifies and
+    # `inspect` lists them.
     from astro_trt.engines.bundle import load_bundle
 
-    load_bundle(bundle, verify=True)
+    manifest = load_bundle(bundle, verify=True).manifest
+    listed = {f"reports/validate/parity.{kind}" for kind in ("json", "md", "png")}
+    assert set(manifest["reports"]["validate"]) == listed and listed <= set(manifest["files"])
 
 
 def test_other_checkpoint_fails_with_both_hashes(bundle, tmp_path):

@@ -210,19 +210,38 @@ def bench_series(result: BenchResult) -> Mapping[str, tuple[list[int], list[floa
     }
 
 
-def write_bench_reports(result: BenchResult, reports_dir: Path) -> dict[str, Path]:
-    from astro_trt.validate.report import plot_throughput, write_json, write_text
+BENCH_REPORT = "bench"  # the folder of a bundle's reports/ that `astro-trt bench` writes
 
-    plot = plot_throughput(bench_series(result), reports_dir / "bench.png",
-                           f"{result.config.name} on {result.runtime} ({result.precision})")
+
+def bench_files(result: BenchResult) -> dict[str, bytes]:
+    """bench.{json,md,png}, rendered."""
+    from astro_trt.validate.report import json_bytes, plot_throughput
+
+    title = f"{result.config.name} on {result.runtime} ({result.precision})"
     return {
-        "json": write_json(reports_dir / "bench.json", result.to_dict()),
-        "md": write_text(reports_dir / "bench.md", bench_markdown(result, plot.name)),
-        "png": plot,
+        "bench.json": json_bytes(result.to_dict()),
+        "bench.md": bench_markdown(result, "bench.png").encode(),
+        "bench.png": plot_throughput(bench_series(result), title),
     }
+
+
+def write_bench_reports(result: BenchResult, reports_dir: Path) -> dict[str, Path]:
+    """The bench report in a plain directory; {"json", "md", "png"} -> path."""
+    from astro_trt.validate.report import by_kind, write_files
+
+    return by_kind(write_files(reports_dir, bench_files(result)))
+
+
+def write_bench_to_bundle(result: BenchResult, bundle_dir: Path) -> dict[str, Path]:
+    """The bench report under BUNDLE/reports/bench/, recorded in the manifest."""
+    from astro_trt.engines.bundle import write_report
+    from astro_trt.validate.report import by_kind
+
+    files = bench_files(result)
+    return by_kind(dict(zip(files, write_report(bundle_dir, BENCH_REPORT, files), strict=True)))
 
 
 __all__ = [
     "BenchPoint", "BenchResult", "DEFAULT_CANDIDATES", "Latency", "bench_markdown", "parse_candidates", "run_bench",
-    "time_alternating", "write_bench_reports",
+    "time_alternating", "write_bench_reports", "write_bench_to_bundle",
 ]

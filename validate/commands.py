@@ -9,14 +9,13 @@ from pathlib import Path
 
 import click
 
+from astro_trt.config import PRESETS
 from astro_trt.errors import DataError
-
-COMMANDS = ("validate", "bench")
+from astro_trt.exporter.limits import ATTENTIONS
+from astro_trt.validate.parity import DATA_CHOICES, RUNTIMES
 
 
 def _runtimes(value: str) -> list[str]:
-    from astro_trt.validate.parity import RUNTIMES
-
     items = list(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
     bad = [v for v in items if v not in RUNTIMES]
     if not items or bad:
@@ -26,7 +25,7 @@ def _runtimes(value: str) -> list[str]:
 
 @click.command("validate")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--data", default="ml-100k", show_default=True, type=click.Choice(["ml-100k", "synthetic"]),
+@click.option("--data", default="ml-100k", show_default=True, type=click.Choice(DATA_CHOICES),
               help="Batches to compare on: the ml-100k test split or seeded synthetic requests.")
 @click.option("--runtime", "runtime", default="torch,ort", show_default=True,
               help="Comma list of torch, ort, trt (trt needs a GPU and the bundle's engines).")
@@ -70,26 +69,26 @@ def _print_gates(report) -> None:
 
 @click.command("bench")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--runtime", default="ort", show_default=True, type=click.Choice(["ort", "trt"]))
+@click.option("--runtime", default="ort", show_default=True, type=click.Choice([r for r in RUNTIMES if r != "torch"]))
 @click.option("--candidates", default="64,256,1024", show_default=True, help="Comma list of M per request.")
 @click.option("--config", "config_name", default="bundle", show_default=True,
-              type=click.Choice(["bundle", "climber", "climber-large"]),
+              type=click.Choice(["bundle", *PRESETS]),
               help="Graphs to time: the bundle's own, or a randomly initialised preset exported on the fly.")
 @click.option("--precision", default=None,
               help="Precision of the graphs (default: the bundle's first; fp32 for presets).")
-@click.option("--attention", default="plugin", show_default=True, type=click.Choice(["plugin", "native"]),
+@click.option("--attention", default="plugin", show_default=True, type=click.Choice(ATTENTIONS),
               help="Lowering of preset graphs (plugin = reference function bodies, what ORT runs fastest here).")
 @click.option("--repetitions", default=5, show_default=True, type=click.IntRange(1), help="Timed calls per path and M.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
-              help="Reports directory (default: BUNDLE/reports).")
+              help="Reports directory (default: BUNDLE/reports/bench, recorded in the manifest).")
 def bench(bundle_dir: Path, runtime: str, candidates: str, config_name: str, precision: str | None, attention: str,
           repetitions: int, warmup: int, out_dir: Path | None) -> None:
     """Throughput of the split (encode once, score M) against the naive full model, same runtime."""
     from rich.console import Console
 
     from astro_trt.engines.bundle import load_bundle
-    from astro_trt.validate.bench import parse_candidates, run_bench, write_bench_reports
+    from astro_trt.validate.bench import parse_candidates, run_bench, write_bench_reports, write_bench_to_bundle
 
     counts = parse_candidates(candidates)
     bundle = load_bundle(bundle_dir, verify=True)
@@ -98,7 +97,10 @@ def bench(bundle_dir: Path, runtime: str, candidates: str, config_name: str, pre
         runner, cfg, source = _bench_runner(bundle, runtime, config_name, precision, attention, Path(tmp))
         result = run_bench(runner, cfg, counts, source=source, warmup=warmup, repetitions=repetitions,
                            progress=lambda msg: console.print(f"  {msg}"))
-    paths = write_bench_reports(result, out_dir or bundle.directory / "reports")
+    if out_dir is None:
+        paths = write_bench_to_bundle(result, bundle.directory)
+    else:
+        paths = write_bench_reports(result, out_dir)
     _print_bench(result)
     click.echo(f"reports: {paths['md']}")
 

@@ -1,7 +1,7 @@
 """The parity report of a bundle: every runtime's outputs against the fp32 PyTorch oracle on the
 same batches (error statistics, error relative to PyTorch's own error in that precision, AUC and
-LogLoss, ranking agreement, split against full), judged by gates, written to BUNDLE/reports/
-as parity.json, parity.md and parity.png."""
+LogLoss, ranking agreement, split against full), judged by gates, written to BUNDLE/reports/validate/
+as parity.json, parity.md and parity.png (and recorded in the manifest)."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def validate_bundle(
     progress: Callable[[str], None] | None = None,
 ) -> ParityReport:
     """Compare the bundle's runtimes against the fp32 PyTorch oracle of ``checkpoint`` (default:
-    the bundle's own copy) and write BUNDLE/reports/parity.{json,md,png}."""
+    the bundle's own copy) and write BUNDLE/reports/validate/parity.{json,md,png}."""
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.validate.runners import OrtRunner, TorchRunner, make_trt_runner

@@ -1,29 +1,22 @@
 """Writing reports: JSON for machines, Markdown for people, PNG plots (matplotlib, Agg back end
-so that no display is needed). Files are written to a temporary name and renamed, so a crash
-never leaves half a report next to a complete one."""
+so that no display is needed). Every report is rendered to bytes first and then written file by
+file atomically: into a bundle through engines.bundle.write_report (so the manifest lists and
+hashes it), or into a plain directory with write_files."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REPORTS_DIR = "reports"
+from astro_trt.manifest import atomic_write
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+# The folder of the bundle's reports/ that `astro-trt validate` writes.
+VALIDATE_REPORT = "validate"
 
 
 def _jsonable(value: Any) -> Any:
@@ -41,14 +34,21 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    _atomic_write(path, (json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n").encode())
-    return path
+def json_bytes(payload: Mapping[str, Any]) -> bytes:
+    return (json.dumps(_jsonable(payload), indent=2, sort_keys=False) + "\n").encode()
 
 
-def write_text(path: Path, text: str) -> Path:
-    _atomic_write(path, text.encode())
-    return path
+def write_files(directory: Path, files: Mapping[str, bytes]) -> dict[str, Path]:
+    """Write rendered report files into a plain directory; returns file name -> path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        atomic_write(directory / name, data)
+    return {name: directory / name for name in files}
+
+
+def by_kind(paths: Mapping[str, Path]) -> dict[str, Path]:
+    """File name -> path, keyed by suffix instead ("json", "md", "png"): what callers print."""
+    return {Path(name).suffix.lstrip("."): path for name, path in paths.items()}
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -62,16 +62,20 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def _png(fig: Any) -> bytes:
     import io
 
+    import matplotlib.pyplot as plt
+
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    _atomic_write(path, buffer.getvalue())
-    return path
+    try:
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
 
 
-def plot_error_distributions(errors: Mapping[str, np.ndarray], path: Path, title: str) -> Path:
+def plot_error_distributions(errors: Mapping[str, np.ndarray], title: str) -> bytes:
     """Histogram of log10 |error| per label (exact zeros are drawn at the left edge)."""
     import matplotlib
 
@@ -90,13 +94,10 @@ def plot_error_distributions(errors: Mapping[str, np.ndarray], path: Path, title
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _png(fig)
 
 
-def plot_throughput(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], path: Path, title: str) -> Path:
+def plot_throughput(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], title: str) -> bytes:
     """Candidates scored per second against candidates per request, one line per path."""
     import matplotlib
 
@@ -113,23 +114,22 @@ def plot_throughput(series: Mapping[str, tuple[Sequence[int], Sequence[float]]],
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    try:
-        return _save_figure(fig, path)
-    finally:
-        plt.close(fig)
+    return _png(fig)
 
 
 __all__ = [
-    "REPORTS_DIR", "markdown_table", "parity_markdown", "plot_error_distributions", "plot_throughput", "write_json",
-    "write_parity_reports", "write_text",
+    "VALIDATE_REPORT", "by_kind", "json_bytes", "markdown_table", "parity_markdown", "plot_error_distributions",
+    "plot_throughput", "write_files", "write_parity_reports",
 ]
 
 
 # ---------------------------------------------------------------------------- parity
 def write_parity_reports(report: Any, gates: Any, errors: Mapping[str, np.ndarray], *, checkpoint: Any,
                          bundle: Any) -> dict[str, Path]:
-    """BUNDLE/reports/parity.{json,md,png} of a ParityReport (validate.parity)."""
-    out_dir = Path(bundle.directory) / REPORTS_DIR
+    """BUNDLE/reports/validate/parity.{json,md,png} of a ParityReport (validate.parity), recorded in
+    the manifest. Returns {"json", "md", "png"} -> path."""
+    from astro_trt.engines.bundle import write_report
+
     payload = {
         "passed": report.passed,
         "bundle": str(bundle.directory),
@@ -142,11 +142,13 @@ def write_parity_reports(report: Any, gates: Any, errors: Mapping[str, np.ndarra
         "skipped": report.skipped,
         "results": report.results,
     }
-    plot = plot_error_distributions(errors, out_dir / "parity.png",
-                                    f"logits error vs fp32 oracle ({report.data})")
-    paths = {"json": write_json(out_dir / "parity.json", payload), "png": plot}
-    paths["md"] = write_text(out_dir / "parity.md", parity_markdown(report, payload, plot.name))
-    return paths
+    files = {
+        "parity.json": json_bytes(payload),
+        "parity.png": plot_error_distributions(errors, f"logits error vs fp32 oracle ({report.data})"),
+        "parity.md": parity_markdown(report, payload, "parity.png").encode(),
+    }
+    written = write_report(bundle.directory, VALIDATE_REPORT, files)
+    return by_kind(dict(zip(files, written, strict=True)))
 
 
 def parity_markdown(report: Any, payload: Mapping[str, Any], plot_name: str) -> str:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import FULL_MODEL, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
+from astro_trt.contract import FULL_MODEL, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
 from astro_trt.errors import BackendError, BundleError
+from astro_trt.exporter.precision import torch_dtype
 from astro_trt.model.astro import History
 
-_TORCH_DTYPE = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # ONNX Runtime threads: the bench and CI machines give us two cores.
 ORT_THREADS = int(os.environ.get("ASTRO_ORT_THREADS", "2"))
 
@@ -42,10 +42,7 @@ class Runner(Protocol):
 
 def history_feeds(history: History, cand_items: torch.Tensor | None = None) -> dict[str, np.ndarray]:
     """Contract input names -> int64 numpy arrays (a superset of any one graph's inputs)."""
-    feeds = {
-        "hist_items": history.items, "hist_behaviors": history.behaviors, "hist_times": history.times,
-        "hist_lengths": history.lengths, "scenario": history.scenario, "request_time": history.request_time,
-    }
+    feeds = dict(zip(HISTORY_INPUTS, history.astuple(), strict=True))
     if cand_items is not None:
         feeds["cand_items"] = cand_items
     return {k: np.ascontiguousarray(v.detach().cpu().numpy().astype(np.int64)) for k, v in feeds.items()}
@@ -65,11 +62,10 @@ class TorchRunner:
     runtime = "torch"
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32") -> None:
-        if precision not in _TORCH_DTYPE:
-            raise BundleError(f"unknown precision '{precision}'; choose one of {sorted(_TORCH_DTYPE)}")
+        self.dtype = torch_dtype(precision)  # ConfigError naming the precisions for an unknown one
         self.precision = precision
         self.name = f"torch-{precision}"
-        self.model = model if precision == "fp32" else copy.deepcopy(model).to(_TORCH_DTYPE[precision])
+        self.model = model if precision == "fp32" else copy.deepcopy(model).to(self.dtype)
         self.model.eval()
 
     @torch.no_grad()
@@ -79,7 +75,7 @@ class TorchRunner:
     @torch.no_grad()
     def score(self, kv_cache: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
         kv = kv_cache if isinstance(kv_cache, torch.Tensor) else torch.from_numpy(np.asarray(kv_cache))
-        return as_float32(self.model.score(kv.to(_TORCH_DTYPE[self.precision]), history, cand_items))
+        return as_float32(self.model.score(kv.to(self.dtype), history, cand_items))
 
     @torch.no_grad()
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
@@ -88,15 +84,11 @@ class TorchRunner:
 
 def ort_session(path: Path, threads: int = ORT_THREADS) -> Any:
     """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op)."""
-    import onnxruntime as ort
+    from astro_trt.exporter.check import onnx_session
 
     if not Path(path).is_file():
         raise BundleError(f"ONNX graph {path} is missing; re-export the bundle")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # warnings about unused initializers are not the user's problem
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx_session(path, threads)
 
 
 class OrtRunner:

@@ -150,7 +150,7 @@ def plugin_classes(trt: Any, spec: OperatorSpec, creator_name: str) -> tuple[typ
 
             args = [_torch_view(trt, ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
             out = _torch_view(trt, outputs[0], output_desc[0])
-            function = ops.multi_scale_self_attention if spec is SPECS[0] else ops.candidate_attention
+            function = ops.multi_scale_self_attention if spec.onnx_op == names.MSA_ONNX_OP else ops.candidate_attention
             with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
                 out.copy_(function(*args))
 
