@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from astro_trt.errors import BundleError
+from astro_trt.staging import atomic_write
 
 FORMAT = "astro-trt-bundle"
 FORMAT_VERSION = 1
@@ -66,17 +66,6 @@ def _bundle_files(directory: Path) -> list[str]:
             if rel not in (MANIFEST, MANIFEST_HASH):
                 out.append(rel)
     return out
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name beside ``path`` and rename it over ``path``, so a reader
-    (or a crash) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_manifest(directory: str | Path, manifest: dict[str, Any], *, hash_all: bool = True) -> dict[str, Any]:
@@ -133,7 +122,7 @@ def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
 
 
 __all__ = [
-    "FORMAT", "FORMAT_VERSION", "MANIFEST", "MANIFEST_HASH", "REPORTS", "atomic_write", "build_manifest",
+    "FORMAT", "FORMAT_VERSION", "MANIFEST", "MANIFEST_HASH", "REPORTS", "build_manifest",
     "read_manifest",
     "sha256_file", "tool_info", "verify_files", "write_manifest",
 ]

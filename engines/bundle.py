@@ -12,9 +12,6 @@ Layout::
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +21,8 @@ from typing import Any
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GraphIO, TensorSpec
 from astro_trt.errors import BundleError, ConfigError
-from astro_trt.manifest import REPORTS, atomic_write, read_manifest, sha256_file, verify_files, write_manifest
+from astro_trt.manifest import REPORTS, read_manifest, sha256_file, verify_files, write_manifest
+from astro_trt.staging import atomic_write, staged_directory
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -152,20 +150,8 @@ def staged_bundle(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     out = Path(out).resolve()
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_directory(out) as stage:
         yield stage
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(stage, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
 
 
 __all__ = [

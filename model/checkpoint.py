@@ -13,11 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ from astro_trt import __version__
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import CheckpointError, ConfigError
 from astro_trt.model.astro import ASTRO
+from astro_trt.staging import staged_directory
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -75,19 +73,13 @@ def save_checkpoint(
     _check_against_config(_header_of(tensors), cfg, out_dir / WEIGHTS_FILE)
     documents = _json_documents(cfg, metrics, extra)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
+    with staged_directory(out_dir) as staging:
         metadata = {"format": "pt", "astro_trt_version": __version__, "config_name": cfg.name}
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata=metadata)
         for filename, text in documents.items():
             (staging / filename).write_text(text)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -111,22 +103,6 @@ def _json_documents(cfg: ASTROConfig, metrics: dict | None, extra: dict[str, dic
             raise CheckpointError(f"{filename}: cannot be written as JSON ({exc}); pass plain numbers, "
                                   "strings, lists and dicts") from None
     return documents
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Rename staging to out_dir; an existing out_dir is moved aside first and removed last."""
-    if not out_dir.exists():
-        os.replace(staging, out_dir)
-        return
-    retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    os.replace(out_dir, retired / out_dir.name)
-    try:
-        os.replace(staging, out_dir)
-    except BaseException:
-        os.replace(retired / out_dir.name, out_dir)  # put the old checkpoint back
-        shutil.rmtree(retired, ignore_errors=True)
-        raise
-    shutil.rmtree(retired, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- loading
