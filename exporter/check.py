@@ -19,14 +19,7 @@ from astro_trt import contract
 from astro_trt.contract import GraphIO
 from astro_trt.errors import ExportError
 from astro_trt.model.astro import ASTRO, History
-
-# fp32 graphs: the same float32 arithmetic in another order (matmul blocking, fused softmax);
-# seen errors are ~1e-6 on logits of magnitude ~1, so 1e-4 leaves 100x headroom.
-FP32_TOLERANCE = 1e-4
-# Half precision: no more than twice PyTorch's own error in that precision (same inputs, same
-# oracle). The floor covers the rare batch where PyTorch's own error happens to be ~0.
-HALF_RATIO = 2.0
-HALF_FLOOR = {"fp16": 2e-3, "bf16": 1.6e-2}  # ~2 ulp at 1.0 in each format
+from astro_trt.tolerances import max_abs_limit
 
 
 def onnx_session(path: Path | str, threads: int | None = None):
@@ -103,8 +96,7 @@ def check_graphs(model: ASTRO, result, *, batch: int = 2, candidates: int = 5, s
     on ``synthetic_batch(cfg, batch, candidates, seed=seed)``.
 
     Returns max abs error per graph (logits; kv_cache for the encoder). Raises ExportError when a
-    graph fails the checker or its error exceeds the precision's tolerance (FP32_TOLERANCE, or
-    HALF_RATIO x PyTorch's own error in fp16/bf16).
+    graph fails the checker or its error exceeds the precision's limit (astro_trt/tolerances.py).
     """
     import onnx
 
@@ -143,12 +135,10 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
         raise ExportError(f"the PyTorch model itself outputs NaN/inf ({', '.join(broken)}), so no graph can match it: "
                           "the checkpoint's weights are broken; retrain or restore the checkpoint")
     kv_in = kv_oracle.to(torch_dtype(result.precision))
-    limits = dict.fromkeys(expected, FP32_TOLERANCE)
+    limits = dict.fromkeys(expected, max_abs_limit("fp32"))
     if result.precision != "fp32":
         own = _outputs(copy.deepcopy(oracle).to(kv_in.dtype), history, cand_items, kv_in)
-        limits = {
-            name: max(HALF_RATIO * _max_abs(own[name], expected[name]), HALF_FLOOR[result.precision]) for name in own
-        }
+        limits = {name: max_abs_limit(result.precision, _max_abs(own[name], expected[name])) for name in own}
     out = {}
     for name, path in result.paths.items():
         got = run_onnx(path, feeds(result.io[name], history, cand_items, kv_in))[result.io[name].output_names[0]]

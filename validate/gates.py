@@ -6,25 +6,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# Machine epsilon (spacing of floats at 1.0) of the half precisions.
-_HALF_EPS = {"fp16": 2.0**-10, "bf16": 2.0**-7}
+from astro_trt import tolerances
 
 
 @dataclass(frozen=True)
 class Gates:
     """Defaults of the gates; every field has a CLI flag of the same name (dashes for underscores)."""
 
-    # fp32 engines compute what PyTorch computes, only the summation order differs: logits of
-    # magnitude ~1-10 carry ~1e-6 of float32 rounding, so 1e-4 leaves two orders of margin and
-    # still catches any real difference (a wrong weight, mask or bucket moves logits by >1e-2).
-    fp32_max_abs: float = 1e-4
-    # Half precision: the runtime's error against the fp32 oracle may be at most this many times
-    # PyTorch's own error in that precision (same weights, same inputs, cast the same way)...
-    half_error_ratio: float = 2.0
-    # ... plus this many half-precision ulps at 1.0 (fp16: 2 * 2^-10 ~ 2e-3, bf16: 2 * 2^-7 ~
-    # 1.6e-2). PyTorch's error is one sample of rounding; where it rounds luckily, a runtime with
-    # a different but equally valid summation order lands a couple of ulps of a logit ~1 away.
-    half_floor_ulps: float = 2.0
+    # The numeric limits and their reasons live in astro_trt/tolerances.py (the exporter's check
+    # uses the same policy).
+    fp32_max_abs: float = tolerances.FP32_MAX_ABS
+    half_error_ratio: float = tolerances.HALF_ERROR_RATIO
+    half_floor_ulps: float = tolerances.HALF_FLOOR_ULPS
     # AUC deltas: fp32 against the trained checkpoint's metrics.json (ml-100k) and the oracle.
     auc_delta_fp32: float = 1e-4
     auc_delta_half: float = 5e-3
@@ -35,16 +28,13 @@ class Gates:
     topk_overlap: float = 0.9
 
     def half_floor(self, precision: str) -> float:
-        return self.half_floor_ulps * _HALF_EPS[precision]
+        return self.half_floor_ulps * tolerances.HALF_EPS[precision]
 
     def logits_limit(self, precision: str, torch_error: float | None) -> float:
         """Max abs logits error allowed against the oracle for a runtime in ``precision``.
         ``torch_error`` is PyTorch's own max abs error in that precision (unused for fp32)."""
-        if precision == "fp32":
-            return self.fp32_max_abs
-        if torch_error is None:
-            raise ValueError(f"the {precision} gate needs PyTorch's own {precision} error")
-        return self.half_error_ratio * torch_error + self.half_floor(precision)
+        return tolerances.max_abs_limit(precision, torch_error, fp32_max_abs=self.fp32_max_abs,
+                                        ratio=self.half_error_ratio, floor_ulps=self.half_floor_ulps)
 
     def auc_limit(self, precision: str) -> float:
         return self.auc_delta_fp32 if precision == "fp32" else self.auc_delta_half
