@@ -15,6 +15,8 @@ Two choices keep the bodies cheap and parser-friendly:
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx
 from onnxscript import FLOAT, INT64, script
 from onnxscript import opset18 as op
@@ -25,26 +27,35 @@ from astro_trt.plugins.names import CANDIDATE_ONNX_OP, MSA_ONNX_OP, ONNX_DOMAIN,
 astro = Opset(ONNX_DOMAIN, ONNX_OPSET_VERSION)
 
 
-@script(astro, default_opset=op)
-def _time_bias(dt: INT64, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
-    """dt [B, Nb, *S] int64 (rank 3 or 4) -> bias [B, Nb, H, *S] float32."""
-    bucket = op.ReduceSum(
-        op.Cast(op.GreaterOrEqual(op.Unsqueeze(dt, [-1]), time_thresholds), to=onnx.TensorProto.INT64),
-        [-1],
-        keepdims=0,
-    )  # [B, Nb, *S]
-    table_shape = op.Shape(time_bias)  # [Nb, H, NT]
-    nb = op.Slice(table_shape, [0], [1])
-    heads = op.Slice(table_shape, [1], [2])
-    buckets = op.Slice(table_shape, [2], [3])
-    # Offset of row (block, head) in the flattened table, shaped [1, Nb, H] then padded to the
-    # rank of the bucket index so that it broadcasts over the sequence axes.
-    rows = op.ReduceProd(op.Slice(table_shape, [0], [2]), keepdims=0)
-    offsets = op.Mul(op.Reshape(op.Range(0, rows, 1), op.Concat([1], nb, heads, axis=0)), buckets)
-    extra_axes = op.Sub(op.Size(op.Shape(bucket)), 2)  # number of sequence axes (1 or 2)
-    offsets = op.Reshape(offsets, op.Concat(op.Shape(offsets), op.Expand([1], op.Reshape(extra_axes, [1])), axis=0))
-    index = op.Add(op.Unsqueeze(bucket, [2]), offsets)  # [B, Nb, H, *S]
-    return op.Gather(op.Reshape(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), [-1]), index, axis=0)
+def time_bias_function(op: Any) -> Any:
+    """The shared time-bias helper function for the opset ``op`` (18 here, 23 in native.py):
+    one body, so the two lowerings cannot drift apart."""
+
+    @script(astro, default_opset=op)
+    def _time_bias(dt: INT64, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
+        """dt [B, Nb, *S] int64 (rank 3 or 4) -> bias [B, Nb, H, *S] float32."""
+        bucket = op.ReduceSum(
+            op.Cast(op.GreaterOrEqual(op.Unsqueeze(dt, [-1]), time_thresholds), to=onnx.TensorProto.INT64),
+            [-1],
+            keepdims=0,
+        )  # [B, Nb, *S]
+        table_shape = op.Shape(time_bias)  # [Nb, H, NT]
+        nb = op.Slice(table_shape, [0], [1])
+        heads = op.Slice(table_shape, [1], [2])
+        buckets = op.Slice(table_shape, [2], [3])
+        # Offset of row (block, head) in the flattened table, shaped [1, Nb, H] then padded to the
+        # rank of the bucket index so that it broadcasts over the sequence axes.
+        rows = op.ReduceProd(op.Slice(table_shape, [0], [2]), keepdims=0)
+        offsets = op.Mul(op.Reshape(op.Range(0, rows, 1), op.Concat([1], nb, heads, axis=0)), buckets)
+        extra_axes = op.Sub(op.Size(op.Shape(bucket)), 2)  # number of sequence axes (1 or 2)
+        offsets = op.Reshape(offsets, op.Concat(op.Shape(offsets), op.Expand([1], op.Reshape(extra_axes, [1])), axis=0))
+        index = op.Add(op.Unsqueeze(bucket, [2]), offsets)  # [B, Nb, H, *S]
+        return op.Gather(op.Reshape(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), [-1]), index, axis=0)
+
+    return _time_bias
+
+
+_time_bias = time_bias_function(op)
 
 
 @script(astro, default_opset=op)

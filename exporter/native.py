@@ -15,34 +15,18 @@ The rewrite swaps the function bodies and inlines them, so the result has no ast
 from __future__ import annotations
 
 import onnx
-from onnxscript import FLOAT, INT64, script
 from onnxscript import opset23 as op
+from onnxscript import script
 from onnxscript.values import Opset
 
+from astro_trt.exporter.functions import time_bias_function
 from astro_trt.plugins.names import CANDIDATE_ONNX_OP, MSA_ONNX_OP, ONNX_DOMAIN, ONNX_OPSET_VERSION
 
 NATIVE_OPSET = 23
 astro = Opset(ONNX_DOMAIN, ONNX_OPSET_VERSION)
 
 
-@script(astro, default_opset=op)
-def _time_bias(dt: INT64, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
-    """dt [B, Nb, *S] int64 (rank 3 or 4) -> bias [B, Nb, H, *S] float32 (as in functions.py)."""
-    bucket = op.ReduceSum(
-        op.Cast(op.GreaterOrEqual(op.Unsqueeze(dt, [-1]), time_thresholds), to=onnx.TensorProto.INT64),
-        [-1],
-        keepdims=0,
-    )
-    table_shape = op.Shape(time_bias)
-    nb = op.Slice(table_shape, [0], [1])
-    heads = op.Slice(table_shape, [1], [2])
-    buckets = op.Slice(table_shape, [2], [3])
-    rows = op.ReduceProd(op.Slice(table_shape, [0], [2]), keepdims=0)
-    offsets = op.Mul(op.Reshape(op.Range(0, rows, 1), op.Concat([1], nb, heads, axis=0)), buckets)
-    extra_axes = op.Sub(op.Size(op.Shape(bucket)), 2)
-    offsets = op.Reshape(offsets, op.Concat(op.Shape(offsets), op.Expand([1], op.Reshape(extra_axes, [1])), axis=0))
-    index = op.Add(op.Unsqueeze(bucket, [2]), offsets)
-    return op.Gather(op.Reshape(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), [-1]), index, axis=0)
+_time_bias = time_bias_function(op)  # the same body as the reference lowering, in opset 23
 
 
 @script(astro, default_opset=op)
