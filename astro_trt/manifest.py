@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from astro_trt.artifacts import atomic_write, sha256_file
 from astro_trt.errors import BundleError
-from astro_trt.staging import atomic_write
 
 FORMAT = "astro-trt-bundle"
 FORMAT_VERSION = 1
@@ -29,14 +29,6 @@ MANIFEST = "manifest.json"
 MANIFEST_HASH = "manifest.sha256"
 REPORTS = "reports"
 _FIX = "re-export the bundle with `astro-trt export`"
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tool_info() -> dict[str, Any]:
@@ -124,5 +116,5 @@ def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MANIFEST", "MANIFEST_HASH", "REPORTS", "build_manifest",
     "read_manifest",
-    "sha256_file", "tool_info", "verify_files", "write_manifest",
+    "tool_info", "verify_files", "write_manifest",
 ]

@@ -4,7 +4,7 @@ verifying it, and adding reports to it.
 Layout::
 
     DIR/manifest.json, DIR/manifest.sha256     (astro_trt.manifest)
-    DIR/checkpoint/{config.json,model.safetensors}
+    DIR/checkpoint/{model.safetensors,config.json,metrics.json,...}   (the oracle)
     DIR/onnx/<precision>/<graph>.onnx
     DIR/engines/<precision>/<graph>.plan      (absent with --no-engines)
     DIR/reports/                              (validate/bench; see write_report)
@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from astro_trt.artifacts import atomic_write, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GraphIO, TensorSpec
 from astro_trt.errors import BundleError, ConfigError
-from astro_trt.manifest import REPORTS, read_manifest, sha256_file, verify_files, write_manifest
-from astro_trt.staging import atomic_write, staged_directory
+from astro_trt.manifest import REPORTS, read_manifest, verify_files, write_manifest
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -72,12 +72,15 @@ class Bundle:
             raise BundleError(f"{self.directory}: no {graph} graph for {precision}; re-export the bundle")
         return self.directory / entry["path"]
 
+    def _engine(self, graph: str, precision: str) -> dict[str, Any] | None:
+        return self.manifest.get("engines", {}).get(self._precision(precision), {}).get(graph)
+
     def engine_path(self, graph: str, precision: str) -> Path | None:
-        entry = self.manifest.get("engines", {}).get(self._precision(precision), {}).get(graph)
+        entry = self._engine(graph, precision)
         return None if entry is None else self.directory / entry["path"]
 
     def engine_io(self, graph: str, precision: str) -> list[dict[str, Any]] | None:
-        entry = self.manifest.get("engines", {}).get(self._precision(precision), {}).get(graph)
+        entry = self._engine(graph, precision)
         return None if entry is None else entry["io"]
 
     def io(self, precision: str) -> dict[str, GraphIO]:

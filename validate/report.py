@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from astro_trt.staging import atomic_write
+from astro_trt.artifacts import atomic_write
 
 # The folder of the bundle's reports/ that `astro-trt validate` writes.
 VALIDATE_REPORT = "validate"

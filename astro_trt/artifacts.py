@@ -1,9 +1,11 @@
-"""Atomic writes: a checkpoint, a bundle or a report file appears at its final path complete, or
-not at all. One mechanism for every stage, so that a crash, a bad input or Ctrl-C never leaves a
-half-written artifact where a user (or a loader) would find it."""
+"""How every stage writes and fingerprints its artifacts. Writes are atomic: a checkpoint, a
+dataset, a bundle or a report file appears at its final path complete, or not at all, so a crash,
+a bad input or Ctrl-C never leaves a half-written artifact where a user (or a loader) would find
+it. Hashes are sha256 of the file's bytes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -69,3 +71,11 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,11 +1,11 @@
-"""The one atomic-write mechanism every stage uses (astro_trt/staging.py)."""
+"""The one atomic-write mechanism every stage uses (astro_trt/artifacts.py)."""
 
 import os
 import stat
 
 import pytest
 
-from astro_trt.staging import atomic_write, staged_directory
+from astro_trt.artifacts import atomic_write, staged_directory
 
 
 def _mode(path):
