@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 from types import ModuleType
 
@@ -19,6 +19,7 @@ from astro_trt.errors import BackendError
 BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx")
 # "portable": no compute-capability call, the back end's default multi-GPU plan.
 PORTABLE = "portable"
+_IDENTITY_FIELDS = ("name", "module_name", "install_hint")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class Backend:
     strongly_typed_only: bool  # precision comes from the ONNX tensor types, no FP16 flags
     timing_cache: bool  # the builder's timing cache does something (RTX: a no-op)
     cuda_graphs: bool  # the runtime config can capture a whole engine as a CUDA graph
+
+    def capabilities(self) -> dict[str, object]:
+        """Every capability field, for the manifest (a service reads what the bundle's back end can do)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _IDENTITY_FIELDS}
 
     def is_available(self) -> bool:
         return importlib.util.find_spec(self.module_name) is not None

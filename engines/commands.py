@@ -34,7 +34,7 @@ def _size(n: int) -> str:
 
 def _build_precision(
     model: Any, stage: Path, precision: str, lowerings: list, backend: Any, profile: Any, targets: list[str],
-    opt_level: int | None, progress: Any,
+    opt_level: int | None, timing_cache: Path | None, progress: Any,
 ) -> dict[str, Any]:
     """Export (and build) one precision, trying the lowerings in order; returns its manifest parts."""
     from astro_trt.engines.build import build_engine
@@ -59,7 +59,7 @@ def _build_precision(
                 task = progress.add_task(f"{precision}/{graph}: build", total=None)
                 built = build_engine(
                     backend, result.paths[graph], io, profile, targets=targets, opt_level=opt_level,
-                    plugins=lowering.effective == "plugin",
+                    plugins=lowering.effective == "plugin", timing_cache=timing_cache,
                     progress=lambda phase, t=task, g=graph: progress.update(t, description=f"{precision}/{g}: {phase}"),
                 )
                 progress.remove_task(task)
@@ -76,10 +76,12 @@ def _build_precision(
             shutil.rmtree(onnx_dir, ignore_errors=True)
             shutil.rmtree(engine_dir, ignore_errors=True)
             continue
-        onnx = {graph: {"path": onnx_relpath(graph, precision), "io": io.to_dict(), "opset": result.opset}
-                for graph, io in result.io.items()}
+        exported = result.to_manifest()  # the exporter's own account of its graphs
+        onnx = {graph: {"path": onnx_relpath(graph, precision), "io": entry["io"], "opset": exported["opset"],
+                        "op_domains": entry["op_domains"]}
+                for graph, entry in exported["graphs"].items()}
         return {"effective": lowering.effective, "failures": failures, "onnx": onnx, "engines": engines,
-                "parity": {g: float(e) for g, e in parity.items()}, "kv_cache": result.kv_cache.to_dict()}
+                "parity": {g: float(e) for g, e in parity.items()}, "kv_cache": exported["kv_cache"]}
     raise AssertionError("unreachable: the last lowering either returns or raises")
 
 
@@ -122,11 +124,14 @@ def _summary(out: Path, manifest: dict[str, Any]) -> None:
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch of users per call.")
 @click.option("--max-candidates", default=1024, show_default=True, type=int, help="Largest candidates per user.")
 @click.option("--opt-level", default=None, type=click.IntRange(0, 5), help="Builder optimization level (0-5).")
+@click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Timing cache file, read and updated across builds (full TensorRT; TensorRT-RTX has none).")
 @click.option("--no-engines", is_flag=True, help="Write ONNX only (machines without a TensorRT back end).")
 @click.option("--validate", "run_validate", is_flag=True, help="Run the parity report on the bundle afterwards.")
 def export(
     checkpoint: Path, out: Path, force: bool, precision: str, backend_name: str, attention: str, targets: str,
-    max_batch: int, max_candidates: int, opt_level: int | None, no_engines: bool, run_validate: bool,
+    max_batch: int, max_candidates: int, opt_level: int | None, timing_cache: Path | None, no_engines: bool,
+    run_validate: bool,
 ) -> None:
     """Export CHECKPOINT to a verified bundle: ONNX graphs, TensorRT engines, manifest."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -135,9 +140,7 @@ def export(
     from astro_trt.engines.build import Profile, attention_candidates
     from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
     from astro_trt.manifest import build_manifest, write_manifest
-    from astro_trt.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
-
-    CHECKPOINT_DOCUMENTS = ("metrics.json", "data.json")
+    from astro_trt.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 
     # Everything that can be refused is refused before the checkpoint is read or a file written.
     precisions = _precisions(precision)
@@ -152,21 +155,21 @@ def export(
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:
         (stage / CHECKPOINT_DIR).mkdir()
-        # metrics.json and data.json travel too: validate reproduces the trained AUCs from them.
-        for name in (CONFIG_FILE, WEIGHTS_FILE, *CHECKPOINT_DOCUMENTS):
-            if (ckpt.directory / name).is_file():
-                shutil.copyfile(ckpt.directory / name, stage / CHECKPOINT_DIR / name)
+        # The weights and every JSON document save_checkpoint wrote (config, metrics, data
+        # fingerprint): validate reproduces the trained AUCs from them.
+        for source in (ckpt.directory / WEIGHTS_FILE, *sorted(ckpt.directory.glob("*.json"))):
+            shutil.copyfile(source, stage / CHECKPOINT_DIR / source.name)
         parts: dict[str, dict[str, Any]] = {}
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
             for p in precisions:
                 parts[p] = _build_precision(ckpt.model, stage, p, lowerings[p], backend, profile, target_list,
-                                            opt_level, bar)
+                                            opt_level, timing_cache, bar)
         manifest = build_manifest(
             config=ckpt.config.to_dict(),
             checkpoint={"path": CHECKPOINT_DIR, "sha256": ckpt.sha256, "source": str(ckpt.directory)},
             backend=None if backend is None else {
                 "name": backend.name, "version": backend.version, "targets": target_list, "opt_level": opt_level,
-                "supports_plugins": backend.supports_plugins, "cuda_graphs": backend.cuda_graphs,
+                "capabilities": backend.capabilities(),
             },
             precisions=precisions,
             attention={"requested": attention, "effective": {p: parts[p]["effective"] for p in precisions},

@@ -124,7 +124,7 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
 
     The scorer is fed the oracle's cache in the graph's dtype, so its error is its own.
     """
-    from astro_trt.exporter.precision import torch_dtype
+    from astro_trt.exporter.precision import model_in_precision, torch_dtype
 
     oracle = copy.deepcopy(model).float().eval()
     with torch.no_grad():
@@ -137,7 +137,7 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
     kv_in = kv_oracle.to(torch_dtype(result.precision))
     limits = dict.fromkeys(expected, max_abs_limit("fp32"))
     if result.precision != "fp32":
-        own = _outputs(copy.deepcopy(oracle).to(kv_in.dtype), history, cand_items, kv_in)
+        own = _outputs(model_in_precision(oracle, result.precision, export_ops=False), history, cand_items, kv_in)
         limits = {name: max_abs_limit(result.precision, _max_abs(own[name], expected[name])) for name in own}
     out = {}
     for name, path in result.paths.items():

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from astro_trt.errors import DataError
+from astro_trt.model.checkpoint import METRICS_FILE
 from astro_trt.validate.gates import GateResult, Gates
 from astro_trt.validate.stats import abs_errors, error_stats
 
@@ -81,18 +82,15 @@ def load_batches(data: str, cfg: Any, checkpoint_dir: Path) -> list[Any]:
     from astro_trt.model import movielens
     from astro_trt.model.requests import batches
 
-    spec = movielens.SplitSpec()
     data_json = checkpoint_dir / "data.json"
-    if data_json.is_file():
-        split = json.loads(data_json.read_text()).get("split", {})
-        spec = movielens.SplitSpec(**{k: split[k] for k in ("candidates", "train_frac", "valid_frac") if k in split})
+    spec = movielens.split_spec_of(json.loads(data_json.read_text())) if data_json.is_file() else movielens.SplitSpec()
     requests = movielens.build_requests(movielens.load_ml100k(), cfg, "test", spec)
     return list(batches(requests, EVAL_BATCH, num_candidates=spec.candidates))
 
 
 def reference_metrics(checkpoint_dir: Path) -> dict[str, dict[str, float]] | None:
     """Test metrics the checkpoint was trained to (metrics.json), or None when it has none."""
-    path = checkpoint_dir / "metrics.json"
+    path = checkpoint_dir / METRICS_FILE
     if not path.is_file():
         return None
     try:

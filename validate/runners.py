@@ -9,7 +9,6 @@ engines/runtime.py on a GPU.
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import FULL_MODEL, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
 from astro_trt.errors import BackendError, BundleError
-from astro_trt.exporter.precision import torch_dtype
+from astro_trt.exporter.precision import model_in_precision, torch_dtype
 from astro_trt.model.astro import History
 
 # ONNX Runtime threads: the bench and CI machines give us two cores.
@@ -65,7 +64,8 @@ class TorchRunner:
         self.dtype = torch_dtype(precision)  # ConfigError naming the precisions for an unknown one
         self.precision = precision
         self.name = f"torch-{precision}"
-        self.model = model if precision == "fp32" else copy.deepcopy(model).to(self.dtype)
+        # The half copy is prepared exactly as the exporter prepares the graphs it traces.
+        self.model = model if precision == "fp32" else model_in_precision(model, precision, export_ops=False)
         self.model.eval()
 
     @torch.no_grad()
