@@ -146,9 +146,10 @@ def test_register_puts_every_creator_in_the_astro_namespace():
         for creator in made:
             found = registry.get_creator(creator.name, "1", "astro")
             assert found is not None and found.name == creator.name
+        assert plugin_mod.register(trt) is made  # a second export in the process reuses the creators
     finally:
-        for creator in made:
-            registry.deregister_creator(creator)
+        plugin_mod.unregister(trt)
+    assert all(registry.get_creator(c.name, "1", "astro") is None for c in made)
     with pytest.raises(BackendError, match="no IPluginV3"):
         plugin_mod.register(np)
 

@@ -6,6 +6,6 @@ same creators under the ONNX op types MultiScaleSelfAttention / CandidateAttenti
 installed TensorRT (tensorrt_rtx) has no ``plugin`` module, so such code could not be tested here.
 """
 
-from astro_trt.plugins.tensorrt.plugin import creators, plugin_classes, register
+from astro_trt.plugins.tensorrt.plugin import creators, plugin_classes, register, unregister
 
-__all__ = ["creators", "plugin_classes", "register"]
+__all__ = ["creators", "plugin_classes", "register", "unregister"]

@@ -192,16 +192,32 @@ def creators(trt: Any) -> list[Any]:
     return made
 
 
+# The registry holds raw pointers to the Python creators: they live here for the whole process,
+# and a second register() call (a second export in one process) reuses them.
+_REGISTERED: dict[str, list[Any]] = {}
+
+
 def register(trt_module: Any) -> list[Any]:
     """Register both attention plugins, under both names, in namespace 'astro' of ``trt_module``'s
-    plugin registry. Returns the creators (keep them alive as long as engines may use them)."""
+    plugin registry, once per process. Returns the creators."""
     if not hasattr(trt_module, "IPluginV3"):
         raise BackendError(f"{getattr(trt_module, '__name__', trt_module)} has no IPluginV3; "
                            "the astro plugins need TensorRT >= 10 (pass the imported tensorrt module)")
+    key = getattr(trt_module, "__name__", str(id(trt_module)))
+    if key in _REGISTERED:
+        return _REGISTERED[key]
     registry = trt_module.get_plugin_registry()
     made = creators(trt_module)
     for creator in made:
         if not registry.register_creator(creator, names.PLUGIN_NAMESPACE):
             raise BackendError(f"TensorRT refused to register plugin creator '{creator.name}' in namespace "
                                f"'{names.PLUGIN_NAMESPACE}'; is another version already registered?")
+    _REGISTERED[key] = made
     return made
+
+
+def unregister(trt_module: Any) -> None:
+    """Take the creators ``register`` added out of ``trt_module``'s registry again."""
+    registry = trt_module.get_plugin_registry()
+    for creator in _REGISTERED.pop(getattr(trt_module, "__name__", str(id(trt_module))), []):
+        registry.deregister_creator(creator)
