@@ -52,6 +52,10 @@ class History:
     def repeat_per_candidate(self, m: int) -> History:
         return History(*(t.repeat_interleave(m, dim=0) for t in self.astuple()))
 
+    def rows(self, start: int, stop: int) -> History:
+        """Users start..stop-1 of the batch."""
+        return History(*(t[start:stop] for t in self.astuple()))
+
     def astuple(self) -> tuple[torch.Tensor, ...]:
         return (self.items, self.behaviors, self.times, self.lengths, self.scenario, self.request_time)
 

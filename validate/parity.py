@@ -15,6 +15,7 @@ import numpy as np
 
 from astro_trt.errors import DataError
 from astro_trt.model.checkpoint import METRICS_FILE
+from astro_trt.model.train import EVAL_BATCH
 from astro_trt.validate.gates import GateResult, Gates
 from astro_trt.validate.stats import abs_errors, error_stats
 
@@ -23,7 +24,7 @@ DATA_CHOICES = ("ml-100k", "synthetic")
 # Users whose kv_cache is compared element by element: the cache is ~100x the logits per user,
 # and a few hundred users already exercise every block length and time bucket.
 KV_USERS = 256
-EVAL_BATCH = 256  # the batch size training evaluates with (model/train.py); AUC pools across batches anyway
+FULL_USERS = 16  # users per full-model call (memory, see collect)
 SYNTHETIC_BATCHES, SYNTHETIC_USERS, SYNTHETIC_CANDIDATES = 3, 16, 16
 
 
@@ -109,7 +110,13 @@ def collect(runner: Any, batches: Sequence[Any], *, full: bool = True) -> Output
         kv = runner.encode(batch.history)
         out.split.append(runner.score(kv, batch.history, batch.cand_items))
         if full:
-            out.full.append(runner.full(batch.history, batch.cand_items))
+            # The full model runs B*M sequences of L+1 tokens and materializes [L+1, L+1] scores and
+            # time buckets per sequence: a 256-user batch needs ~10 GB in ONNX Runtime. Users go
+            # through it FULL_USERS at a time; results do not depend on the batching.
+            out.full.append(np.concatenate([
+                runner.full(batch.history.rows(i, i + FULL_USERS), batch.cand_items[i : i + FULL_USERS])
+                for i in range(0, batch.batch_size, FULL_USERS)
+            ]))
         if kv_users < KV_USERS:
             take = min(KV_USERS - kv_users, batch.batch_size)
             out.kv.append(as_float32(kv)[:take])
