@@ -7,6 +7,7 @@ batch order, so a run repeats bit for bit on the same machine and thread count.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,8 @@ from astro_trt.model.requests import Request, RequestBatch, batches
 
 # The machines this runs on (and CI) have 2 cores; more threads only contend.
 NUM_THREADS = 2
+# Requests per evaluation batch; metrics pool every batch, so this only bounds memory.
+EVAL_BATCH = 256
 
 
 @dataclass(frozen=True)
@@ -121,7 +124,7 @@ def train_model(
         for epoch in range(1, options.epochs + 1):
             data = batches(train, options.batch_size, num_candidates=m, shuffle_seed=options.seed * 100_003 + epoch)
             loss = train_epoch(model, optimizer, data, (lambda _: bar.advance(task)) if bar else None)
-            valid_result = evaluate(predictor(model), batches(valid, 256, num_candidates=m), names)
+            valid_result = evaluate(predictor(model), batches(valid, EVAL_BATCH, num_candidates=m), names)
             score = mean_auc(valid_result)
             history.append({"epoch": epoch, "train_loss": loss, "valid_mean_auc": score})
             log(f"epoch {epoch}: train loss {loss:.4f}, valid mean AUC {score:.4f}")
@@ -143,17 +146,9 @@ def train_model(
     return TrainResult(model, best_epoch, best_valid, history, time.perf_counter() - started)
 
 
-class _NoBar:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def _progress(enabled: bool):
     if not enabled:
-        return _NoBar()
+        return contextlib.nullcontext()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
@@ -188,7 +183,7 @@ def train_ml100k(
     baseline = ItemAverageBaseline(splits["train"], cfg.num_items, cfg.num_tasks)
 
     def score(predict: Callable[[RequestBatch], np.ndarray], split: str) -> dict:
-        return evaluate(predict, batches(splits[split], 256, num_candidates=m), names)
+        return evaluate(predict, batches(splits[split], EVAL_BATCH, num_candidates=m), names)
 
     metrics = {
         "test": {"model": score(predictor(result.model), "test"), "baseline": score(baseline, "test")},

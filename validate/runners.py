@@ -22,6 +22,7 @@ from astro_trt.contract import FULL_MODEL, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE
 from astro_trt.errors import BackendError, BundleError
 from astro_trt.exporter.precision import model_in_precision, torch_dtype
 from astro_trt.model.astro import History
+from astro_trt.validate.stats import to_float32
 
 # ONNX Runtime threads: the bench and CI machines give us two cores.
 ORT_THREADS = int(os.environ.get("ASTRO_ORT_THREADS", "2"))
@@ -49,10 +50,7 @@ def history_feeds(history: History, cand_items: torch.Tensor | None = None) -> d
 
 def as_float32(array: Any) -> np.ndarray:
     # A runtime UserState (TensorRT runner) keeps its KV cache as a device tensor.
-    array = getattr(array, "kv_cache", array)
-    if isinstance(array, torch.Tensor):
-        return array.detach().float().cpu().numpy()
-    return np.asarray(array, dtype=np.float32)
+    return to_float32(getattr(array, "kv_cache", array))
 
 
 class TorchRunner:

@@ -31,7 +31,7 @@ class ErrorStats:
         return asdict(self)
 
 
-def _as_float32(array: Any) -> np.ndarray:
+def to_float32(array: Any) -> np.ndarray:
     """Runtimes hand back float16 / float32 numpy or torch tensors (bfloat16 included):
     compare everything in float32, the widest type every runtime produces."""
     if hasattr(array, "detach"):  # torch.Tensor: numpy() cannot take bfloat16
@@ -53,7 +53,7 @@ def error_stats(actual: Any, expected: Any, *, name: str = "output", quantile: f
     from polygraphy.comparator import CosineSimilarityCompareFunc, IterationResult, SimpleCompareFunc
 
     _quiet_polygraphy()
-    a, e = _as_float32(actual), _as_float32(expected)
+    a, e = to_float32(actual), to_float32(expected)
     if a.shape != e.shape:
         raise ValueError(f"{name}: shapes differ, {a.shape} vs {e.shape}")
     if a.size == 0:
@@ -83,7 +83,7 @@ def error_stats(actual: Any, expected: Any, *, name: str = "output", quantile: f
 
 def abs_errors(actual: Any, expected: Any) -> np.ndarray:
     """Element-wise |actual - expected| (float32, flattened), for the error-distribution plot."""
-    return np.abs(_as_float32(actual) - _as_float32(expected)).ravel()
+    return np.abs(to_float32(actual) - to_float32(expected)).ravel()
 
 
-__all__ = ["ERROR_QUANTILE", "ErrorStats", "abs_errors", "error_stats"]
+__all__ = ["ERROR_QUANTILE", "ErrorStats", "abs_errors", "error_stats", "to_float32"]
