@@ -9,8 +9,9 @@ back to the dtype of q, which keeps half-precision graphs accurate in the softma
 Two choices keep the bodies cheap and parser-friendly:
 - bias tables are gathered through one flat Gather (index = (block * H + head) * NT + bucket)
   instead of a per-block GatherElements;
-- time buckets are "number of thresholds <= dt" (model/buckets.py), an integer comparison that
-  every runtime evaluates identically.
+- time buckets are "number of thresholds <= dt" (model/buckets.py), found by a float guess
+  that integer comparisons against the exact thresholds correct, so every runtime agrees and
+  memory stays O(1) per element.
 """
 
 from __future__ import annotations
@@ -34,11 +35,25 @@ def time_bias_function(op: Any) -> Any:
     @script(astro, default_opset=op)
     def _time_bias(dt: INT64, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
         """dt [B, Nb, *S] int64 (rank 3 or 4) -> bias [B, Nb, H, *S] float32."""
-        bucket = op.ReduceSum(
-            op.Cast(op.GreaterOrEqual(op.Unsqueeze(dt, [-1]), time_thresholds), to=onnx.TensorProto.INT64),
-            [-1],
-            keepdims=0,
-        )  # [B, Nb, *S]
+        # model/buckets.py bucketize, op for op: a float32 log guess, then one comparison against
+        # each exact integer edge of the guessed bucket. O(1) memory per element of dt.
+        count = op.Size(time_thresholds)  # n - 1
+        xmax = op.Slice(time_thresholds, [-1], [9223372036854775807])  # [1]
+        edges = op.Concat([-9223372036854775808], time_thresholds, [9223372036854775807], axis=0)
+        scale = op.Div(
+            op.Cast(op.Sub(count, 1), to=onnx.TensorProto.FLOAT),
+            op.Log(op.Cast(op.Max(xmax, [2]), to=onnx.TensorProto.FLOAT)),
+        )
+        x = op.Min(dt, xmax)
+        guess = op.Add(op.Floor(op.Mul(op.Log(op.Cast(op.Max(x, [1]), to=onnx.TensorProto.FLOAT)), scale)), 1.0)
+        guess = op.Cast(
+            op.Clip(guess, op.Constant(value_float=0.0), op.Cast(count, to=onnx.TensorProto.FLOAT)),
+            to=onnx.TensorProto.INT64,
+        )
+        guess = op.Where(op.GreaterOrEqual(x, xmax), count, guess)  # x = xmax: the last bucket
+        below = op.Cast(op.Less(x, op.Gather(edges, guess, axis=0)), to=onnx.TensorProto.INT64)
+        above = op.Cast(op.GreaterOrEqual(x, op.Gather(edges, op.Add(guess, 1), axis=0)), to=onnx.TensorProto.INT64)
+        bucket = op.Add(op.Sub(guess, below), above)  # [B, Nb, *S]
         table_shape = op.Shape(time_bias)  # [Nb, H, NT]
         nb = op.Slice(table_shape, [0], [1])
         heads = op.Slice(table_shape, [1], [2])

@@ -51,8 +51,37 @@ def bucketize_reference(x: int, n: int, xmax: int) -> int:
     return min(n - 1, 1 + math.floor(math.log(x) / math.log(xmax) * (n - 2)))
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def bucketize(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """Bucket of every element of the integer tensor x (any shape)."""
+    """Bucket of every element of the integer tensor x (any shape), thresholds from
+    ``bucket_thresholds`` (sorted, the last one xmax): O(1) memory and work per element.
+
+    The float32 formula (xmax = thresholds[-1], n - 2 = len(thresholds) - 1) is a guess that is
+    never more than one bucket off: in real arithmetic it is the exact count, and float32 moves
+    log(x) / log(xmax) * (n - 2) by far less than 1. One comparison against each of the guessed
+    bucket's two exact integer edges then moves it to the exact count, whatever the libm. The
+    ONNX bodies (exporter/functions.py) compute exactly this, op for op.
+    """
+    thr = thresholds.to(device=x.device, dtype=torch.int64)
+    count = thr.numel()  # n - 1
+    if count == 0:
+        return torch.zeros_like(x, dtype=torch.int64)
+    # edges[b] <= x < edges[b + 1] <=> bucket(x) = b, for b = 0..n-1. Every x >= xmax is in the
+    # last bucket, so clamping there keeps the upper sentinel out of reach and the float finite.
+    edges = torch.cat([thr.new_tensor([INT64_MIN]), thr, thr.new_tensor([INT64_MAX])])
+    x = torch.minimum(x, thr[-1])
+    scale = (count - 1) / torch.log(thr[-1].clamp(min=2).float())
+    guess = torch.floor(torch.log(x.clamp(min=1).float()) * scale) + 1
+    # x = xmax is the last bucket by definition; saying so also covers xmax = 1 (log xmax = 0).
+    guess = torch.where(x >= thr[-1], count, guess.clamp(0, count).long())
+    return guess - (x < edges[guess]).long() + (x >= edges[guess + 1]).long()
+
+
+def bucketize_counting(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """The definition, "how many thresholds x has reached", in O(n) memory per element: the
+    arbiter that tests hold ``bucketize`` to."""
     return (x.unsqueeze(-1) >= thresholds).sum(-1)
 
 

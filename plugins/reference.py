@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import torch
 
+from astro_trt.model.buckets import bucketize
+
 
 def _time_bias(
     dt: torch.Tensor, time_bias: torch.Tensor, time_thresholds: torch.Tensor
 ) -> torch.Tensor:
     """dt [B, Nb, *S] int64 -> bias [B, Nb, H, *S] float32."""
-    bucket = (dt.unsqueeze(-1) >= time_thresholds).sum(-1)  # [B, Nb, *S]
+    bucket = bucketize(dt, time_thresholds)  # [B, Nb, *S], O(1) memory per element
     batch, nb = bucket.shape[:2]
     heads, buckets = time_bias.shape[1:]
     index = bucket.reshape(batch, nb, 1, -1).expand(batch, nb, heads, -1)

@@ -20,7 +20,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from astro_trt.model.buckets import bucket_thresholds, bucketize, bucketize_reference, distance_table
+from astro_trt.model.buckets import (
+    bucket_thresholds,
+    bucketize,
+    bucketize_counting,
+    bucketize_reference,
+    distance_table,
+)
 
 
 def integer_bucket(x: int, n: int, xmax: int) -> int:
@@ -125,3 +131,54 @@ def test_history_of_length_one_puts_distance_one_in_the_last_bucket() -> None:
     last bucket', which every other L obeys, so distance 1 (candidate to its one slot) -> n-1."""
     table = torch.arange(5, dtype=torch.float32)
     assert distance_table(table, 1, 5).tolist() == [0.0, 4.0]
+
+
+def _edge_values(thresholds: list[int]) -> np.ndarray:
+    """Every threshold and its two neighbours, dt = 0 and 1, values around 2^26 and far beyond."""
+    thr = np.asarray(thresholds, dtype=np.int64)
+    extra = [-(2**63), -1, 0, 1, 2, 2**26 - 1, 2**26, 2**26 + 1, 2**31, 2**40, 2**53 + 1, 2**62, 2**63 - 1]
+    return np.unique(np.concatenate([thr - 1, thr, thr + 1, np.asarray(extra, dtype=np.int64)]))
+
+
+@pytest.mark.parametrize(("n", "xmax"), [*CASES, (2, 5), (2, 2**26), (64, 2**40)])
+def test_log_guess_with_one_correction_is_exact_at_every_edge(n: int, xmax: int) -> None:
+    thr = torch.tensor(bucket_thresholds(n, xmax), dtype=torch.int64)
+    x = torch.from_numpy(np.concatenate([_edge_values(thr.tolist()), np.arange(0, 5000, dtype=np.int64)]))
+    got = bucketize(x, thr)
+    torch.testing.assert_close(got, bucketize_counting(x, thr), rtol=0, atol=0)
+    for value, bucket in zip(x.tolist(), got.tolist(), strict=True):
+        if 0 <= value <= 2**62:
+            assert bucket == integer_bucket(value, n, xmax)
+
+
+def test_onnx_time_bias_body_on_onnx_runtime_equals_the_count_at_every_edge() -> None:
+    """The exported body (exporter/functions.py) run by ONNX Runtime, whose float log is not
+    PyTorch's: the correction must still land on the exact count, for both opsets it is built in."""
+    import onnx
+    import onnxruntime as ort
+    from onnxscript import opset18, opset23
+
+    from astro_trt.exporter.functions import time_bias_function
+    from astro_trt.plugins.names import ONNX_DOMAIN, ONNX_OPSET_VERSION
+
+    h = onnx.helper
+    for opset in (opset18, opset23):
+        body = time_bias_function(opset).to_function_proto()
+        graph = h.make_graph(
+            [h.make_node(body.name, ["dt", "table", "thresholds"], ["bias"], domain=body.domain)], "time_bias",
+            [h.make_tensor_value_info("dt", onnx.TensorProto.INT64, None),
+             h.make_tensor_value_info("table", onnx.TensorProto.FLOAT, None),
+             h.make_tensor_value_info("thresholds", onnx.TensorProto.INT64, None)],
+            [h.make_tensor_value_info("bias", onnx.TensorProto.FLOAT, None)])
+        model = h.make_model(graph, functions=[body], opset_imports=[
+            h.make_opsetid("", opset.version), h.make_opsetid(ONNX_DOMAIN, ONNX_OPSET_VERSION)])
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        for n, xmax in [(32, 2**26), (7, 32), (3, 2), (2, 5), (40, 10**6)]:
+            thresholds = bucket_thresholds(n, xmax)
+            dt = _edge_values(thresholds)
+            table = np.arange(2 * 3 * n, dtype=np.float32).reshape(2, 3, n)  # bias = row offset + bucket
+            dt3 = np.broadcast_to(np.abs(dt), (1, 2, dt.size)).copy()
+            (bias,) = session.run(None, {"dt": dt3, "table": table, "thresholds": np.asarray(thresholds, np.int64)})
+            want = bucketize_counting(torch.from_numpy(dt3), torch.tensor(thresholds)).numpy()  # [1, 2, S]
+            np.testing.assert_array_equal(bias, table[np.arange(2)[:, None, None], np.arange(3)[None, :, None],
+                                                      want[0][:, None, :]][None])
