@@ -74,25 +74,12 @@ _time_bias = time_bias_function(op)
 
 
 @script(astro, default_opset=op)
-def _masked_softmax(scores: FLOAT, visible) -> FLOAT:
-    """Softmax over the last axis restricted to ``visible``; rows with nothing visible -> 0."""
-    neg_inf = op.Constant(value_float=float("-inf"))
-    zero = op.Constant(value_float=0.0)
-    one = op.Constant(value_float=1.0)
-    scores = op.Where(visible, scores, neg_inf)
-    row_max = op.ReduceMax(scores, [-1], keepdims=1)
-    row_max = op.Where(op.IsInf(row_max), zero, row_max)
-    weights = op.Exp(op.Sub(scores, row_max))
-    denom = op.ReduceSum(weights, [-1], keepdims=1)
-    return op.Div(weights, op.Where(op.Greater(denom, zero), denom, one))
-
-
-@script(astro, default_opset=op)
 def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_thresholds, inv_tau):
     """q, k, v [B, Nb, H, S, dh]; see plugins/reference.py multi_scale_self_attention."""
     qf = op.Cast(q, to=onnx.TensorProto.FLOAT)
     kf = op.Cast(k, to=onnx.TensorProto.FLOAT)
     vf = op.Cast(v, to=onnx.TensorProto.FLOAT)
+    tau = op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4])  # [B, Nb, H, 1, 1]
     seq = op.Slice(op.Shape(q), [-2], [-1])  # [1]
     pos = op.Range(0, op.Squeeze(seq, [0]), 1)  # [S]
     pos_i = op.Unsqueeze(pos, [1])
@@ -100,15 +87,21 @@ def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_t
     dist = op.Abs(op.Sub(pos_i, pos_j))  # [S, S]
     dt = op.Abs(op.Sub(op.Unsqueeze(times, [-1]), op.Unsqueeze(times, [-2])))  # [B, Nb, S, S]
 
-    scores = op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 2, 4, 3]))  # [B, Nb, H, S, S]
-    scores = op.Add(scores, op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]))
-    scores = op.Add(scores, _time_bias(dt, time_bias, time_thresholds))
-    scores = op.Mul(scores, op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4]))
-
+    # One additive mask carries bias * inv_tau where visible and -inf elsewhere, so the score
+    # tensor is touched by one Add and the fused Softmax; inv_tau scales q ([S, dh]), not scores.
+    bias = op.Add(
+        op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]),
+        _time_bias(dt, time_bias, time_thresholds),
+    )  # [B, Nb, H, S, S]
     valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(seq, lengths), [-1]))  # [B, Nb, S]
     visible = op.And(op.Unsqueeze(valid, [2, 3]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, 1, S, S]
-    weights = _masked_softmax(scores, visible)
-    return op.CastLike(op.MatMul(weights, vf), q)
+    mask = op.Where(visible, op.Mul(bias, tau), op.Constant(value_float=float("-inf")))
+    scores = op.Add(op.MatMul(op.Mul(qf, tau), op.Transpose(kf, perm=[0, 1, 2, 4, 3])), mask)
+    out = op.MatMul(op.Softmax(scores, axis=-1), vf)
+    # Valid slots are a suffix, so a query sees some key iff its own slot is valid; the others
+    # (all -inf, Softmax NaN) output zeros like the reference.
+    out = op.Where(op.Unsqueeze(valid, [2, 4]), out, op.Constant(value_float=0.0))
+    return op.CastLike(out, q)
 
 
 @script(astro, default_opset=op)
@@ -122,38 +115,42 @@ def CandidateAttention(
     kc = op.Cast(k_cache, to=onnx.TensorProto.FLOAT)
     vc = op.Cast(v_cache, to=onnx.TensorProto.FLOAT)
     pos_table = op.Cast(pos_bias, to=onnx.TensorProto.FLOAT)
+    tau = op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4])  # [B, Nb, H, 1, 1]
     hist = op.Slice(op.Shape(k_cache), [-2], [-1])  # [1] = L
     pos = op.Range(0, op.Squeeze(hist, [0]), 1)  # [L]
 
-    s_hist = op.MatMul(qf, op.Transpose(kc, perm=[0, 1, 2, 4, 3]))  # [B, Nb, H, M, L]
-    s_hist = op.Add(s_hist, op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]))
+    # Everything about the history keys except q . k is per user: the biases, 1 / tau and the
+    # padding mask fold into one [B, Nb, H, 1, L] additive row shared by all M candidates.
     dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
-    s_hist = op.Add(s_hist, op.Unsqueeze(_time_bias(dt, time_bias, time_thresholds), [3]))
+    hist_bias = op.Add(
+        op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]),
+        op.Unsqueeze(_time_bias(dt, time_bias, time_thresholds), [3]),
+    )  # [B, Nb, H, 1, L]
+    valid = op.Unsqueeze(op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1])), [2, 3])
+    hist_mask = op.Where(valid, op.Mul(hist_bias, tau), op.Constant(value_float=float("-inf")))
     # Distance 0 and time difference 0 fall in bucket 0 of both tables.
     zero_bucket = op.Add(
         op.Gather(pos_table, 0, axis=2), op.Gather(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), 0, axis=2)
     )  # [Nb, H]
-    s_self = op.Add(op.ReduceSum(op.Mul(qf, kf), [-1], keepdims=1), op.Unsqueeze(zero_bucket, [0, 3, 4]))
 
-    scores = op.Concat(s_hist, s_self, axis=-1)  # [B, Nb, H, M, L + 1]
-    scores = op.Mul(scores, op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4]))
-    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1]))  # [B, Nb, L]
-    self_visible = op.Expand(
-        op.Constant(value=onnx.helper.make_tensor("t", onnx.TensorProto.BOOL, [1], [True])),
-        op.Concat(op.Slice(op.Shape(valid), [0], [2]), [1], axis=0),
-    )
-    visible = op.Unsqueeze(op.Concat(valid, self_visible, axis=-1), [2, 3])  # [B, Nb, 1, 1, L + 1]
-    weights = _masked_softmax(scores, visible)
-    out = op.Add(
-        op.MatMul(op.Slice(weights, [0], hist, [-1]), vc),
-        op.Mul(op.Slice(weights, hist, op.Add(hist, 1), [-1]), vf),
-    )
+    qs = op.Mul(qf, tau)
+    s_hist = op.Add(op.MatMul(qs, op.Transpose(kc, perm=[0, 1, 2, 4, 3])), hist_mask)  # [B, Nb, H, M, L]
+    s_self = op.Add(
+        op.ReduceSum(op.Mul(qs, kf), [-1], keepdims=1), op.Mul(op.Unsqueeze(zero_bucket, [0, 3, 4]), tau)
+    )  # [B, Nb, H, M, 1]
+    # The own key is always visible, so the row maximum is finite and no row is empty: the
+    # softmax over [history ; self] runs without a concatenated score tensor.
+    row_max = op.Max(op.ReduceMax(s_hist, [-1], keepdims=1), s_self)
+    e_hist = op.Exp(op.Sub(s_hist, row_max))
+    e_self = op.Exp(op.Sub(s_self, row_max))
+    denom = op.Add(op.ReduceSum(e_hist, [-1], keepdims=1), e_self)
+    out = op.Div(op.Add(op.MatMul(e_hist, vc), op.Mul(e_self, vf)), denom)
     return op.CastLike(out, q)
 
 
 def function_protos() -> list[onnx.FunctionProto]:
     """The model-local functions every exported graph carries (helpers first, callers after)."""
-    return [f.to_function_proto() for f in (_time_bias, _masked_softmax, MultiScaleSelfAttention, CandidateAttention)]
+    return [f.to_function_proto() for f in (_time_bias, MultiScaleSelfAttention, CandidateAttention)]
 
 
 OPS = {MSA_ONNX_OP: MultiScaleSelfAttention, CANDIDATE_ONNX_OP: CandidateAttention}
@@ -164,7 +161,7 @@ def attention_functions() -> list[onnx.FunctionProto]:
     one local function per attention op and nothing else in the astro domain."""
     import onnx.inliner
 
-    helpers = [(ONNX_DOMAIN, f.name) for f in (_time_bias, _masked_softmax)]
+    helpers = [(ONNX_DOMAIN, _time_bias.name)]
     holder = onnx.helper.make_model(
         onnx.helper.make_graph([], "holder", [], []),
         opset_imports=[onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid(ONNX_DOMAIN, ONNX_OPSET_VERSION)],
