@@ -22,9 +22,10 @@ from astro_trt.model.astro import ASTRO, History
 from astro_trt.tolerances import max_abs_limit
 
 
-def onnx_session(path: Path | str, threads: int | None = None):
+def onnx_session(path: Path | str, threads: int | None = None, profile_prefix: str | None = None):
     """An ONNX Runtime CPU session, the one place sessions are made. ``threads`` caps the intra-op
-    threads (one inter-op thread then); None keeps ONNX Runtime's default of one per core."""
+    threads (one inter-op thread then); None keeps ONNX Runtime's default of one per core.
+    ``profile_prefix`` turns on ONNX Runtime's per-node profiler (``end_profiling`` names the file)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -32,6 +33,9 @@ def onnx_session(path: Path | str, threads: int | None = None):
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

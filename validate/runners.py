@@ -80,13 +80,13 @@ class TorchRunner:
         return as_float32(self.model.full(history, cand_items))
 
 
-def ort_session(path: Path, threads: int = ORT_THREADS) -> Any:
+def ort_session(path: Path, threads: int = ORT_THREADS, profile_prefix: str | None = None) -> Any:
     """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op)."""
     from astro_trt.exporter.check import onnx_session
 
     if not Path(path).is_file():
         raise BundleError(f"ONNX graph {path} is missing; re-export the bundle")
-    return onnx_session(path, threads)
+    return onnx_session(path, threads, profile_prefix)
 
 
 class OrtRunner:
@@ -94,14 +94,17 @@ class OrtRunner:
 
     runtime = "ort"
 
-    def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS):
+    def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS,
+                 profile_dir: Path | None = None):
         missing = [g for g in (USER_ENCODER, ITEM_SCORER, FULL_MODEL) if g not in graphs]
         if missing:
             raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
         self.precision = precision
         self.name = f"ort-{precision}"
         self.io = graph_io(cfg, precision)
-        self.sessions = {g: ort_session(Path(p), threads) for g, p in graphs.items()}
+        self.threads = threads
+        self.sessions = {g: ort_session(Path(p), threads, None if profile_dir is None else str(Path(profile_dir) / g))
+                         for g, p in graphs.items()}
         for graph, session in self.sessions.items():
             got = [i.name for i in session.get_inputs()]
             if got != self.io[graph].input_names:
@@ -109,6 +112,10 @@ class OrtRunner:
                     f"{graphs[graph]}: inputs {got} do not follow the engine contract {self.io[graph].input_names}; "
                     "re-export the bundle with this version of astro-trt"
                 )
+
+    def end_profiling(self) -> dict[str, Path]:
+        """graph -> the profile file its session wrote (sessions made with ``profile_dir``)."""
+        return {g: Path(s.end_profiling()) for g, s in self.sessions.items()}
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> np.ndarray:
         names = self.io[graph].input_names
