@@ -34,7 +34,7 @@ def time_bias_function(op: Any) -> Any:
 
     @script(astro, default_opset=op)
     def _time_bias(dt: INT64, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
-        """dt [B, Nb, *S] int64 (rank 3 or 4) -> bias [B, Nb, H, *S] float32."""
+        """dt [B, Nb, *S] int64 (rank 3 or 4) -> bias [B, Nb, *S, H] float32 (heads last)."""
         # model/buckets.py bucketize, op for op: a float32 log guess, then one comparison against
         # each exact integer edge of the guessed bucket. O(1) memory per element of dt.
         count = op.Size(time_thresholds)  # n - 1
@@ -54,18 +54,19 @@ def time_bias_function(op: Any) -> Any:
         below = op.Cast(op.Less(x, op.Gather(edges, guess, axis=0)), to=onnx.TensorProto.INT64)
         above = op.Cast(op.GreaterOrEqual(x, op.Gather(edges, op.Add(guess, 1), axis=0)), to=onnx.TensorProto.INT64)
         bucket = op.Add(op.Sub(guess, below), above)  # [B, Nb, *S]
+        # Heads last: the table as rows (block, bucket) of H values, so that the gather index is
+        # [B, Nb, *S] (one int64 per element of dt) rather than one per head as well.
         table_shape = op.Shape(time_bias)  # [Nb, H, NT]
         nb = op.Slice(table_shape, [0], [1])
         heads = op.Slice(table_shape, [1], [2])
         buckets = op.Slice(table_shape, [2], [3])
-        # Offset of row (block, head) in the flattened table, shaped [1, Nb, H] then padded to the
-        # rank of the bucket index so that it broadcasts over the sequence axes.
-        rows = op.ReduceProd(op.Slice(table_shape, [0], [2]), keepdims=0)
-        offsets = op.Mul(op.Reshape(op.Range(0, rows, 1), op.Concat([1], nb, heads, axis=0)), buckets)
+        rows = op.Reshape(
+            op.Transpose(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), perm=[0, 2, 1]), op.Concat([-1], heads, axis=0)
+        )  # [Nb * NT, H]
+        offsets = op.Mul(op.Range(0, op.Squeeze(nb, [0]), 1), buckets)  # [Nb]: first row of each block
         extra_axes = op.Sub(op.Size(op.Shape(bucket)), 2)  # number of sequence axes (1 or 2)
-        offsets = op.Reshape(offsets, op.Concat(op.Shape(offsets), op.Expand([1], op.Reshape(extra_axes, [1])), axis=0))
-        index = op.Add(op.Unsqueeze(bucket, [2]), offsets)  # [B, Nb, H, *S]
-        return op.Gather(op.Reshape(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), [-1]), index, axis=0)
+        offsets = op.Reshape(offsets, op.Concat([1], nb, op.Expand([1], op.Reshape(extra_axes, [1])), axis=0))
+        return op.Gather(rows, op.Add(bucket, offsets), axis=0)  # [B, Nb, *S, H]
 
     return _time_bias
 
@@ -91,7 +92,7 @@ def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_t
     # tensor is touched by one Add and the fused Softmax; inv_tau scales q ([S, dh]), not scores.
     bias = op.Add(
         op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]),
-        _time_bias(dt, time_bias, time_thresholds),
+        op.Transpose(_time_bias(dt, time_bias, time_thresholds), perm=[0, 1, 4, 2, 3]),
     )  # [B, Nb, H, S, S]
     valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(seq, lengths), [-1]))  # [B, Nb, S]
     visible = op.And(op.Unsqueeze(valid, [2, 3]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, 1, S, S]
@@ -124,7 +125,7 @@ def CandidateAttention(
     dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
     hist_bias = op.Add(
         op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]),
-        op.Unsqueeze(_time_bias(dt, time_bias, time_thresholds), [3]),
+        op.Unsqueeze(op.Transpose(_time_bias(dt, time_bias, time_thresholds), perm=[0, 1, 3, 2]), [3]),
     )  # [B, Nb, H, 1, L]
     valid = op.Unsqueeze(op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1])), [2, 3])
     hist_mask = op.Where(valid, op.Mul(hist_bias, tau), op.Constant(value_float=float("-inf")))

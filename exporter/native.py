@@ -41,7 +41,7 @@ def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_t
     dist = op.Abs(op.Sub(pos_i, pos_j))  # [S, S]
     bias = op.Add(
         op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]),
-        _time_bias(dt, time_bias, time_thresholds),
+        op.Transpose(_time_bias(dt, time_bias, time_thresholds), perm=[0, 1, 4, 2, 3]),
     )  # [B, Nb, H, S, S]
     valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(seq, lengths), [-1]))  # [B, Nb, S]
     visible = op.And(op.Unsqueeze(valid, [2, 3]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, 1, S, S]
@@ -77,7 +77,7 @@ def CandidateAttention(
     dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
     hist_bias = op.Add(
         op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]),
-        op.Unsqueeze(_time_bias(dt, time_bias, time_thresholds), [3]),
+        op.Unsqueeze(op.Transpose(_time_bias(dt, time_bias, time_thresholds), perm=[0, 1, 3, 2]), [3]),
     )  # [B, Nb, H, 1, L]
     valid = op.Unsqueeze(op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1])), [2, 3])
     hist_mask = op.Where(valid, op.Mul(hist_bias, tau), neg_inf)  # [B, Nb, H, 1, L]

@@ -180,5 +180,6 @@ def test_onnx_time_bias_body_on_onnx_runtime_equals_the_count_at_every_edge() ->
             dt3 = np.broadcast_to(np.abs(dt), (1, 2, dt.size)).copy()
             (bias,) = session.run(None, {"dt": dt3, "table": table, "thresholds": np.asarray(thresholds, np.int64)})
             want = bucketize_counting(torch.from_numpy(dt3), torch.tensor(thresholds)).numpy()  # [1, 2, S]
-            np.testing.assert_array_equal(bias, table[np.arange(2)[:, None, None], np.arange(3)[None, :, None],
-                                                      want[0][:, None, :]][None])
+            # bias [1, Nb=2, S, H=3] (heads last) = table[block, head, bucket]
+            np.testing.assert_array_equal(bias, table[np.arange(2)[:, None, None], np.arange(3)[None, None, :],
+                                                      want[0][:, :, None]][None])
