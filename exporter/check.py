@@ -22,10 +22,15 @@ from astro_trt.model.astro import ASTRO, History
 from astro_trt.tolerances import max_abs_limit
 
 
-def onnx_session(path: Path | str, threads: int | None = None, profile_prefix: str | None = None):
+def onnx_session(
+    path: Path | str, threads: int | None = None, profile_prefix: str | None = None, *, memory_pattern: bool = True
+):
     """An ONNX Runtime CPU session, the one place sessions are made. ``threads`` caps the intra-op
     threads (one inter-op thread then); None keeps ONNX Runtime's default of one per core.
-    ``profile_prefix`` turns on ONNX Runtime's per-node profiler (``end_profiling`` names the file)."""
+    ``profile_prefix`` turns on ONNX Runtime's per-node profiler (``end_profiling`` names the file).
+    ``memory_pattern=False`` stops ONNX Runtime from pre-planning one block for all intermediates
+    on repeated shapes, which it allocates on top of its arena: for the full model at 1 user x 1024
+    candidates (climber) the second run's peak went from 1.3 GB to 2.0 GB with it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -33,6 +38,7 @@ def onnx_session(path: Path | str, threads: int | None = None, profile_prefix: s
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    options.enable_mem_pattern = memory_pattern
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

@@ -33,8 +33,9 @@ def time_bias_function(op: Any) -> Any:
     one body, so the two lowerings cannot drift apart."""
 
     @script(astro, default_opset=op)
-    def _time_bias(dt: INT64, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
-        """dt [B, Nb, *S] int64 (rank 3 or 4) -> bias [B, Nb, *S, H] float32 (heads last)."""
+    def _time_bias(dt: INT64, visible, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
+        """dt [B, Nb, *S] int64 (rank 3 or 4), visible (bool, same shape) -> bias [B, Nb, *S, H]
+        float32 (heads last), -inf where not visible: the mask rides on the gather for free."""
         # model/buckets.py bucketize, op for op: a float32 log guess, then one comparison against
         # each exact integer edge of the guessed bucket. O(1) memory per element of dt.
         count = op.Size(time_thresholds)  # n - 1
@@ -55,18 +56,20 @@ def time_bias_function(op: Any) -> Any:
         above = op.Cast(op.GreaterOrEqual(x, op.Gather(edges, op.Add(guess, 1), axis=0)), to=onnx.TensorProto.INT64)
         bucket = op.Add(op.Sub(guess, below), above)  # [B, Nb, *S]
         # Heads last: the table as rows (block, bucket) of H values, so that the gather index is
-        # [B, Nb, *S] (one int64 per element of dt) rather than one per head as well.
+        # [B, Nb, *S] (one int64 per element of dt) rather than one per head as well. Row NT of
+        # each block is -inf: hidden keys point there.
         table_shape = op.Shape(time_bias)  # [Nb, H, NT]
         nb = op.Slice(table_shape, [0], [1])
         heads = op.Slice(table_shape, [1], [2])
         buckets = op.Slice(table_shape, [2], [3])
-        rows = op.Reshape(
-            op.Transpose(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), perm=[0, 2, 1]), op.Concat([-1], heads, axis=0)
-        )  # [Nb * NT, H]
-        offsets = op.Mul(op.Range(0, op.Squeeze(nb, [0]), 1), buckets)  # [Nb]: first row of each block
+        hidden_row = op.Expand(op.Constant(value_float=float("-inf")), op.Concat(nb, heads, [1], axis=0))
+        table = op.Concat(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), hidden_row, axis=2)  # [Nb, H, NT + 1]
+        rows = op.Reshape(op.Transpose(table, perm=[0, 2, 1]), op.Concat([-1], heads, axis=0))  # [Nb * (NT+1), H]
+        offsets = op.Mul(op.Range(0, op.Squeeze(nb, [0]), 1), op.Add(buckets, 1))  # [Nb]: first row of each block
         extra_axes = op.Sub(op.Size(op.Shape(bucket)), 2)  # number of sequence axes (1 or 2)
         offsets = op.Reshape(offsets, op.Concat([1], nb, op.Expand([1], op.Reshape(extra_axes, [1])), axis=0))
-        return op.Gather(rows, op.Add(bucket, offsets), axis=0)  # [B, Nb, *S, H]
+        index = op.Add(op.Where(visible, bucket, op.Squeeze(buckets, [0])), offsets)
+        return op.Gather(rows, index, axis=0)  # [B, Nb, *S, H]
 
     return _time_bias
 
@@ -88,16 +91,15 @@ def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_t
     dist = op.Abs(op.Sub(pos_i, pos_j))  # [S, S]
     dt = op.Abs(op.Sub(op.Unsqueeze(times, [-1]), op.Unsqueeze(times, [-2])))  # [B, Nb, S, S]
 
-    # One additive mask carries bias * inv_tau where visible and -inf elsewhere, so the score
-    # tensor is touched by one Add and the fused Softmax; inv_tau scales q ([S, dh]), not scores.
-    bias = op.Add(
-        op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]),
-        op.Transpose(_time_bias(dt, time_bias, time_thresholds), perm=[0, 1, 4, 2, 3]),
-    )  # [B, Nb, H, S, S]
+    # One additive bias carries the mask too (-inf where hidden, from the time-bias gather), and
+    # 1 / tau scales the sum: the score tensor sees one Add, one Mul and the fused Softmax.
     valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(seq, lengths), [-1]))  # [B, Nb, S]
-    visible = op.And(op.Unsqueeze(valid, [2, 3]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, 1, S, S]
-    mask = op.Where(visible, op.Mul(bias, tau), op.Constant(value_float=float("-inf")))
-    scores = op.Add(op.MatMul(op.Mul(qf, tau), op.Transpose(kf, perm=[0, 1, 2, 4, 3])), mask)
+    visible = op.And(op.Unsqueeze(valid, [2]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, S, S]
+    bias = op.Add(
+        op.Transpose(_time_bias(dt, visible, time_bias, time_thresholds), perm=[0, 1, 4, 2, 3]),
+        op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]),
+    )  # [B, Nb, H, S, S]
+    scores = op.Mul(op.Add(op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 2, 4, 3])), bias), tau)
     out = op.MatMul(op.Softmax(scores, axis=-1), vf)
     # Valid slots are a suffix, so a query sees some key iff its own slot is valid; the others
     # (all -inf, Softmax NaN) output zeros like the reference.
@@ -123,12 +125,12 @@ def CandidateAttention(
     # Everything about the history keys except q . k is per user: the biases, 1 / tau and the
     # padding mask fold into one [B, Nb, H, 1, L] additive row shared by all M candidates.
     dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
+    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1]))  # [B, Nb, L]
     hist_bias = op.Add(
         op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]),
-        op.Unsqueeze(op.Transpose(_time_bias(dt, time_bias, time_thresholds), perm=[0, 1, 3, 2]), [3]),
-    )  # [B, Nb, H, 1, L]
-    valid = op.Unsqueeze(op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1])), [2, 3])
-    hist_mask = op.Where(valid, op.Mul(hist_bias, tau), op.Constant(value_float=float("-inf")))
+        op.Unsqueeze(op.Transpose(_time_bias(dt, valid, time_bias, time_thresholds), perm=[0, 1, 3, 2]), [3]),
+    )  # [B, Nb, H, 1, L], -inf at padding
+    hist_mask = op.Mul(hist_bias, tau)
     # Distance 0 and time difference 0 fall in bucket 0 of both tables.
     zero_bucket = op.Add(
         op.Gather(pos_table, 0, axis=2), op.Gather(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), 0, axis=2)

@@ -39,13 +39,13 @@ def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_t
     dt = op.Abs(op.Sub(op.Unsqueeze(times, [-1]), op.Unsqueeze(times, [-2])))
     tau = op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4])  # [B, Nb, H, 1, 1]
     dist = op.Abs(op.Sub(pos_i, pos_j))  # [S, S]
+    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(seq, lengths), [-1]))  # [B, Nb, S]
+    visible = op.And(op.Unsqueeze(valid, [2]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, S, S]
     bias = op.Add(
         op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]),
-        op.Transpose(_time_bias(dt, time_bias, time_thresholds), perm=[0, 1, 4, 2, 3]),
-    )  # [B, Nb, H, S, S]
-    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(seq, lengths), [-1]))  # [B, Nb, S]
-    visible = op.And(op.Unsqueeze(valid, [2, 3]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, 1, S, S]
-    mask = op.CastLike(op.Where(visible, op.Mul(bias, tau), op.Constant(value_float=float("-inf"))), q)
+        op.Transpose(_time_bias(dt, visible, time_bias, time_thresholds), perm=[0, 1, 4, 2, 3]),
+    )  # [B, Nb, H, S, S], -inf where hidden
+    mask = op.CastLike(op.Mul(bias, tau), q)
 
     heads_seq_dim = op.Slice(shape, [2], [5])
     to_4d = op.Concat([-1], heads_seq_dim, axis=0)
@@ -58,8 +58,8 @@ def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_t
         scale=1.0,
     )
     out = op.Reshape(out, shape)
-    any_visible = op.ReduceMax(op.Cast(visible, to=onnx.TensorProto.INT64), [-1], keepdims=1)  # [B, Nb, 1, S, 1]
-    return op.Where(op.Greater(any_visible, 0), out, op.CastLike(0.0, q))
+    # Valid slots are a suffix, so a query sees some key iff its own slot is valid.
+    return op.Where(op.Unsqueeze(valid, [2, 4]), out, op.CastLike(0.0, q))
 
 
 @script(astro, default_opset=op)
@@ -75,12 +75,12 @@ def CandidateAttention(
     neg_inf = op.Constant(value_float=float("-inf"))
 
     dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
+    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1]))  # [B, Nb, L]
     hist_bias = op.Add(
         op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]),
-        op.Unsqueeze(op.Transpose(_time_bias(dt, time_bias, time_thresholds), perm=[0, 1, 3, 2]), [3]),
-    )  # [B, Nb, H, 1, L]
-    valid = op.Unsqueeze(op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1])), [2, 3])
-    hist_mask = op.Where(valid, op.Mul(hist_bias, tau), neg_inf)  # [B, Nb, H, 1, L]
+        op.Unsqueeze(op.Transpose(_time_bias(dt, valid, time_bias, time_thresholds), perm=[0, 1, 3, 2]), [3]),
+    )  # [B, Nb, H, 1, L], -inf at padding
+    hist_mask = op.Mul(hist_bias, tau)  # [B, Nb, H, 1, L]
     zero_bucket = op.Add(
         op.Gather(pos_table, 0, axis=2), op.Gather(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), 0, axis=2)
     )  # [Nb, H]

@@ -165,8 +165,10 @@ def test_onnx_time_bias_body_on_onnx_runtime_equals_the_count_at_every_edge() ->
     for opset in (opset18, opset23):
         body = time_bias_function(opset).to_function_proto()
         graph = h.make_graph(
-            [h.make_node(body.name, ["dt", "table", "thresholds"], ["bias"], domain=body.domain)], "time_bias",
+            [h.make_node(body.name, ["dt", "visible", "table", "thresholds"], ["bias"], domain=body.domain)],
+            "time_bias",
             [h.make_tensor_value_info("dt", onnx.TensorProto.INT64, None),
+             h.make_tensor_value_info("visible", onnx.TensorProto.BOOL, None),
              h.make_tensor_value_info("table", onnx.TensorProto.FLOAT, None),
              h.make_tensor_value_info("thresholds", onnx.TensorProto.INT64, None)],
             [h.make_tensor_value_info("bias", onnx.TensorProto.FLOAT, None)])
@@ -178,8 +180,10 @@ def test_onnx_time_bias_body_on_onnx_runtime_equals_the_count_at_every_edge() ->
             dt = _edge_values(thresholds)
             table = np.arange(2 * 3 * n, dtype=np.float32).reshape(2, 3, n)  # bias = row offset + bucket
             dt3 = np.broadcast_to(np.abs(dt), (1, 2, dt.size)).copy()
-            (bias,) = session.run(None, {"dt": dt3, "table": table, "thresholds": np.asarray(thresholds, np.int64)})
+            visible = np.arange(dt3.size).reshape(dt3.shape) % 7 != 3  # some keys hidden: -inf there
+            (bias,) = session.run(None, {"dt": dt3, "visible": visible, "table": table,
+                                         "thresholds": np.asarray(thresholds, np.int64)})
             want = bucketize_counting(torch.from_numpy(dt3), torch.tensor(thresholds)).numpy()  # [1, 2, S]
             # bias [1, Nb=2, S, H=3] (heads last) = table[block, head, bucket]
-            np.testing.assert_array_equal(bias, table[np.arange(2)[:, None, None], np.arange(3)[None, None, :],
-                                                      want[0][:, :, None]][None])
+            expected = table[np.arange(2)[:, None, None], np.arange(3)[None, None, :], want[0][:, :, None]][None]
+            np.testing.assert_array_equal(bias, np.where(visible[..., None], expected, -np.inf))

@@ -80,13 +80,14 @@ class TorchRunner:
         return as_float32(self.model.full(history, cand_items))
 
 
-def ort_session(path: Path, threads: int = ORT_THREADS, profile_prefix: str | None = None) -> Any:
+def ort_session(path: Path, threads: int = ORT_THREADS, profile_prefix: str | None = None,
+                memory_pattern: bool = True) -> Any:
     """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op)."""
     from astro_trt.exporter.check import onnx_session
 
     if not Path(path).is_file():
         raise BundleError(f"ONNX graph {path} is missing; re-export the bundle")
-    return onnx_session(path, threads, profile_prefix)
+    return onnx_session(path, threads, profile_prefix, memory_pattern=memory_pattern)
 
 
 class OrtRunner:
@@ -103,7 +104,9 @@ class OrtRunner:
         self.name = f"ort-{precision}"
         self.io = graph_io(cfg, precision)
         self.threads = threads
-        self.sessions = {g: ort_session(Path(p), threads, None if profile_dir is None else str(Path(profile_dir) / g))
+        # The full model's intermediates grow with B * M pairs: no pre-planned block on top of the arena.
+        self.sessions = {g: ort_session(Path(p), threads, None if profile_dir is None else str(Path(profile_dir) / g),
+                                        memory_pattern=g != FULL_MODEL)
                          for g, p in graphs.items()}
         for graph, session in self.sessions.items():
             got = [i.name for i in session.get_inputs()]
