@@ -2,16 +2,20 @@
 
 Each body is plugins/reference.py's arithmetic in standard opset-18 ops, input for input in the
 reference's argument order, so ONNX Runtime and TensorRT-RTX (which inline local functions)
-compute exactly what the oracle computes, while full TensorRT with the astro plugins registered
-runs the plugin instead. Like the reference, the body upcasts to float32 and casts the result
-back to the dtype of q, which keeps half-precision graphs accurate in the softmax.
+compute what the oracle computes (up to float32 reassociation), while full TensorRT with the
+astro plugins registered runs the plugin instead. Like the reference, the body upcasts to
+float32 and casts the result back to the dtype of q, which keeps half-precision graphs accurate
+in the softmax.
 
-Two choices keep the bodies cheap and parser-friendly:
-- bias tables are gathered through one flat Gather (index = (block * H + head) * NT + bucket)
-  instead of a per-block GatherElements;
+What keeps the bodies cheap (every full-size [.., S, S] or [.., M, L] pass is time and memory):
 - time buckets are "number of thresholds <= dt" (model/buckets.py), found by a float guess
   that integer comparisons against the exact thresholds correct, so every runtime agrees and
-  memory stays O(1) per element.
+  memory stays O(1) per element;
+- the time-bias table is gathered heads-last through one flat Gather whose index has one
+  entry per element of dt, and hidden keys index a -inf row, so the mask costs no extra pass;
+- the candidate side folds everything but q . k (biases, mask, 1 / tau) into one per-user row
+  shared by all M candidates, and runs the softmax over [history ; self] without a
+  concatenated score tensor.
 """
 
 from __future__ import annotations
