@@ -83,14 +83,16 @@ def _print_gates(report) -> None:
               help="Time the same split in PyTorch eager (and torch.compile with --compile) alongside.")
 @click.option("--compile", "use_compile", is_flag=True, help="Add a torch.compile peer (compiles per shape: slow).")
 @click.option("--profile", is_flag=True, help="Add ONNX Runtime's per-operator breakdown (one user) to the report.")
-@click.option("--threads", type=click.IntRange(1), default=None,
-              help="Intra-op threads of every runtime (default: ASTRO_ORT_THREADS or 2).")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="Intra-op threads of every runtime and path. One request per core is the serving layout; "
+                   "on this project's shared 2-core machine two threads per request made the split 4x slower "
+                   "(its ~350 small nodes each wait for a descheduled second thread) and the naive path 2.5x slower.")
 @click.option("--repetitions", default=5, show_default=True, type=click.IntRange(1), help="Timed calls per path and M.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Reports directory (default: BUNDLE/reports/bench, recorded in the manifest).")
 def bench(bundle_dir: Path, runtime: str, candidates: str, users: str, config_name: str, precision: str | None,
-          attention: str, peer: bool, use_compile: bool, profile: bool, threads: int | None, repetitions: int,
+          attention: str, peer: bool, use_compile: bool, profile: bool, threads: int, repetitions: int,
           warmup: int, out_dir: Path | None) -> None:
     """Throughput of the split (encode once, score M) against the naive full model, same runtime,
     with the same split in PyTorch as a peer."""
@@ -105,10 +107,7 @@ def bench(bundle_dir: Path, runtime: str, candidates: str, users: str, config_na
         write_bench_reports,
         write_bench_to_bundle,
     )
-    from astro_trt.validate.runners import ORT_THREADS
-
     counts, user_counts = parse_candidates(candidates), parse_users(users)
-    threads = threads or ORT_THREADS
     bundle = load_bundle(bundle_dir, verify=True)
     console = Console(stderr=True)
     say = lambda msg: console.print(f"  {msg}")  # noqa: E731
