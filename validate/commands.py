@@ -84,9 +84,9 @@ def _print_gates(report) -> None:
 @click.option("--compile", "use_compile", is_flag=True, help="Add a torch.compile peer (compiles per shape: slow).")
 @click.option("--profile", is_flag=True, help="Add ONNX Runtime's per-operator breakdown (one user) to the report.")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
-              help="Intra-op threads of every runtime and path. One request per core is the serving layout; "
-                   "on this project's shared 2-core machine two threads per request made the split 4x slower "
-                   "(its ~350 small nodes each wait for a descheduled second thread) and the naive path 2.5x slower.")
+              help="Intra-op threads of every runtime and path. One request per core is the serving layout; on "
+                   "a shared machine two threads per request slow the split (~350 small nodes, each waiting for a "
+                   "descheduled second thread) far more than the naive path (README, Measured).")
 @click.option("--repetitions", default=5, show_default=True, type=click.IntRange(1), help="Timed calls per path and M.")
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
