@@ -120,3 +120,18 @@ def test_operator_profile_of_an_exported_scorer(tmp_path):
         assert prof["nodes"] > 10 and prof["total_us"] > 0
         assert sum(us for _, us in prof["ops"]) == pytest.approx(prof["total_us"])
         assert "MatMul" in dict(prof["ops"])
+
+
+def test_gain_with_the_fusion_head_is_the_lower_ceiling():
+    """The fusion head costs both paths the same per candidate, so counting it lowers the ratio;
+    with 12 layers (climber-large) the head matters far less than with 2 (climber)."""
+    from astro_trt.config import preset
+    from astro_trt.validate.bench import BenchResult
+
+    small = BenchResult(preset("climber"), "ort", "fp32", "x", 0, 1, 1)
+    large = BenchResult(preset("climber-large"), "ort", "fp32", "x", 0, 1, 1)
+    for m in (64, 256, 1024):
+        assert 1 < small.predicted_gain_with_head(m) < small.predicted_gain(m)
+        share_large = large.predicted_gain_with_head(m) / large.predicted_gain(m)
+        assert share_large > small.predicted_gain_with_head(m) / small.predicted_gain(m)
+    assert small.predicted_gain_with_head(256) < small.predicted_gain_with_head(1024) < preset("climber").max_len + 1
