@@ -110,7 +110,10 @@ def bench(bundle_dir: Path, runtime: str, candidates: str, users: str, config_na
     counts, user_counts = parse_candidates(candidates), parse_users(users)
     bundle = load_bundle(bundle_dir, verify=True)
     console = Console(stderr=True)
-    say = lambda msg: console.print(f"  {msg}")  # noqa: E731
+
+    def say(msg: str) -> None:
+        console.print(f"  {msg}")
+
     with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
         runner, cfg, source, model, graphs = _bench_runner(bundle, runtime, config_name, precision, attention,
                                                            Path(tmp), threads)
