@@ -12,7 +12,7 @@ import torch
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
 from astro_trt.model.astro import ASTRO
-from astro_trt.validate.bench import Latency, parse_candidates, run_bench, time_alternating, write_bench_reports
+from astro_trt.validate.bench import Latency, parse_candidates, run_bench, time_interleaved, write_bench_reports
 from astro_trt.validate.runners import TorchRunner
 
 TINY = ASTROConfig(name="tiny", num_items=50, num_behaviors=4, num_scenarios=2, d_model=16, num_heads=2,
@@ -27,14 +27,14 @@ def test_latency_percentiles():
     assert lat.mean == pytest.approx(50.5)
 
 
-def test_time_alternating_counts_calls_and_excludes_warmup():
-    calls = {"naive": 0, "split": 0}
-    naive_s, split_s = time_alternating(lambda: calls.__setitem__("naive", calls["naive"] + 1),
-                                        lambda: calls.__setitem__("split", calls["split"] + 1),
-                                        warmup=2, repetitions=3)
-    assert calls == {"naive": 5, "split": 5} and len(naive_s) == len(split_s) == 3
+def test_time_interleaved_counts_calls_and_excludes_warmup():
+    calls = {"naive": 0, "split": 0, "peer": 0}
+    seconds = time_interleaved({name: (lambda n=name: calls.__setitem__(n, calls[n] + 1)) for name in calls},
+                               warmup=2, repetitions=3)
+    assert calls == {"naive": 5, "split": 5, "peer": 5}
+    assert list(seconds) == ["naive", "split", "peer"] and all(len(s) == 3 for s in seconds.values())
     with pytest.raises(DataError):
-        time_alternating(lambda: None, lambda: None, warmup=0, repetitions=0)
+        time_interleaved({"a": lambda: None}, warmup=0, repetitions=0)
 
 
 def test_parse_candidates():

@@ -193,14 +193,6 @@ def time_interleaved(
     return seconds
 
 
-def time_alternating(
-    naive: Callable[[], Any], split: Callable[[], Any], *, warmup: int, repetitions: int
-) -> tuple[list[float], list[float]]:
-    """Seconds per call of each, timed alternately after ``warmup`` untimed calls of each."""
-    seconds = time_interleaved({"naive": naive, "split": split}, warmup=warmup, repetitions=repetitions)
-    return seconds["naive"], seconds["split"]
-
-
 def parse_candidates(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -422,7 +414,7 @@ def write_bench_to_bundle(result: BenchResult, bundle_dir: Path) -> dict[str, Pa
 
 __all__ = [
     "BenchPoint", "BenchResult", "DEFAULT_CANDIDATES", "DEFAULT_USERS", "Latency", "bench_markdown", "machine_info",
-    "naive_pairs_limit", "parse_candidates", "parse_users", "run_bench", "time_alternating", "time_interleaved",
+    "naive_pairs_limit", "parse_candidates", "parse_users", "run_bench", "time_interleaved",
     "write_bench_reports", "write_bench_to_bundle",
 ]
 
