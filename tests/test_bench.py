@@ -135,3 +135,34 @@ def test_gain_with_the_fusion_head_is_the_lower_ceiling():
         share_large = large.predicted_gain_with_head(m) / large.predicted_gain(m)
         assert share_large > small.predicted_gain_with_head(m) / small.predicted_gain(m)
     assert small.predicted_gain_with_head(256) < small.predicted_gain_with_head(1024) < preset("climber").max_len + 1
+
+
+def test_bench_cli_on_a_tiny_bundle(tmp_path):
+    """`astro-trt bench` end to end on an exported bundle: users, the PyTorch peer (the bundle's
+    own checkpoint), the per-operator profile and the machine header all reach the report."""
+    from conftest import small_config
+
+    from astro_trt.cli import main
+    from astro_trt.model.checkpoint import save_checkpoint
+
+    cfg = small_config()
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt", ASTRO(cfg), cfg)
+
+    def run(argv: list[str]) -> int:
+        try:
+            main(argv)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    assert run(["export", str(ckpt), "--out",
+                str(tmp_path / "bundle"), "--no-engines", "--precision", "fp32"]) == 0
+    assert run(["bench", str(tmp_path / "bundle"), "--candidates", "3", "--users", "1,2", "--repetitions", "1",
+                "--warmup", "0", "--profile", "--out", str(tmp_path / "reports")]) == 0
+    data = json.loads((tmp_path / "reports" / "bench.json").read_text())
+    assert [(p["users"], p["candidates"]) for p in data["points"]] == [(1, 3), (2, 3)]
+    assert all("torch eager" in p["peers"] for p in data["points"])
+    assert data["threads"] == 1 and data["machine"]["threads"] == 1
+    assert set(data["profile"]["M=3"]) == {"user_encoder", "item_scorer", "full_model"}
+    assert "Where the time goes" in (tmp_path / "reports" / "bench.md").read_text()
