@@ -1,26 +1,16 @@
-"""`astro-trt validate` (parity report, exit 1 on a failed gate) and `astro-trt bench`
-(split against naive throughput)."""
+"""`astro-trt validate` (parity report or layer bisect, exit 1 on a failed gate) and `astro-trt
+bench` (split against naive throughput): argument parsing, one library call, printing."""
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from astro_trt.config import PRESETS
-from astro_trt.errors import DataError
 from astro_trt.exporter.limits import ATTENTIONS
 from astro_trt.validate.parity import DATA_CHOICES, RUNTIMES
-
-
-def _runtimes(value: str) -> list[str]:
-    items = list(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
-    bad = [v for v in items if v not in RUNTIMES]
-    if not items or bad:
-        raise DataError(f"--runtime {value!r}: choose a comma list of {list(RUNTIMES)}")
-    return items
 
 
 @click.command("validate")
@@ -40,18 +30,49 @@ def _runtimes(value: str) -> list[str]:
 @click.option("--split-full-max-abs", type=float, default=None, help="fp32 max |split - full| logits [1e-4].")
 @click.option("--topk", type=int, default=None, help="k of the top-k overlap gate [10].")
 @click.option("--topk-overlap", type=float, default=None, help="Min mean top-k overlap per user [0.9].")
-def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None, **gate_flags: float | None) -> None:
+@click.option("--bisect", is_flag=True,
+              help="Instead of the report: error at every stage boundary (embedding, each layer's attention and "
+                   "FFN per block, fusion gate, head) on ONNX Runtime, naming the first stage over its limit.")
+@click.option("--precision", default=None, help="--bisect: comma list of the bundle's precisions [all].")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="--bisect: reports directory (default: BUNDLE/reports/bisect, recorded in the manifest).")
+def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None, bisect: bool, precision: str | None,
+             out_dir: Path | None, **gate_flags: float | None) -> None:
     """Parity report of BUNDLE_DIR against the fp32 PyTorch oracle; exit 1 when a gate fails."""
     from astro_trt.validate.gates import Gates
-    from astro_trt.validate.parity import validate_bundle
 
     gates = Gates(**{k: v for k, v in gate_flags.items() if v is not None})
-    report = validate_bundle(bundle_dir, data=data, runtimes=_runtimes(runtime), checkpoint=checkpoint, gates=gates,
-                             progress=lambda msg: click.echo(f"  {msg}", err=True))
-    _print_gates(report)
-    click.echo(report.summary())
-    if not report.passed:
+    say = lambda msg: click.echo(f"  {msg}", err=True)  # noqa: E731
+    if bisect:
+        from astro_trt.validate.bisect import bisect_bundle
+
+        result = bisect_bundle(bundle_dir, precisions=precision, runtime=runtime, data=data, checkpoint=checkpoint,
+                               gates=gates, out=out_dir, progress=say)
+        _print_bisect(result)
+        click.echo(result.summary())
+    else:
+        from astro_trt.validate.parity import validate_bundle
+
+        result = validate_bundle(bundle_dir, data=data, runtimes=runtime, checkpoint=checkpoint, gates=gates,
+                                 progress=say)
+        _print_gates(result)
+        click.echo(result.summary())
+    if not result.passed:
         sys.exit(1)
+
+
+def _print_bisect(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="error by stage (first over its limit in red)")
+    for column in ("precision", "stage", "block", "max |err|", "PyTorch's own", "limit", "result"):
+        table.add_column(column)
+    for s in result.stages:
+        table.add_row(s.precision, s.stage, s.block or "-", f"{s.max_abs:.3g}",
+                      "-" if s.torch_error is None else f"{s.torch_error:.3g}", f"{s.limit:.3g}",
+                      "[green]ok[/]" if s.passed else "[red]OVER[/]")
+    Console(width=140).print(table)
 
 
 def _print_gates(report) -> None:
@@ -87,52 +108,14 @@ def bench(bundle_dir: Path, runtime: str, candidates: str, config_name: str, pre
     """Throughput of the split (encode once, score M) against the naive full model, same runtime."""
     from rich.console import Console
 
-    from astro_trt.engines.bundle import load_bundle
-    from astro_trt.validate.bench import parse_candidates, run_bench, write_bench_reports, write_bench_to_bundle
+    from astro_trt.validate.bench_bundle import bench_bundle
 
-    counts = parse_candidates(candidates)
-    bundle = load_bundle(bundle_dir, verify=True)
     console = Console(stderr=True)
-    with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
-        runner, cfg, source = _bench_runner(bundle, runtime, config_name, precision, attention, Path(tmp))
-        result = run_bench(runner, cfg, counts, source=source, warmup=warmup, repetitions=repetitions,
-                           progress=lambda msg: console.print(f"  {msg}"))
-    if out_dir is None:
-        paths = write_bench_to_bundle(result, bundle.directory)
-    else:
-        paths = write_bench_reports(result, out_dir)
-    _print_bench(result)
-    click.echo(f"reports: {paths['md']}")
-
-
-def _bench_runner(bundle, runtime: str, config_name: str, precision: str | None, attention: str, tmp: Path):
-    from astro_trt.config import preset
-    from astro_trt.contract import GRAPHS
-    from astro_trt.validate.runners import OrtRunner, make_trt_runner
-
-    if config_name == "bundle":
-        precision = precision or bundle.precisions[0]
-        if runtime == "trt":
-            runner, why = make_trt_runner(bundle, precision)
-            if runner is None:
-                raise DataError(f"cannot bench TensorRT: {why}")
-            return runner, bundle.config, f"bundle {bundle.directory} (engines)"
-        graphs = {g: bundle.onnx_path(g, precision) for g in GRAPHS}
-        return OrtRunner(graphs, bundle.config, precision), bundle.config, f"bundle {bundle.directory}"
-    if runtime == "trt":
-        raise DataError("--runtime trt times the bundle's engines; use --config bundle (presets are exported to "
-                        "ONNX on the fly and run on ONNX Runtime)")
-    import torch
-
-    from astro_trt.exporter.export import export_onnx
-    from astro_trt.model.astro import ASTRO
-
-    cfg = preset(config_name)
-    precision = precision or "fp32"
-    torch.manual_seed(0)
-    click.echo(f"  exporting a random {config_name} model ({precision}, {attention}) to ONNX", err=True)
-    result = export_onnx(ASTRO(cfg).eval(), tmp, precision=precision, attention=attention)
-    return OrtRunner(result.paths, cfg, precision), cfg, f"random {config_name} ({attention} lowering)"
+    run = bench_bundle(bundle_dir, runtime=runtime, candidates=candidates, config=config_name, precision=precision,
+                       attention=attention, repetitions=repetitions, warmup=warmup, out=out_dir,
+                       progress=lambda msg: console.print(f"  {msg}"))
+    _print_bench(run.result)
+    click.echo(f"reports: {run.paths['md']}")
 
 
 def _print_bench(result) -> None:

@@ -144,11 +144,22 @@ def _ranking(actual: Outputs, oracle: Outputs, masks: Sequence[np.ndarray], k: i
     }
 
 
+def parse_runtimes(value: str | Sequence[str]) -> list[str]:
+    """'torch,ort' or ['torch', 'ort'] -> ['torch', 'ort'] (lower case, duplicates dropped)."""
+    raw = value.split(",") if isinstance(value, str) else list(value)
+    items = list(dict.fromkeys(str(v).strip().lower() for v in raw if str(v).strip()))
+    bad = [v for v in items if v not in RUNTIMES]
+    if not items or bad:
+        raise DataError(f"--runtime {value if isinstance(value, str) else ','.join(value)!r}: choose a comma list "
+                        f"of {list(RUNTIMES)}")
+    return items
+
+
 def validate_bundle(
-    bundle_dir: Path,
+    bundle_dir: str | Path,
     *,
     data: str = "ml-100k",
-    runtimes: Sequence[str] = ("torch", "ort"),
+    runtimes: str | Sequence[str] = ("torch", "ort"),
     checkpoint: Path | None = None,
     gates: Gates | None = None,
     progress: Callable[[str], None] | None = None,
@@ -161,9 +172,7 @@ def validate_bundle(
 
     gates = gates or Gates()
     say = progress or (lambda _msg: None)
-    unknown = [r for r in runtimes if r not in RUNTIMES]
-    if unknown or not runtimes:
-        raise DataError(f"--runtime {','.join(runtimes)}: choose from {list(RUNTIMES)}")
+    runtimes = parse_runtimes(runtimes)
     bundle = load_bundle(bundle_dir, verify=True)
     ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)
     results: dict[str, Any] = {}
@@ -289,4 +298,4 @@ def _gates_for(name: str, runtime: str, precision: str, entry: dict, torch_error
     return out
 
 
-__all__ = ["DATA_CHOICES", "Outputs", "ParityReport", "RUNTIMES", "load_batches", "validate_bundle"]
+__all__ = ["DATA_CHOICES", "Outputs", "ParityReport", "RUNTIMES", "load_batches", "parse_runtimes", "validate_bundle"]

@@ -110,6 +110,12 @@ class OrtRunner:
                     "re-export the bundle with this version of astro-trt"
                 )
 
+    @classmethod
+    def from_bundle(cls, bundle: Any, precision: str = "fp32", threads: int = ORT_THREADS) -> OrtRunner:
+        """The bundle's ONNX graphs of ``precision`` (a loaded engines.bundle.Bundle)."""
+        return cls({g: bundle.onnx_path(g, precision) for g in bundle.io(precision)}, bundle.config, precision,
+                   threads)
+
     def _run(self, graph: str, feeds: dict[str, Any]) -> np.ndarray:
         names = self.io[graph].input_names
         return self.sessions[graph].run(None, {n: feeds[n] for n in names})[0]

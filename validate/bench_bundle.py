@@ -1,0 +1,90 @@
+"""`bench` as one library call: choose the graphs (the bundle's own, or a random preset exported
+on the fly), time split against naive (validate/bench.py), write the report. `astro-trt bench` is
+this function plus printing."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from astro_trt.errors import DataError
+
+
+@dataclass
+class BenchRun:
+    """A bench result and where its report was written ({"json", "md", "png"} -> path)."""
+
+    result: Any  # validate.bench.BenchResult
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def bench_bundle(
+    bundle_dir: str | Path,
+    *,
+    runtime: str = "ort",
+    candidates: str | Sequence[int] = (64, 256, 1024),
+    config: str = "bundle",
+    precision: str | None = None,
+    attention: str = "plugin",
+    repetitions: int = 5,
+    warmup: int = 1,
+    out: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> BenchRun:
+    """Throughput of the split (encode once, score M) against the naive full model, same runtime.
+    ``config="bundle"`` times the bundle's graphs (``runtime`` "ort" or "trt"); a preset name
+    times a randomly initialised model of that size exported to ONNX on the fly (ONNX Runtime).
+    The report goes to BUNDLE/reports/bench/ (recorded in the manifest) or to ``out``."""
+    from astro_trt.engines.bundle import load_bundle
+    from astro_trt.validate.bench import parse_candidates, run_bench, write_bench_reports, write_bench_to_bundle
+
+    counts = parse_candidates(candidates) if isinstance(candidates, str) else list(candidates)
+    if not counts or any(not isinstance(m, int) or m < 1 for m in counts):
+        raise DataError(f"candidates {candidates!r}: every count must be a positive integer")
+    say = progress or (lambda _msg: None)
+    bundle = load_bundle(bundle_dir, verify=True)
+    with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
+        runner, cfg, source = _runner(bundle, runtime, config, precision, attention, Path(tmp), say)
+        result = run_bench(runner, cfg, counts, source=source, warmup=warmup, repetitions=repetitions,
+                           progress=say)
+    paths = write_bench_to_bundle(result, bundle.directory) if out is None else write_bench_reports(result, Path(out))
+    return BenchRun(result, paths)
+
+
+def _runner(bundle: Any, runtime: str, config: str, precision: str | None, attention: str, tmp: Path,
+            say: Callable[[str], None]) -> tuple[Any, Any, str]:
+    from astro_trt.config import preset
+    from astro_trt.contract import GRAPHS
+    from astro_trt.validate.runners import OrtRunner, make_trt_runner
+
+    if runtime not in ("ort", "trt"):
+        raise DataError(f"--runtime {runtime!r}: bench times 'ort' or 'trt'")
+    if config == "bundle":
+        precision = precision or bundle.precisions[0]
+        if runtime == "trt":
+            runner, why = make_trt_runner(bundle, precision)
+            if runner is None:
+                raise DataError(f"cannot bench TensorRT: {why}")
+            return runner, bundle.config, f"bundle {bundle.directory} (engines)"
+        graphs = {g: bundle.onnx_path(g, precision) for g in GRAPHS}
+        return OrtRunner(graphs, bundle.config, precision), bundle.config, f"bundle {bundle.directory}"
+    if runtime == "trt":
+        raise DataError("--runtime trt times the bundle's engines; use --config bundle (presets are exported to "
+                        "ONNX on the fly and run on ONNX Runtime)")
+    import torch
+
+    from astro_trt.exporter.export import export_onnx
+    from astro_trt.model.astro import ASTRO
+
+    cfg = preset(config)
+    precision = precision or "fp32"
+    torch.manual_seed(0)
+    say(f"exporting a random {config} model ({precision}, {attention}) to ONNX")
+    result = export_onnx(ASTRO(cfg).eval(), tmp, precision=precision, attention=attention)
+    return OrtRunner(result.paths, cfg, precision), cfg, f"random {config} ({attention} lowering)"
+
+
+__all__ = ["BenchRun", "bench_bundle"]
