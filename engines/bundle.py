@@ -1,4 +1,4 @@
-"""The deployment bundle (ARCHITECTURE.md decision 5): writing it atomically, loading and
+"""The deployment bundle (docs/bundle.md): writing it atomically, loading and
 verifying it, and adding reports to it.
 
 Layout::

@@ -70,3 +70,14 @@ def test_every_public_name_resolves():
         assert callable(getattr(astro_trt, name)), name
     with pytest.raises(AttributeError):
         astro_trt.no_such_name  # noqa: B018
+
+
+def test_readme_and_docs_link_only_inside_the_repository():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 6
+    for page in pages:
+        text = page.read_text()
+        assert "shared/design" not in text and "../" not in text, page
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
