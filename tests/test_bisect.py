@@ -93,7 +93,8 @@ def test_a_planted_fault_is_named(shipped, tmp_path, graph, weight, block, preci
 def test_cli_bisect_exits_1_and_names_the_stage(shipped, tmp_path, capsys):
     faulty = plant_fault(shipped, tmp_path / "faulty", "item_scorer", "fp32", "model.layers.1.w_1", 1, 1.05)
     with pytest.raises(SystemExit) as exc:
-        main(["validate", str(faulty), "--bisect", "--precision", "fp32", "--out", str(tmp_path / "reports")])
+        main(["validate", str(faulty), "--bisect", "--data", "synthetic", "--precision", "fp32",
+              "--out", str(tmp_path / "reports")])
     assert exc.value.code == 1
     out = capsys.readouterr().out
     assert "fp32: first stage over its limit: scorer.layer1.ffn [liked]" in out
@@ -107,7 +108,7 @@ def test_cli_bisect_exits_1_and_names_the_stage(shipped, tmp_path, capsys):
 ])
 def test_cli_bisect_refusals_are_one_line(shipped, capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
-        main(["validate", str(shipped), "--bisect", *argv])
+        main(["validate", str(shipped), "--bisect", "--data", "synthetic", *argv])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
@@ -131,3 +132,27 @@ def test_marked_graph_keeps_the_original_outputs_first(shipped, tmp_path):
         onnx.numpy_helper.to_array(next(i for i in marked.graph.initializer if i.name == "model.layers.1.w_1")),
         onnx.numpy_helper.to_array(next(i for i in onnx.load(str(source)).graph.initializer
                                         if i.name == "model.layers.1.w_1")))
+
+
+def test_plugin_lowering_and_a_one_layer_model(tmp_path):
+    """The boundaries are found in the astro function-node graphs too (the shipped export uses the
+    reference and native lowerings), and in a model whose encoder has no attention at all."""
+    from conftest import random_model, small_config
+
+    from astro_trt.engines.export_bundle import export_bundle
+    from astro_trt.model.checkpoint import save_checkpoint
+    from astro_trt.validate.bisect import bisect_bundle
+
+    for layers in (1, 2):
+        cfg = small_config(num_layers=layers)
+        ckpt = save_checkpoint(tmp_path / f"ckpt{layers}", random_model(cfg, seed=layers), cfg)
+        bundle = export_bundle(ckpt, tmp_path / f"bundle{layers}", precisions="fp16", attention="plugin",
+                               engines=False).directory
+        report = bisect_bundle(bundle, out=tmp_path / f"reports{layers}")
+        assert report.passed, report.summary()
+        encoder_attention = any(s.stage == "encoder.layer0.attention" for s in report.stages)
+        assert encoder_attention == (layers > 1)  # the encoder skips the last layer's attention
+        last = f"model.layers.{layers - 1}.w_1"
+        faulty = plant_fault(bundle, tmp_path / f"faulty{layers}", "item_scorer", "fp16", last, 0, 1.05)
+        first = bisect_bundle(faulty, precisions="fp16", out=tmp_path / "r").first_failure("fp16")
+        assert first is not None and (first.stage, first.block) == (f"scorer.layer{layers - 1}.ffn", "block0")

@@ -41,6 +41,9 @@ def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None,
     """Parity report of BUNDLE_DIR against the fp32 PyTorch oracle; exit 1 when a gate fails."""
     from astro_trt.validate.gates import Gates
 
+    if not bisect and (precision is not None or out_dir is not None):
+        raise click.UsageError("--precision and --out belong to --bisect (the parity report covers every precision "
+                               "and is written into the bundle)")
     gates = Gates(**{k: v for k, v in gate_flags.items() if v is not None})
     say = lambda msg: click.echo(f"  {msg}", err=True)  # noqa: E731
     if bisect:
