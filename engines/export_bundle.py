@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from astro_trt import contract
+from astro_trt.choices import comma_list
 from astro_trt.errors import AstroError, BundleError, ConfigError
 
 Progress = Callable[[str], None]
@@ -37,12 +38,7 @@ class ExportedBundle:
 
 def parse_precisions(value: str | Sequence[str]) -> list[str]:
     """'fp32,fp16' or ['fp32', 'fp16'] -> ['fp32', 'fp16'] (lower case, duplicates dropped)."""
-    raw = value.split(",") if isinstance(value, str) else list(value)
-    items = [str(p).strip().lower() for p in raw if str(p).strip()]
-    bad = [p for p in items if p not in contract.PRECISIONS]
-    if not items or bad:
-        raise ConfigError(f"--precision {value!r}: choose a comma list of {list(contract.PRECISIONS)}")
-    return list(dict.fromkeys(items))
+    return comma_list(value, contract.PRECISIONS, "--precision")
 
 
 def export_bundle(
@@ -66,7 +62,7 @@ def export_bundle(
     the manifest. ``progress`` receives one short status line per step. Raises an AstroError
     subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
     from astro_trt.engines.backend import resolve_backend
-    from astro_trt.engines.build import Profile, attention_candidates
+    from astro_trt.engines.build import OPT_LEVELS, Profile, attention_candidates
     from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
     from astro_trt.manifest import build_manifest, write_manifest
     from astro_trt.model.checkpoint import load_checkpoint
@@ -74,6 +70,10 @@ def export_bundle(
     say = progress or (lambda _msg: None)
     wanted = parse_precisions(precisions)
     profile = Profile(max_batch=max_batch, max_candidates=max_candidates)
+    # Checked here, not only by the builder: an ONNX-only export must not accept what a build would refuse.
+    if opt_level is not None and (not isinstance(opt_level, int) or isinstance(opt_level, bool)
+                                  or opt_level not in OPT_LEVELS):
+        raise ConfigError(f"--opt-level must be an integer in 0..5, got {opt_level!r}")
     chosen = resolve_backend(backend) if engines else None
     target_list = chosen.parse_targets(targets) if chosen else []
     lowerings = {p: attention_candidates(chosen, attention, p) for p in wanted}

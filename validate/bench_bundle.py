@@ -41,9 +41,9 @@ def bench_bundle(
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.validate.bench import parse_candidates, run_bench, write_bench_reports, write_bench_to_bundle
 
-    counts = parse_candidates(candidates) if isinstance(candidates, str) else list(candidates)
-    if not counts or any(not isinstance(m, int) or m < 1 for m in counts):
-        raise DataError(f"candidates {candidates!r}: every count must be a positive integer")
+    counts = parse_candidates(candidates) if isinstance(candidates, str) else _counts(candidates)
+    _check_choices(runtime=runtime, config=config, precision=precision, attention=attention,
+                   repetitions=repetitions, warmup=warmup)
     say = progress or (lambda _msg: None)
     bundle = load_bundle(bundle_dir, verify=True)
     with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
@@ -54,14 +54,36 @@ def bench_bundle(
     return BenchRun(result, paths)
 
 
+def _counts(candidates: Any) -> list[int]:
+    values = list(candidates) if isinstance(candidates, (list, tuple)) else []
+    if not values or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in values):
+        raise DataError(f"--candidates {candidates!r}: give positive integers such as 64,256,1024")
+    return values
+
+
+def _check_choices(*, runtime: Any, config: Any, precision: Any, attention: Any, repetitions: Any,
+                   warmup: Any) -> None:
+    """Refuse a bad option before the bundle is read or a model exported."""
+    from astro_trt.config import PRESETS
+    from astro_trt.contract import PRECISIONS
+    from astro_trt.exporter.limits import ATTENTIONS
+
+    for option, value, choices in (("--runtime", runtime, ("ort", "trt")), ("--config", config, ("bundle", *PRESETS)),
+                                   ("--precision", precision, (None, *PRECISIONS)),
+                                   ("--attention", attention, ATTENTIONS)):
+        if not (value is None or isinstance(value, str)) or value not in choices:
+            raise DataError(f"{option} {value!r}: choose one of {[c for c in choices if c is not None]}")
+    for option, value, least in (("--repetitions", repetitions, 1), ("--warmup", warmup, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise DataError(f"{option} {value!r}: must be an integer >= {least}")
+
+
 def _runner(bundle: Any, runtime: str, config: str, precision: str | None, attention: str, tmp: Path,
             say: Callable[[str], None]) -> tuple[Any, Any, str]:
     from astro_trt.config import preset
     from astro_trt.contract import GRAPHS
     from astro_trt.validate.runners import OrtRunner, make_trt_runner
 
-    if runtime not in ("ort", "trt"):
-        raise DataError(f"--runtime {runtime!r}: bench times 'ort' or 'trt'")
     if config == "bundle":
         precision = precision or bundle.precisions[0]
         if runtime == "trt":

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from astro_trt.contract import ITEM_SCORER, KV_CACHE, USER_ENCODER
+from astro_trt.choices import comma_list
+from astro_trt.contract import ITEM_SCORER, KV_CACHE, PRECISIONS, USER_ENCODER
 from astro_trt.errors import BundleError, DataError
 
 BISECT_REPORT = "bisect"
@@ -284,18 +285,23 @@ def bisect_bundle(
     from astro_trt.exporter.precision import model_in_precision, torch_dtype
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.validate.gates import Gates
+    from astro_trt.validate.parity import RUNTIMES
     from astro_trt.validate.runners import history_feeds, ort_session
 
     gates = gates or Gates()
     say = progress or (lambda _msg: None)
-    runtimes = [r for r in _names(runtime) if r != "torch"]  # torch is the oracle itself
-    if runtimes != ["ort"]:
-        raise DataError(f"--bisect runs on ONNX Runtime only (got --runtime {','.join(_names(runtime))}); a "
-                        "TensorRT engine keeps no intermediate tensors, so use --runtime ort")
+    asked = comma_list(runtime, RUNTIMES, "--runtime", DataError)
+    if [r for r in asked if r != "torch"] != ["ort"]:  # torch is the oracle itself
+        raise DataError(f"--bisect runs on ONNX Runtime only (got --runtime {','.join(asked)}); a TensorRT engine "
+                        "keeps no intermediate tensors, so use --runtime ort")
+    for name, value in (("users", users), ("candidates", candidates), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
+            raise DataError(f"bisect {name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
+                            f"got {value!r}")
     bundle = load_bundle(bundle_dir, verify=True)
-    wanted = bundle.precisions if precisions is None else _names(precisions)
+    wanted = bundle.precisions if precisions is None else comma_list(precisions, PRECISIONS, "--precision", DataError)
     for p in wanted:
-        bundle.onnx_path("user_encoder", p)  # BundleError naming the bundle's precisions
+        bundle.onnx_path(USER_ENCODER, p)  # BundleError naming the bundle's precisions
         if p == "bf16":
             raise DataError("--bisect: ONNX Runtime has no bfloat16 CPU kernels; bisect fp32 or fp16")
     ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)
@@ -347,11 +353,6 @@ def bisect_bundle(
     report = BisectReport(Path(bundle.directory), "ort", data, stages)
     report.paths = _write(report, bundle.directory, out)
     return report
-
-
-def _names(value: str | Sequence[str]) -> list[str]:
-    raw = value.split(",") if isinstance(value, str) else list(value)
-    return list(dict.fromkeys(str(v).strip().lower() for v in raw if str(v).strip()))
 
 
 def _batch(data: str, cfg: Any, documents: Path, users: int, candidates: int, seed: int) -> Any:

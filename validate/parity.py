@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.choices import comma_list
 from astro_trt.errors import DataError
 from astro_trt.model.checkpoint import METRICS_FILE
 from astro_trt.model.train import EVAL_BATCH
@@ -146,13 +147,7 @@ def _ranking(actual: Outputs, oracle: Outputs, masks: Sequence[np.ndarray], k: i
 
 def parse_runtimes(value: str | Sequence[str]) -> list[str]:
     """'torch,ort' or ['torch', 'ort'] -> ['torch', 'ort'] (lower case, duplicates dropped)."""
-    raw = value.split(",") if isinstance(value, str) else list(value)
-    items = list(dict.fromkeys(str(v).strip().lower() for v in raw if str(v).strip()))
-    bad = [v for v in items if v not in RUNTIMES]
-    if not items or bad:
-        raise DataError(f"--runtime {value if isinstance(value, str) else ','.join(value)!r}: choose a comma list "
-                        f"of {list(RUNTIMES)}")
-    return items
+    return comma_list(value, RUNTIMES, "--runtime", DataError)
 
 
 def validate_bundle(
