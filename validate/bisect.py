@@ -59,6 +59,7 @@ class StageError:
     max_abs: float
     limit: float
     torch_error: float | None  # PyTorch's own max abs error at this stage (half precision)
+    tensor: str = ""  # the ONNX tensor compared (a graph output of the marked copy)
 
     @property
     def passed(self) -> bool:
@@ -95,7 +96,7 @@ class BisectReport:
             else:
                 where = first.stage + (f" [{first.block}]" if first.block else "")
                 lines.append(f"  {precision}: first stage over its limit: {where}, max |err| {first.max_abs:.3g} "
-                             f"> {first.limit:.3g}")
+                             f"> {first.limit:.3g} (ONNX tensor {first.tensor})")
         if self.paths:
             lines.append(f"  report: {self.paths.get('md', '')}")
         return "\n".join(lines)
@@ -324,7 +325,7 @@ def bisect_bundle(
                                                                                           torch_dtype(precision))
         say(f"ort-{precision}: marking {len(plan)} stage boundaries")
         with tempfile.TemporaryDirectory(prefix="astro-bisect-") as tmp:
-            got = {}
+            got, where = {}, {}
             feeds = history_feeds(batch.history, batch.cand_items)
             for graph in (USER_ENCODER, ITEM_SCORER):
                 stages_here = [s for s in plan if s.graph == graph]
@@ -337,6 +338,7 @@ def bisect_bundle(
                 if graph == USER_ENCODER:
                     feeds[KV_CACHE] = values[KV_CACHE]  # the scorer reads this runtime's own cache
                 got.update({s.name: values[tensors[s.name]] for s in stages_here})
+                where.update({s.name: f"{graph}:{tensors[s.name]}" for s in stages_here})
         for stage in plan:
             layer = _layer_of(stage)
             key = KV_CACHE if layer is not None else stage.key
@@ -349,7 +351,8 @@ def bisect_bundle(
                     torch_error = _max_abs(np.take(theirs, blocks.index(block), axis=stage.block_axis)
                                            if block is not None else theirs, r)
                 limit = gates.logits_limit(precision, torch_error)
-                stages.append(StageError(precision, stage.name, block, _max_abs(m, r), limit, torch_error))
+                stages.append(StageError(precision, stage.name, block, _max_abs(m, r), limit, torch_error,
+                                         where[stage.name]))
     report = BisectReport(Path(bundle.directory), "ort", data, stages)
     report.paths = _write(report, bundle.directory, out)
     return report
@@ -379,10 +382,11 @@ def bisect_markdown(report: BisectReport, plot_name: str) -> str:
     for line in report.summary().splitlines()[1:]:
         if not line.strip().startswith("report:"):
             lines.append(f"- {line.strip()}")
-    lines += ["", markdown_table(["precision", "stage", "block", "max abs", "PyTorch's own", "limit", "within"],
+    lines += ["", markdown_table(["precision", "stage", "block", "max abs", "PyTorch's own", "limit", "within",
+                                  "ONNX tensor"],
                                  [(s.precision, s.stage, s.block or "-", s.max_abs,
                                    "-" if s.torch_error is None else s.torch_error, s.limit,
-                                   "yes" if s.passed else "NO") for s in report.stages]),
+                                   "yes" if s.passed else "NO", f"`{s.tensor}`") for s in report.stages]),
               "", f"![error by stage]({plot_name})", ""]
     return "\n".join(lines)
 
