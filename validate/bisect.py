@@ -36,19 +36,25 @@ from astro_trt.errors import BundleError, DataError
 
 BISECT_REPORT = "bisect"
 USERS, CANDIDATES = 8, 16  # one synthetic batch: every block length, padding and empty blocks occur
-EMBEDDING, ATTENTION, FFN, KV, GATE, HEAD = "embedding", "attention", "ffn", "kv", "gate", "head"
+FUSION_INPUT = "fusion.in"
 
 
 @dataclass(frozen=True)
 class Stage:
     """One boundary. ``anchor``: how the ONNX tensor is found (("input_of", weight),
-    ("gate", bias) or ("output", name)); ``key``: what the PyTorch recorder calls it."""
+    ("gate", bias) or ("output", name)); ``key``: what the PyTorch recorder calls it; ``layout``:
+    how canonical() puts its blocks on axis 1 (or 2 for the gate), "whole" for the logits."""
 
     graph: str
     name: str  # e.g. "scorer.layer1.ffn"
     anchor: tuple[str, str]
     key: str
-    block_axis: int | None  # axis of the Nb blocks after canonical(), None: judged whole
+    layout: str = "blocks"  # blocks | kv | fusion_input | gate | whole
+    layer: int | None = None  # the cache's layer, for layout "kv"
+
+    @property
+    def block_axis(self) -> int | None:
+        return {"whole": None, "gate": 2}.get(self.layout, 1)
 
 
 @dataclass(frozen=True)
@@ -115,22 +121,26 @@ def stage_plan(cfg: Any) -> list[Stage]:
 
     n = cfg.num_layers
     logits = graph_io(cfg, "fp32")[ITEM_SCORER].output_names[0]
-    plan = [Stage(USER_ENCODER, "encoder.embedding", ("input_of", "model.layers.0.w_k"), "enc.in0", 1)]
+    plan = [Stage(USER_ENCODER, "encoder.embedding", ("input_of", "model.layers.0.w_k"), "enc.in0")]
     for i in range(n):
-        plan.append(Stage(USER_ENCODER, f"encoder.layer{i}.kv", ("output", KV_CACHE), f"enc.kv{i}", 1))
+        plan.append(Stage(USER_ENCODER, f"encoder.layer{i}.kv", ("output", KV_CACHE), KV_CACHE, "kv", i))
         if i + 1 < n:  # the encoder skips the last layer's history attention and FFN
             plan.append(Stage(USER_ENCODER, f"encoder.layer{i}.attention", ("input_of", f"model.layers.{i}.w_1"),
-                              f"enc.att{i}", 1))
+                              f"enc.att{i}"))
             plan.append(Stage(USER_ENCODER, f"encoder.layer{i}.ffn", ("input_of", f"model.layers.{i + 1}.w_k"),
-                              f"enc.in{i + 1}", 1))
-    plan.append(Stage(ITEM_SCORER, "scorer.embedding", ("input_of", "model.layers.0.w_k"), "sc.in0", 1))
+                              f"enc.in{i + 1}"))
+    plan.append(Stage(ITEM_SCORER, "scorer.embedding", ("input_of", "model.layers.0.w_k"), "sc.in0"))
     for i in range(n):
         plan.append(Stage(ITEM_SCORER, f"scorer.layer{i}.attention", ("input_of", f"model.layers.{i}.w_1"),
-                          f"sc.att{i}", 1))
-        nxt = f"model.layers.{i + 1}.w_k" if i + 1 < n else "model.fusion.layer.w_k"
-        plan.append(Stage(ITEM_SCORER, f"scorer.layer{i}.ffn", ("input_of", nxt), f"sc.in{i + 1}", 1))
-    plan.append(Stage(ITEM_SCORER, "fusion.gate", ("gate", "model.fusion.head_1.bias"), "gate", 2))
-    plan.append(Stage(ITEM_SCORER, "head", ("output", logits), "logits", None))
+                          f"sc.att{i}"))
+        if i + 1 < n:
+            plan.append(Stage(ITEM_SCORER, f"scorer.layer{i}.ffn", ("input_of", f"model.layers.{i + 1}.w_k"),
+                              f"sc.in{i + 1}"))
+        else:  # the fusion reads the last layer's output as [B*M, 1, Nb, d]
+            plan.append(Stage(ITEM_SCORER, f"scorer.layer{i}.ffn", ("input_of", "model.fusion.layer.w_k"),
+                              FUSION_INPUT, "fusion_input"))
+    plan.append(Stage(ITEM_SCORER, "fusion.gate", ("gate", "model.fusion.head_1.bias"), "gate", "gate"))
+    plan.append(Stage(ITEM_SCORER, "head", ("output", logits), "logits", "whole"))
     return plan
 
 
@@ -187,15 +197,20 @@ class _Recorder:
         for layer in model.layers:
             layer.project = self._project(layer.project)
             layer.finish = self._finish(layer.finish)
+        # The fusion's own layer reads the last layer's output: recorded under one name, not counted.
+        model.fusion.layer.project = self._project(model.fusion.layer.project, FUSION_INPUT)
         model.fusion.head_1.register_forward_pre_hook(lambda _m, args: self._put("gate", args[0]))
 
     def _put(self, key: str, value: Any) -> None:
         self.values[key] = value.detach().float().numpy()
 
-    def _project(self, project: Callable) -> Callable:
+    def _project(self, project: Callable, name: str | None = None) -> Callable:
         def wrapped(x):
-            self._put(f"{self.prefix}.in{self.count['in']}", x)
-            self.count["in"] += 1
+            if name is None:
+                self._put(f"{self.prefix}.in{self.count['in']}", x)
+                self.count["in"] += 1
+            else:
+                self._put(name, x)
             return project(x)
         return wrapped
 
@@ -215,40 +230,24 @@ class _Recorder:
             self.prefix, self.count = "enc", {"in": 0, "att": 0}
             kv = self.model.encode_user(batch.history)
             self.prefix, self.count = "sc", {"in": 0, "att": 0}
-            # The fusion's own layer is not wrapped; its input is the last layer's output.
-            self.model.fusion.layer.project = self._fusion_input(self.model.fusion.layer.project)
             logits = self.model.score(kv.to(dtype), batch.history, batch.cand_items)
-            del self.model.fusion.layer.project
         self._put(KV_CACHE, kv)
         self._put("logits", logits)
         return self.values
 
-    def _fusion_input(self, project: Callable) -> Callable:
-        def wrapped(x):
-            self._put(f"sc.in{len(self.model.layers)}", x)
-            return project(x)
-        return wrapped
-
 
 # ---------------------------------------------------------------------------- comparing
-def canonical(stage: Stage, value: np.ndarray, cfg: Any, layer: int | None) -> np.ndarray:
-    """Bring a stage tensor to a layout with the blocks on ``stage.block_axis``: the fusion reads
-    the last layer's output as [B*M, 1, Nb, d] and the gate as [B, M, Nb*d]; a layer's slice of
-    the cache is [B, Nb, 2, H, L, dh]."""
+def canonical(stage: Stage, value: np.ndarray, cfg: Any) -> np.ndarray:
+    """Bring a stage tensor to a layout with the blocks on ``stage.block_axis``: a layer's slice
+    of the cache is [B, Nb, 2, H, L, dh], the fusion's input [B*M, Nb, d], the gate [B, M, Nb, d]."""
     value = np.asarray(value, dtype=np.float32)
-    if stage.anchor == ("output", KV_CACHE):
-        return value[:, layer]  # [B, Nb, 2, H, L, dh]
-    if stage.key == "gate":
+    if stage.layout == "kv":
+        return value[:, stage.layer]
+    if stage.layout == "fusion_input":
+        return value[:, 0]
+    if stage.layout == "gate":
         return value.reshape(*value.shape[:2], cfg.num_blocks, -1)
-    if stage.anchor[1] == "model.fusion.layer.w_k":
-        return value[:, 0]  # [B*M, Nb, d]
     return value
-
-
-def _layer_of(stage: Stage) -> int | None:
-    if stage.anchor == ("output", KV_CACHE):
-        return int(stage.name.split(".")[1].removeprefix("layer"))
-    return None
 
 
 def _pieces(stage: Stage, value: np.ndarray, block_names: Sequence[str]) -> list[tuple[str | None, np.ndarray]]:
@@ -340,11 +339,9 @@ def bisect_bundle(
                 got.update({s.name: values[tensors[s.name]] for s in stages_here})
                 where.update({s.name: f"{graph}:{tensors[s.name]}" for s in stages_here})
         for stage in plan:
-            layer = _layer_of(stage)
-            key = KV_CACHE if layer is not None else stage.key
-            ref = canonical(stage, oracle[key], cfg, layer)
-            mine = canonical(stage, got[stage.name], cfg, layer)
-            theirs = None if own is None else canonical(stage, own[key], cfg, layer)
+            ref = canonical(stage, oracle[stage.key], cfg)
+            mine = canonical(stage, got[stage.name], cfg)
+            theirs = None if own is None else canonical(stage, own[stage.key], cfg)
             for (block, r), (_, m) in zip(_pieces(stage, ref, blocks), _pieces(stage, mine, blocks), strict=True):
                 torch_error = None
                 if theirs is not None:
