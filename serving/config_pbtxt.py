@@ -166,7 +166,7 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
 
 
 def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any], *,
-                     precision: str, cache_bytes: int) -> str:
+                     precision: str, cache_bytes: int, ort_threads: int | None) -> str:
     """The Python (BLS) model that keeps a per-user cache of encoded state across requests."""
     request = request_tensors(io)
     key = TensorSpec(USER_KEY, "bytes", (BATCH, 1))
@@ -180,7 +180,8 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
         # One instance: the cache lives in the instance, so a second one would encode users twice.
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
         "parameters": _parameters({"bundle": "bundle", "precision": precision, "cache_bytes": str(cache_bytes),
-                                   "compute": "auto", "astro_config": dict(config)}),
+                                   "compute": "auto", "ort_threads": "" if ort_threads is None else str(ort_threads),
+                                   "astro_config": dict(config)}),
     }) + "\n"
 
 

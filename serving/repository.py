@@ -26,7 +26,7 @@ from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BundleError
 from astro_trt.serving import config_pbtxt as pbtxt
 from astro_trt.serving.readme import repository_readme
-from astro_trt.serving.service import DEFAULT_CACHE_BYTES
+from astro_trt.serving.service import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 from astro_trt.serving.source import served_precision
 
 VERSION = "1"
@@ -46,9 +46,10 @@ def _model_source(name: str) -> bytes:
 
 
 def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None = None, force: bool = False,
-                     cache_bytes: int = DEFAULT_CACHE_BYTES) -> Path:
+                     cache_bytes: int = DEFAULT_CACHE_BYTES, ort_threads: int | None = DEFAULT_ORT_THREADS) -> Path:
     """Write the repository for ``precision`` of ``bundle`` at ``out`` (atomically: a failure
-    leaves nothing there). Returns its absolute path."""
+    leaves nothing there). ``ort_threads``: ONNX Runtime's intra-op threads in astro_recommend
+    (None: one per core). Returns its absolute path."""
     out = Path(out).resolve()
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -76,7 +77,8 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
             _write(stage / name / "config.pbtxt", pbtxt.ensemble_config(io, profiles, suffix=suffix))
             (stage / name / VERSION).mkdir(parents=True)
         _write(stage / pbtxt.RECOMMEND / "config.pbtxt",
-               pbtxt.recommend_config(io, profiles, config, precision=precision, cache_bytes=cache_bytes))
+               pbtxt.recommend_config(io, profiles, config, precision=precision, cache_bytes=cache_bytes,
+                                      ort_threads=ort_threads))
         _write(stage / pbtxt.RECOMMEND / VERSION / "model.py", _model_source("recommend"))
         shutil.copytree(bundle.directory, stage / pbtxt.RECOMMEND / VERSION / "bundle")
         _write(stage / "README.md", repository_readme(bundle, precision, io, profiles, plans=plans,

@@ -21,6 +21,10 @@ from astro_trt.serving.compute import Compute, make_compute
 # What identifies an encoded history: everything but the request time, which only the scorer reads.
 FINGERPRINT_INPUTS = tuple(n for n in HISTORY_INPUTS if n != "request_time")
 DEFAULT_CACHE_BYTES = 256 << 20
+# One ONNX Runtime thread per scorer call: the server's own threads (HTTP, gRPC, the stub) need a
+# core too, and spinning intra-op threads lose badly on a shared machine (measured on 2 cores:
+# 6.0 ms per 256-candidate page with 1 thread, 16.5 ms with 2 while other work ran).
+DEFAULT_ORT_THREADS = 1
 
 
 def check_request(cfg: ASTROConfig, tensors: Mapping[str, np.ndarray],
