@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from harness import Tally, cases  # noqa: E402
 from serving_fixture import request, tiny_bundle  # noqa: E402
 
 from astro_trt.engines.bundle import load_bundle  # noqa: E402
 from astro_trt.serving.service import Recommender  # noqa: E402
-
-from harness import Tally, cases  # noqa: E402
 
 
 def _corrupt(rng: np.random.Generator, cfg, good: dict[str, np.ndarray]) -> tuple[str, dict, np.ndarray]:
