@@ -80,4 +80,16 @@ def served_config(url: str, model: str = RECOMMEND) -> dict[str, Any]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
 
-__all__ = ["PROTOCOLS", "TIMEOUT_S", "connect", "infer", "inputs", "recommend", "served_config"]
+def server_times(url: str, model: str = RECOMMEND) -> dict[str, float]:
+    """Triton's cumulative statistics of ``model`` (over HTTP): successful requests and the
+    nanoseconds they spent queued and computing."""
+    client = connect("http", url)
+    try:
+        stats = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+    finally:
+        client.close()
+    return {"count": stats["success"]["count"], "queue_ns": stats["queue"]["ns"],
+            "compute_ns": stats["compute_infer"]["ns"]}
+
+
+__all__ = ["PROTOCOLS", "server_times", "TIMEOUT_S", "connect", "infer", "inputs", "recommend", "served_config"]

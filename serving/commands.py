@@ -96,7 +96,8 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
 @click.option("--candidates", default=256, show_default=True, type=click.IntRange(1), help="Candidates per page.")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
               help="Also replay the requests in-process on this bundle (ONNX Runtime) as the baseline.")
-@click.option("--baseline-seconds", default=20.0, show_default=True, type=click.FloatRange(0.5, 3600))
+@click.option("--baseline-seconds", default=20.0, show_default=True, type=click.FloatRange(0.5, 3600),
+              help="In-process time, half before and half after the served runs.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--note", default="", help="A line for the report (e.g. what else shared the machine).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("loadtest"), show_default=True,
@@ -131,7 +132,7 @@ def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, durati
                         "start one with astro-trt serve") from None
     cfg = ASTROConfig.from_dict(json.loads(params["astro_config"]), source=f"{url} astro_recommend config")
     workload = make_workload(cfg, users=users, pages=pages, candidates=candidates, seed=seed, tag="in-process")
-    baseline = None
+    baselines, recommender = [], None
     if bundle_dir is not None:
         from astro_trt.serving.service import Recommender
         from astro_trt.serving.source import load_served_bundle
@@ -140,17 +141,21 @@ def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, durati
         # The same precision and ONNX Runtime threads as the served model, read from its config.
         threads = int(params["ort_threads"]) if params.get("ort_threads") else None
         recommender = Recommender(bundle, params["precision"], compute="ort", threads=threads)
-        click.echo(f"in-process baseline ({baseline_seconds:.0f} s) ...", err=True)
-        baseline = inprocess_phase(recommender, workload, seconds=baseline_seconds)
+        click.echo(f"in-process baseline ({baseline_seconds / 2:.0f} s) ...", err=True)
+        baselines.append(inprocess_phase(recommender, workload, seconds=baseline_seconds / 2, name="in-process"))
     phases = []
     for proto in protocols:
         click.echo(f"{proto}: {clients} clients for {duration:.0f} s ...", err=True)
         # Each run's user keys are its own, so no run is served from another's cache.
         phases.append(served_phase(proto, url if proto == "http" else grpc_url, replace(workload, tag=proto),
-                                   clients=clients, seconds=duration))
+                                   clients=clients, seconds=duration, stats_url=url))
+    if recommender is not None:
+        click.echo(f"in-process baseline again ({baseline_seconds / 2:.0f} s) ...", err=True)
+        baselines.append(inprocess_phase(recommender, replace(workload, tag="in-process-after"),
+                                         seconds=baseline_seconds / 2, name="in-process after"))
     report = LoadReport("astro_recommend", {"http": url, "grpc": grpc_url},
                         {"users": users, "pages": pages, "candidates": candidates, "seed": seed,
-                         "precision": params["precision"], "config": cfg.name}, phases, baseline, note)
+                         "precision": params["precision"], "config": cfg.name}, phases, baselines, note)
     paths = write_load_reports(report, out_dir)
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
