@@ -69,7 +69,7 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
             repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_mib << 20,
                                     ort_threads=ort_threads or None)
             server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
-                                  metrics_port=metrics_port)
+                                  metrics_port=metrics_port, cancel=stop)
             click.echo("starting tritonserver ...", err=True)
             with server:
                 for line in server.endpoints.lines():

@@ -41,7 +41,8 @@ class OrtCompute:
     def encode(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {n: arrays[n] for n in self.io[USER_ENCODER].input_names}
         kv = self.sessions[USER_ENCODER].run(None, feeds)[0]
-        return [kv[b : b + 1] for b in range(kv.shape[0])]
+        # Copies when several users were encoded together: a cached view would keep the whole batch alive.
+        return [kv] if kv.shape[0] == 1 else [kv[b : b + 1].copy() for b in range(kv.shape[0])]
 
     def score(self, states: Sequence[np.ndarray], arrays: Mapping[str, np.ndarray], cand: np.ndarray) -> np.ndarray:
         feeds = {KV_CACHE: states[0] if len(states) == 1 else np.concatenate(states), "cand_items": cand}
@@ -65,7 +66,8 @@ class TrtCompute:
 
     def encode(self, arrays: Mapping[str, np.ndarray]) -> list[Any]:
         state = self.session.encode(dict(arrays))
-        return [state.kv_cache[b : b + 1] for b in range(state.batch)]
+        kv = state.kv_cache
+        return [kv] if state.batch == 1 else [kv[b : b + 1].clone() for b in range(state.batch)]
 
     def score(self, states: Sequence[Any], arrays: Mapping[str, np.ndarray], cand: np.ndarray) -> np.ndarray:
         import torch

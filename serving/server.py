@@ -17,6 +17,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -67,6 +68,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    members.append(int(entry.name))
+            except OSError:
+                continue
+    return members
+
+
 @dataclass(frozen=True)
 class Endpoints:
     http: str
@@ -82,13 +95,15 @@ class TritonServer:
     every model is ready; leaving the block (or ``stop()``) ends it and its Python stubs."""
 
     def __init__(self, repository: str | Path, *, models: Sequence[str], http_port: int = 0, grpc_port: int = 0,
-                 metrics_port: int = 0, startup_timeout: float = 180.0, env: dict[str, str] | None = None) -> None:
+                 metrics_port: int = 0, startup_timeout: float = 180.0, env: dict[str, str] | None = None,
+                 cancel: threading.Event | None = None) -> None:
         self.repository = Path(repository).resolve()
         self.models = list(models)
         self.ports = {k: p or free_port() for k, p in
                       (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port))}
         self.startup_timeout = startup_timeout
         self.extra_env = dict(env or {})
+        self.cancel = cancel  # set (by a signal handler) to abandon a start that is still waiting
         self.endpoints = Endpoints(*(f"{HOST}:{self.ports[k]}" for k in ("http", "grpc", "metrics")))
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
@@ -148,6 +163,8 @@ class TritonServer:
         deadline = time.monotonic() + self.startup_timeout
         url = f"http://{self.endpoints.http}/v2/health/ready"
         while time.monotonic() < deadline:
+            if self.cancel is not None and self.cancel.is_set():
+                raise KeyboardInterrupt
             if self.process is None or self.process.poll() is not None:
                 raise BackendError(f"tritonserver exited while starting ({self.last_error()}); "
                                    f"see {self.log_path}")
@@ -193,7 +210,7 @@ class TritonServer:
                 except ProcessLookupError:
                     pass
             code = self.process.returncode
-            self._kill_group()
+            self._end_stubs()
         for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             leftover.unlink(missing_ok=True)
         if self._workdir is not None:
@@ -202,13 +219,19 @@ class TritonServer:
                 self._workdir = None
         return code
 
-    def _kill_group(self) -> None:
-        # Stubs outlive a killed server for a moment; they are in its process group.
+    def _end_stubs(self, grace: float = 5.0) -> None:
+        """Python stubs notice a dead server and exit by themselves; any still in the server's
+        process group after ``grace`` seconds are killed."""
         assert self.process is not None
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        pgid = self.process.pid
+        deadline = time.monotonic() + grace
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_members(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def __enter__(self) -> TritonServer:
         self.start()

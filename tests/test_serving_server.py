@@ -212,3 +212,18 @@ def test_serve_command_prints_endpoints_and_stops_on_sigterm(bundle):
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_busy_port_in_one_line(bundle):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, "-m", "astro_trt.cli", "serve", str(bundle.directory), "--http-port", str(port),
+               "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tritonserver exited") and f"127.0.0.1:{port}" in last and "in use" in last
