@@ -22,7 +22,7 @@ from astro_trt.contract import BATCH, CANDIDATES, ITEM_SCORER, KV_CACHE, USER_EN
 # Model names in the repository.
 GATE = "astro_gate"  # Python: the input gate, passes the checked tensors on
 ENSEMBLE = "astro_score"  # ensemble: gate -> user_encoder -> item_scorer, for one request
-RECOMMEND = "astro_recommend"  # Python (BLS): encode once per user and history, score every page
+RECOMMEND = "astro_recommend"  # Python: encode once per user and history, score every page
 PLAN_SUFFIX = "_plan"  # tensorrt_plan twins of the encoder, scorer and ensemble (full TensorRT bundles)
 USER_KEY = "user_key"  # astro_recommend: who the history belongs to (any bytes), the cache key
 ENCODED = "encoded"  # astro_recommend: whether this request encoded the user (False: served from cache)
@@ -167,7 +167,7 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
 
 def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any], *,
                      precision: str, cache_bytes: int, ort_threads: int | None) -> str:
-    """The Python (BLS) model that keeps a per-user cache of encoded state across requests."""
+    """The Python model that keeps a per-user cache of encoded state across requests."""
     request = request_tensors(io)
     key = TensorSpec(USER_KEY, "bytes", (BATCH, 1))
     encoded = TensorSpec(ENCODED, "bool", (BATCH, 1))

@@ -83,7 +83,8 @@ On a machine without Docker, `astro-trt serve BUNDLE` starts the `tritonserver` 
   `astro_user_encodes_total`, `astro_cache_hits_total`, `astro_cache_evictions_total`,
   `astro_cache_bytes`, `astro_requests_refused_total`. It runs ONNX Runtime on a CPU and
   astro-trt's TensorRT runtime where a GPU and the bundle's engines are (parameter `compute`:
-  auto, ort, trt).
+  auto, ort, trt), in its own process rather than through BLS calls to `user_encoder` and
+  `item_scorer`, so a cached user's state never crosses to another model.
 - **`astro_score`** runs encoder then scorer for one request (no cache across requests); the
   KV cache is a tensor internal to the ensemble, never returned.
 - **`user_encoder` and `item_scorer` read whatever ids they are sent.** Every request that

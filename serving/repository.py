@@ -5,7 +5,7 @@
     REPO/astro_gate/       Python: the project's input gate, passes checked tensors on
     REPO/astro_score/      ensemble astro_gate -> user_encoder -> item_scorer (one request; the
                            kv_cache stays inside the ensemble)
-    REPO/astro_recommend/  Python (BLS): per-user cache of encoded state, scores every page; runs
+    REPO/astro_recommend/  Python: per-user cache of encoded state, scores every page; runs
                            ONNX Runtime on a CPU, the project's TensorRT runtime on a GPU; holds
                            a copy of the bundle (verified when the model loads)
     REPO/*_plan/           tensorrt_plan twins, only for bundles built with full TensorRT
