@@ -73,9 +73,11 @@ def render(message: Mapping[str, Any], indent: int = 0) -> str:
     return "\n".join(lines)
 
 
-def tensor(spec: TensorSpec, name: str | None = None) -> dict[str, Any]:
+def tensor(spec: TensorSpec, name: str | None = None, *, reshape: bool = True) -> dict[str, Any]:
     """A batched model's tensor entry: the leading batch axis is implicit (max_batch_size), the
-    candidate axis is -1; a [batch] tensor is sent as [batch, 1] and reshaped to [batch]."""
+    candidate axis is -1; a [batch] tensor is sent as [batch, 1] and (``reshape``) reshaped to
+    [batch] for the model. An ensemble's tensors keep [batch, 1]: Triton checks them against the
+    composing models' declared dims, and reshaping is the composing models' business."""
     if not spec.shape or spec.shape[0] != BATCH:
         raise ValueError(f"{spec.name}: the contract's leading axis must be '{BATCH}', got {spec.shape}")
     dims = [-1 if d == CANDIDATES else int(d) for d in spec.shape[1:]]
@@ -83,7 +85,9 @@ def tensor(spec: TensorSpec, name: str | None = None) -> dict[str, Any]:
     if dims:
         entry["dims"] = dims
     else:
-        entry["dims"], entry["reshape"] = [1], {"shape": []}
+        entry["dims"] = [1]
+        if reshape:
+            entry["reshape"] = {"shape": []}
     return entry
 
 
@@ -159,8 +163,8 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
         "name": ENSEMBLE + suffix,
         "platform": "ensemble",
         "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
-        "input": [tensor(t) for t in request],
-        "output": [tensor(t) for t in scorer.outputs],
+        "input": [tensor(t, reshape=False) for t in request],
+        "output": [tensor(t, reshape=False) for t in scorer.outputs],
         "ensemble_scheduling": {"step": steps},
     }) + "\n"
 

@@ -227,3 +227,43 @@ def test_serve_refuses_a_busy_port_in_one_line(bundle):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: tritonserver exited") and f"127.0.0.1:{port}" in last and "in use" in last
+
+
+@pytest.fixture(scope="module")
+def ensemble_server(bundle, tmp_path_factory):
+    """The generated repository with user_encoder and item_scorer run by a Python stand-in of the
+    ONNX Runtime backend, so that the ensemble's wiring runs on a real server."""
+    import shutil
+    from pathlib import Path
+
+    from astro_trt.contract import ITEM_SCORER, USER_ENCODER
+
+    repo = write_repository(bundle, tmp_path_factory.mktemp("ensemble") / "models")
+    for graph in (USER_ENCODER, ITEM_SCORER):
+        config = repo / graph / "config.pbtxt"
+        text = config.read_text().replace('platform: "onnxruntime_onnx"', 'backend: "python"')
+        config.write_text(text.replace("KIND_AUTO", "KIND_CPU"))
+        shutil.copy(Path(__file__).with_name("serving_ort_standin.py"), repo / graph / "1" / "model.py")
+    server = TritonServer(repo, models=[pbtxt.ENSEMBLE, pbtxt.GATE, USER_ENCODER, ITEM_SCORER])
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_ensemble_runs_gate_encoder_scorer(ensemble_server, bundle):
+    from tritonclient.utils import InferenceServerException
+
+    client = tc.connect("grpc", ensemble_server.endpoints.grpc)
+    try:
+        arrays = request(bundle.config, users=2, candidates=10, seed=12)
+        result = tc.infer("grpc", client, arrays, model=pbtxt.ENSEMBLE)
+        assert np.abs(result.as_numpy("logits") - reference_logits(bundle, arrays)).max() <= FP32_TOL
+        assert result.get_output("kv_cache") is None  # internal to the ensemble
+        _, bad = _bad_requests(bundle.config)
+        with pytest.raises(InferenceServerException, match="cand_items: value") as exc:
+            tc.infer("grpc", client, bad["item id out of range"], model=pbtxt.ENSEMBLE)
+        assert "INVALID_ARGUMENT" in str(exc.value.status())
+    finally:
+        client.close()
