@@ -17,8 +17,11 @@ from astro_trt.serving.cache import UserCache
 from astro_trt.serving.repository import write_repository
 from astro_trt.serving.service import Recommender
 
-model_config_pb2 = pytest.importorskip(
-    "tritonclient.grpc.model_config_pb2", reason="tritonclient is not installed; pip install 'astro-trt[serve]'")
+
+@pytest.fixture(scope="module")
+def model_config_pb2():
+    return pytest.importorskip("tritonclient.grpc.model_config_pb2",
+                               reason="tritonclient is not installed; pip install 'astro-trt[serve]'")
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,7 @@ def repo(bundle, tmp_path_factory):
     return write_repository(bundle, tmp_path_factory.mktemp("repo") / "models", cache_bytes=1 << 20)
 
 
-def parse(path):
+def parse(path, model_config_pb2):
     from google.protobuf import text_format
 
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
@@ -43,9 +46,9 @@ def dims(spec) -> list[int]:
     return rest or [1]
 
 
-def test_every_config_parses_and_matches_the_manifest(repo, bundle):
+def test_every_config_parses_and_matches_the_manifest(repo, bundle, model_config_pb2):
     dtype = {"int64": model_config_pb2.TYPE_INT64, "float32": model_config_pb2.TYPE_FP32}
-    configs = {p.parent.name: parse(p) for p in repo.glob("*/config.pbtxt")}
+    configs = {p.parent.name: parse(p, model_config_pb2) for p in repo.glob("*/config.pbtxt")}
     assert set(configs) == {USER_ENCODER, ITEM_SCORER, pbtxt.GATE, pbtxt.ENSEMBLE, pbtxt.RECOMMEND}
     io = bundle.io("fp32")
     max_batch = min(bundle.profile(g)[BATCH][2] for g in (USER_ENCODER, ITEM_SCORER))
@@ -65,8 +68,8 @@ def test_every_config_parses_and_matches_the_manifest(repo, bundle):
                    [[] for s in specs if len(s.shape) == 1]
 
 
-def test_ensemble_keeps_the_kv_cache_inside(repo, bundle):
-    config = parse(repo / pbtxt.ENSEMBLE / "config.pbtxt")
+def test_ensemble_keeps_the_kv_cache_inside(repo, bundle, model_config_pb2):
+    config = parse(repo / pbtxt.ENSEMBLE / "config.pbtxt", model_config_pb2)
     assert config.platform == "ensemble"
     assert [o.name for o in config.output] == ["logits"]
     steps = config.ensemble_scheduling.step
@@ -79,12 +82,12 @@ def test_ensemble_keeps_the_kv_cache_inside(repo, bundle):
         wired = dict(step.input_map)
         assert {n: wired[n] for n in io[graph].input_names if n != KV_CACHE} == \
                {n: pbtxt.CHECKED + n for n in io[graph].input_names if n != KV_CACHE}
-    gate_outputs = {o.name for o in parse(repo / pbtxt.GATE / "config.pbtxt").output}
+    gate_outputs = {o.name for o in parse(repo / pbtxt.GATE / "config.pbtxt", model_config_pb2).output}
     assert set(dict(steps[0].output_map)) <= gate_outputs
 
 
-def test_recommend_model_config(repo, bundle):
-    config = parse(repo / pbtxt.RECOMMEND / "config.pbtxt")
+def test_recommend_model_config(repo, bundle, model_config_pb2):
+    config = parse(repo / pbtxt.RECOMMEND / "config.pbtxt", model_config_pb2)
     assert config.backend == "python" and config.instance_group[0].count == 1
     assert [i.name for i in config.input][0] == pbtxt.USER_KEY
     assert config.input[0].data_type == model_config_pb2.TYPE_STRING
@@ -96,7 +99,7 @@ def test_recommend_model_config(repo, bundle):
     assert load_bundle(repo / pbtxt.RECOMMEND / "1" / params["bundle"]).checkpoint_sha256 == bundle.checkpoint_sha256
 
 
-def test_plan_configs_parse(bundle):
+def test_plan_configs_parse(bundle, model_config_pb2):
     # No full TensorRT bundle can be built here; its configs come from the same contract.
     io, profiles = bundle.io("fp32"), {g: bundle.profile(g) for g in (USER_ENCODER, ITEM_SCORER)}
     from google.protobuf import text_format
