@@ -199,17 +199,21 @@ def plot_load(report: LoadReport) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     runs: Sequence[Phase] = report.baselines + report.phases
     fig, (bars, cdf) = plt.subplots(1, 2, figsize=(11, 4.2))
-    bars.bar([f"{p.name}\n{i}" for i, p in enumerate(runs)], [p.candidates_per_s for p in runs], color="tab:blue")
+    bars.bar([p.name.replace(" ", "\n") for p in runs], [p.candidates_per_s for p in runs], color="tab:blue")
     bars.set_ylabel("candidates scored per second")
     bars.set_title("throughput")
     for p in report.phases:
         lat = np.sort(np.asarray(p.latencies_ms))
         if lat.size:
             cdf.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=f"{p.name} ({p.clients} clients)")
-    cdf.set_xlabel("latency ms")
+    cdf.set_xscale("log")
+    cdf.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    cdf.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    cdf.set_xlabel("latency ms (log)")
     cdf.set_ylabel("fraction of requests")
     cdf.set_title("latency")
     cdf.grid(alpha=0.3)
