@@ -15,6 +15,9 @@ from astro_trt.engines.backend import BACKEND_CHOICES
 from astro_trt.engines.build import ATTENTION_CHOICES
 from astro_trt.errors import AstroError, ConfigError
 
+EXPECT_SHA256_HELP = ("Refuse the bundle unless its manifest.json has this sha256 (printed by export and inspect): "
+                      "pins the approved bundle.")
+
 
 def _precisions(value: str) -> list[str]:
     items = [p.strip().lower() for p in value.split(",") if p.strip()]
@@ -184,24 +187,34 @@ def export(
         )
         write_manifest(stage, manifest)
     _summary(out.resolve(), manifest)
+    report = None
     if run_validate:
         from astro_trt.validate.parity import validate_bundle
 
         report = validate_bundle(out, runtimes=("torch", "ort"), progress=lambda msg: click.echo(f"  {msg}", err=True))
         click.echo(report.summary())
-        if not report.passed:
-            raise SystemExit(1)
+    click.echo(pin_line(out))
+    if report is not None and not report.passed:
+        raise SystemExit(1)
 
 
-def describe_bundle(directory: Path, *, verify: bool = True) -> str:
+def pin_line(directory: Path) -> str:
+    """The digest to pin the bundle with; reports written into a bundle change it."""
+    from astro_trt.manifest import manifest_digest
+
+    return f"manifest sha256 {manifest_digest(directory)} (pin this bundle with --expect-sha256)"
+
+
+def describe_bundle(directory: Path, *, verify: bool = True, expect_sha256: str | None = None) -> str:
     """The human-readable text `inspect` prints (plain text, so tests and logs can read it)."""
     from astro_trt.engines.bundle import load_bundle
 
-    bundle = load_bundle(directory, verify=verify)
+    bundle = load_bundle(directory, verify=verify, expect_sha256=expect_sha256)
     m = bundle.manifest
     backend = m.get("backend")
     lines = [
         f"bundle {bundle.directory} ({'verified' if verify else 'NOT verified'}: {len(m['files'])} files)",
+        f"manifest sha256 {bundle.manifest_sha256}" + (" (as expected)" if expect_sha256 else ""),
         f"tool: astro-trt {m['tool']['version']} ({m['tool']['created']})",
         "back end: " + (f"{backend['name']} {backend['version']}, targets {','.join(backend['targets'])}, "
                         f"opt level {backend['opt_level'] if backend['opt_level'] is not None else 'default'}"
@@ -236,6 +249,7 @@ def describe_bundle(directory: Path, *, verify: bool = True) -> str:
 @click.command("inspect")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
-def inspect(bundle_dir: Path, no_verify: bool) -> None:
+@click.option("--expect-sha256", default=None, help=EXPECT_SHA256_HELP)
+def inspect(bundle_dir: Path, no_verify: bool, expect_sha256: str | None) -> None:
     """Show what is inside BUNDLE_DIR: engines, I/O, sizes, back end, targets."""
-    click.echo(describe_bundle(bundle_dir, verify=not no_verify))
+    click.echo(describe_bundle(bundle_dir, verify=not no_verify, expect_sha256=expect_sha256))

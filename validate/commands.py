@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from astro_trt.config import PRESETS
+from astro_trt.engines.commands import EXPECT_SHA256_HELP, pin_line
 from astro_trt.errors import DataError
 from astro_trt.exporter.limits import ATTENTIONS
 from astro_trt.validate.parity import DATA_CHOICES, RUNTIMES
@@ -40,16 +41,19 @@ def _runtimes(value: str) -> list[str]:
 @click.option("--split-full-max-abs", type=float, default=None, help="fp32 max |split - full| logits [1e-4].")
 @click.option("--topk", type=int, default=None, help="k of the top-k overlap gate [10].")
 @click.option("--topk-overlap", type=float, default=None, help="Min mean top-k overlap per user [0.9].")
-def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None, **gate_flags: float | None) -> None:
+@click.option("--expect-sha256", default=None, help=EXPECT_SHA256_HELP)
+def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None, expect_sha256: str | None,
+             **gate_flags: float | None) -> None:
     """Parity report of BUNDLE_DIR against the fp32 PyTorch oracle; exit 1 when a gate fails."""
     from astro_trt.validate.gates import Gates
     from astro_trt.validate.parity import validate_bundle
 
     gates = Gates(**{k: v for k, v in gate_flags.items() if v is not None})
     report = validate_bundle(bundle_dir, data=data, runtimes=_runtimes(runtime), checkpoint=checkpoint, gates=gates,
-                             progress=lambda msg: click.echo(f"  {msg}", err=True))
+                             progress=lambda msg: click.echo(f"  {msg}", err=True), expect_sha256=expect_sha256)
     _print_gates(report)
     click.echo(report.summary())
+    click.echo(pin_line(report.bundle))  # the report is recorded in the manifest: a new digest
     if not report.passed:
         sys.exit(1)
 
@@ -82,8 +86,9 @@ def _print_gates(report) -> None:
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Reports directory (default: BUNDLE/reports/bench, recorded in the manifest).")
+@click.option("--expect-sha256", default=None, help=EXPECT_SHA256_HELP)
 def bench(bundle_dir: Path, runtime: str, candidates: str, config_name: str, precision: str | None, attention: str,
-          repetitions: int, warmup: int, out_dir: Path | None) -> None:
+          repetitions: int, warmup: int, out_dir: Path | None, expect_sha256: str | None) -> None:
     """Throughput of the split (encode once, score M) against the naive full model, same runtime."""
     from rich.console import Console
 
@@ -91,7 +96,8 @@ def bench(bundle_dir: Path, runtime: str, candidates: str, config_name: str, pre
     from astro_trt.validate.bench import parse_candidates, run_bench, write_bench_reports, write_bench_to_bundle
 
     counts = parse_candidates(candidates)
-    bundle = load_bundle(bundle_dir, verify=True)
+    bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
+    _check_counts(counts, bundle if config_name == "bundle" else None)
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
         runner, cfg, source = _bench_runner(bundle, runtime, config_name, precision, attention, Path(tmp))
@@ -103,6 +109,33 @@ def bench(bundle_dir: Path, runtime: str, candidates: str, config_name: str, pre
         paths = write_bench_reports(result, out_dir)
     _print_bench(result)
     click.echo(f"reports: {paths['md']}")
+    if out_dir is None:
+        click.echo(pin_line(bundle.directory))
+
+
+MAX_BENCH_POINTS = 32  # each point costs warm-up + repetitions of both paths
+
+
+def _bench_profiles(bundle) -> dict:
+    """The shapes bench may ask for: the bundle's engine profiles, or for presets the profile
+    `export` gives by default (what such a bundle would serve)."""
+    from astro_trt.contract import GRAPHS
+    from astro_trt.engines.build import Profile
+
+    if bundle is not None:
+        return {g: bundle.profile(g) for g in GRAPHS}
+    return dict.fromkeys(GRAPHS, Profile().ranges())
+
+
+def _check_counts(counts: list[int], bundle) -> None:
+    """Refuse --candidates the profile would refuse before any graph is built or timed."""
+    from astro_trt.contract import FULL_MODEL
+    from astro_trt.engines.inputs import check_profile
+
+    if len(counts) > MAX_BENCH_POINTS:
+        raise DataError(f"--candidates: {len(counts)} counts; time at most {MAX_BENCH_POINTS} per run")
+    for m in counts:
+        check_profile(_bench_profiles(bundle)[FULL_MODEL], candidates=m, what=f"--candidates {m}")
 
 
 def _bench_runner(bundle, runtime: str, config_name: str, precision: str | None, attention: str, tmp: Path):
@@ -118,7 +151,8 @@ def _bench_runner(bundle, runtime: str, config_name: str, precision: str | None,
                 raise DataError(f"cannot bench TensorRT: {why}")
             return runner, bundle.config, f"bundle {bundle.directory} (engines)"
         graphs = {g: bundle.onnx_path(g, precision) for g in GRAPHS}
-        return OrtRunner(graphs, bundle.config, precision), bundle.config, f"bundle {bundle.directory}"
+        return (OrtRunner(graphs, bundle.config, precision, profiles=_bench_profiles(bundle)), bundle.config,
+                f"bundle {bundle.directory}")
     if runtime == "trt":
         raise DataError("--runtime trt times the bundle's engines; use --config bundle (presets are exported to "
                         "ONNX on the fly and run on ONNX Runtime)")
@@ -132,7 +166,8 @@ def _bench_runner(bundle, runtime: str, config_name: str, precision: str | None,
     torch.manual_seed(0)
     click.echo(f"  exporting a random {config_name} model ({precision}, {attention}) to ONNX", err=True)
     result = export_onnx(ASTRO(cfg).eval(), tmp, precision=precision, attention=attention)
-    return OrtRunner(result.paths, cfg, precision), cfg, f"random {config_name} ({attention} lowering)"
+    runner = OrtRunner(result.paths, cfg, precision, profiles=_bench_profiles(None))
+    return runner, cfg, f"random {config_name} ({attention} lowering)"
 
 
 def _print_bench(result) -> None:
