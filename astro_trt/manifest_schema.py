@@ -15,6 +15,7 @@ import posixpath
 import re
 from typing import Any
 
+from astro_trt import contract
 from astro_trt.contract import BATCH, CANDIDATES, FULL_MODEL, GRAPHS, ITEM_SCORER, PRECISIONS, USER_ENCODER
 from astro_trt.errors import BundleError
 
@@ -22,7 +23,7 @@ FORMAT = "astro-trt-bundle"
 FORMAT_VERSION = 1
 FIX = "re-export the bundle with `astro-trt export`"
 ATTENTION_EFFECTIVE = ("plugin", "native", "reference")
-# The dynamic axes each graph's profile has (the encoder takes no candidates).
+# The dynamic axes each graph's profile needs (the encoder takes no candidates).
 PROFILE_AXES = {USER_ENCODER: (BATCH,), ITEM_SCORER: (BATCH, CANDIDATES), FULL_MODEL: (BATCH, CANDIDATES)}
 MAX_DIM = 2**31 - 1  # a profile bound beyond this is no engine's
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -98,7 +99,7 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     if m.get("format") != FORMAT:
         raise BundleError(f"{where}: not an astro-trt bundle manifest (format {_show(m.get('format'))}); {FIX}")
     version = m.get("format_version")
-    if isinstance(version, bool) or version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # not 1.0, not true
         raise BundleError(f"{where}: bundle format version {_show(version)}, this astro-trt reads version "
                           f"{FORMAT_VERSION}; {FIX}")
     tool = s.obj(s.key(m, "tool", ""), "tool")
@@ -174,9 +175,9 @@ def _profile(s: _Schema, value: Any) -> None:
     profile = s.obj(value, "profile")
     for graph, axes in PROFILE_AXES.items():
         ranges = s.obj(s.key(profile, graph, "profile"), f"profile.{graph}")
-        if sorted(ranges) != sorted(axes):
-            raise s.fail(f"profile.{graph}", f"has axes {sorted(ranges)}, expected {sorted(axes)}")
-        for axis in axes:
+        if not set(axes) <= set(ranges) <= set(contract.DYNAMIC_DIMS):
+            raise s.fail(f"profile.{graph}", f"has axes {sorted(map(str, ranges))}, expected {list(axes)}")
+        for axis in ranges:
             field = f"profile.{graph}.{axis}"
             r = s.array(ranges[axis], field)
             if len(r) != 3:
