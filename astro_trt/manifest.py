@@ -143,8 +143,8 @@ def read_manifest_digest(directory: str | Path, *, expect_sha256: str | None = N
     if pin is not None and digest != pin:
         raise BundleError(f"{directory}: manifest sha256 {digest} is not the expected {pin}, so this is not the "
                           "approved bundle; deploy the approved bundle or pin this one after reviewing it")
-    recorded = _read(directory, MANIFEST_HASH).decode(errors="replace").split()
-    if not recorded or recorded[0] != digest:
+    # Exactly what write_manifest wrote (sha256sum -c format): a truncated or edited line is a change too.
+    if _read(directory, MANIFEST_HASH) != f"{digest}  {MANIFEST}\n".encode():
         raise BundleError(f"{directory}: {MANIFEST} (or {MANIFEST_HASH}) changed since it was written; {_FIX}")
     try:
         manifest = json.loads(body, parse_constant=_reject_constant)

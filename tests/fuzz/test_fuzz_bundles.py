@@ -73,8 +73,7 @@ def mutate(bundle: Path, sandbox: Path, rng: np.random.Generator) -> tuple[str, 
     if kind == "flip":
         rel = files[rng.integers(len(files))] if rng.random() < 0.8 else rng.choice([MANIFEST, MANIFEST_HASH])
         data = bytearray((bundle / rel).read_bytes())
-        span = 64 if rel == MANIFEST_HASH else len(data)  # the digest, not the file name after it
-        at = int(rng.integers(span))
+        at = int(rng.integers(len(data)))
         data[at] ^= int(rng.integers(1, 256))
         (bundle / rel).write_bytes(bytes(data))
         return f"flip byte {at} of {rel}", rel not in (MANIFEST, MANIFEST_HASH)
