@@ -133,7 +133,8 @@ def read_manifest_digest(directory: str | Path, *, expect_sha256: str | None = N
     ``expect_sha256`` refuse any manifest but that one. Returns (manifest, its sha256)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise BundleError(f"{directory}: no such bundle directory; create one with `astro-trt export CKPT --out DIR`")
+        what = "is not a directory" if directory.exists() else "no such bundle directory"
+        raise BundleError(f"{directory}: {what}; pass a bundle written by `astro-trt export CKPT --out DIR`")
     pin = None if expect_sha256 is None else check_digest(expect_sha256)
     for name in (MANIFEST, MANIFEST_HASH):
         if not os.path.lexists(directory / name):

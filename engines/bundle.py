@@ -56,6 +56,9 @@ class Bundle:
     manifest_sha256: str = ""  # sha256 of manifest.json: what --expect-sha256 pins
 
     def _precision(self, precision: str) -> str:
+        from astro_trt.contract import float_dtype
+
+        float_dtype(precision)  # ConfigError naming the precisions for an unknown one
         if precision not in self.precisions:
             raise BundleError(
                 f"{self.directory}: no {precision} graphs in this bundle (it has {self.precisions}); "
