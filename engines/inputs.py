@@ -38,7 +38,7 @@ from astro_trt.contract import BATCH, CANDIDATES, HISTORY_INPUTS, KV_CACHE, floa
 from astro_trt.errors import DataError
 
 HISTORY_FIELDS = HISTORY_INPUTS
-Profile = Mapping[str, tuple[int, int, int]]
+Ranges = Mapping[str, tuple[int, int, int]]  # a profile: axis -> (min, opt, max)
 _INT64_MAX = int(np.iinfo(np.int64).max)
 
 
@@ -87,7 +87,7 @@ def _check_dim(name: str, size: int, axis: str, limits: tuple[int, int, int] | N
         )
 
 
-def check_profile(profile: Profile | None, *, batch: int | None = None, candidates: int | None = None,
+def check_profile(profile: Ranges | None, *, batch: int | None = None, candidates: int | None = None,
                   what: str = "request") -> None:
     """B and M against a profile ({axis: (min, opt, max)}), e.g. to refuse a flag before any work."""
     if batch is not None:
@@ -153,7 +153,7 @@ def _check_blocks(cfg: ASTROConfig, arrays: dict[str, np.ndarray]) -> None:
         )
 
 
-def validate_history(cfg: ASTROConfig, history: Any, profile: Profile | None = None) -> dict[str, np.ndarray]:
+def validate_history(cfg: ASTROConfig, history: Any, profile: Ranges | None = None) -> dict[str, np.ndarray]:
     """A History (model/astro.py) or a mapping of contract names -> contiguous int64 arrays,
     checked against the config (module docstring) and the profile's batch range."""
     arrays = {n: _as_int64(n, v) for n, v in _history_mapping(history).items()}
@@ -181,7 +181,7 @@ def validate_history(cfg: ASTROConfig, history: Any, profile: Profile | None = N
     return arrays
 
 
-def validate_candidates(cfg: ASTROConfig, cand_items: Any, batch: int, profile: Profile | None = None) -> np.ndarray:
+def validate_candidates(cfg: ASTROConfig, cand_items: Any, batch: int, profile: Ranges | None = None) -> np.ndarray:
     """cand_items [batch, M] int64 with ids 1..num_items and M inside the profile."""
     cand = _as_int64("cand_items", cand_items)
     if cand.ndim != 2 or cand.shape[0] != batch:

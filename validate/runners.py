@@ -22,7 +22,7 @@ import torch
 
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import FULL_MODEL, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
-from astro_trt.engines.inputs import Profile, validate_candidates, validate_history, validate_kv_cache
+from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history, validate_kv_cache
 from astro_trt.errors import BackendError, BundleError, DataError
 from astro_trt.exporter.precision import model_in_precision, torch_dtype
 from astro_trt.model.astro import History
@@ -45,7 +45,7 @@ class Runner(Protocol):
 
 
 def gate(cfg: ASTROConfig, history: Any, cand_items: Any = None,
-         profile: Profile | None = None) -> dict[str, np.ndarray]:
+         profile: Ranges | None = None) -> dict[str, np.ndarray]:
     """The history (and candidates) through the input gate: contract name -> int64 array."""
     arrays = validate_history(cfg, history, profile)
     if cand_items is not None:
@@ -112,7 +112,7 @@ class OrtRunner:
     runtime = "ort"
 
     def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS,
-                 *, profiles: Mapping[str, Profile] | None = None):
+                 *, profiles: Mapping[str, Ranges] | None = None):
         missing = [g for g in (USER_ENCODER, ITEM_SCORER, FULL_MODEL) if g not in graphs]
         if missing:
             raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
