@@ -207,9 +207,10 @@ def _finite(array: np.ndarray) -> np.ndarray:
     return np.isfinite(array)
 
 
-def validate_kv_cache(cfg: ASTROConfig, kv_cache: Any, precision: str, batch: int) -> Any:
+def validate_kv_cache(cfg: ASTROConfig, kv_cache: Any, precision: str, batch: int, *, host: bool = False) -> Any:
     """The scorer's kv_cache: the contract's shape for ``batch`` users, the precision's dtype,
-    finite values. Returns a numpy array as C-contiguous numpy, a torch tensor as it came."""
+    finite values. Returns a numpy array as C-contiguous numpy, a torch tensor as it came (or,
+    with ``host``, as C-contiguous numpy: what ONNX Runtime takes)."""
     expected_dtype = float_dtype(precision)
     expected = tuple(batch if d == BATCH else d for d in kv_cache_shape(cfg))
     is_torch = hasattr(kv_cache, "detach")
@@ -230,7 +231,7 @@ def validate_kv_cache(cfg: ASTROConfig, kv_cache: Any, precision: str, batch: in
             at = tuple(int(i) for i in torch.nonzero(~finite)[0])
             raise DataError(f"{KV_CACHE}: non-finite value {float(kv_cache[at])} at {_index(at)}; "
                             "re-encode the user (the cache must come from the user encoder)")
-        return kv_cache
+        return np.ascontiguousarray(_host(KV_CACHE, kv_cache)) if host else kv_cache
     finite = _finite(kv_cache)
     if not finite.all():
         at = _first(~finite)

@@ -59,6 +59,9 @@ def test_valid_requests_agree_across_runners(runners, request_):
     # fp32 ONNX Runtime against fp32 PyTorch on a tiny model: the export check's own tolerance.
     np.testing.assert_allclose(split["ort"], split["torch"], atol=1e-4)
     np.testing.assert_allclose(full, split["torch"], atol=1e-4)
+    # The caches are one contract: either runtime scores the other's (a torch tensor reaches ORT as numpy).
+    crossed = runners["ort"].score(kv["torch"], request_.history, request_.cand_items)
+    np.testing.assert_allclose(crossed, split["torch"], atol=1e-4)
 
 
 def test_onnx_runtime_alone_wraps_a_negative_id_silently(runners, request_, bundle):

@@ -139,7 +139,8 @@ class OrtRunner:
 
     def score(self, kv_cache: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
         feeds = gate(self.cfg, history, cand_items, self.profiles.get(ITEM_SCORER))
-        feeds[KV_CACHE] = validate_kv_cache(self.cfg, kv_cache, self.precision, feeds["hist_items"].shape[0])
+        feeds[KV_CACHE] = validate_kv_cache(self.cfg, kv_cache, self.precision, feeds["hist_items"].shape[0],
+                                            host=True)
         return as_float32(self._run(ITEM_SCORER, feeds))
 
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:

@@ -221,6 +221,20 @@ KINDS = ["id-range", "padding-nonzero", "lengths", "times", "scenario", "request
          "empty-batch", "container", "unsigned", "candidates", "batch-over-profile", "kv_cache"]
 
 
+def tensorize(case: Case) -> None:
+    """Hand the (mutated) arrays over as torch tensors instead, as a PyTorch caller would."""
+    import torch
+
+    def convert(value: object) -> object:
+        ok = isinstance(value, np.ndarray) and value.dtype.name in ("int64", "int32", "float32", "float64",
+                                                                      "float16", "bool")
+        return torch.from_numpy(np.ascontiguousarray(value)) if ok else value
+
+    if isinstance(case.history, dict):
+        case.history = {k: convert(v) for k, v in case.history.items()}
+    case.cand, case.kv = convert(case.cand), convert(case.kv)
+
+
 def _entries(case: Case, cfg, profiles, runners) -> dict[str, dict[str, Callable[[], object]]]:
     """entry point -> call, grouped by tally. A mutation of the cache only concerns the scorer;
     one that breaks only the profile only concerns what is bounded by it."""
@@ -267,6 +281,9 @@ def test_fuzz_runtime_inputs(setup):
             kv_by_seed[seed] = runners["ort"].encode(Case(cfg, seed, np.zeros(1)).history)
         case = Case(cfg, seed, kv_by_seed[seed])
         what = mutate(case, cfg, profiles, rng)
+        if rng.random() < 0.25:
+            tensorize(case)
+            what += " (as torch tensors)"
         for group, calls in _entries(case, cfg, profiles, runners).items():
             for entry, call in calls.items():
                 # encode reads the history only: a candidates or cache mutation is no fault of it.
