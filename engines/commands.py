@@ -14,6 +14,9 @@ import click
 from astro_trt.engines.backend import BACKEND_CHOICES
 from astro_trt.engines.build import ATTENTION_CHOICES
 
+EXPECT_SHA256_HELP = ("Refuse the bundle unless its manifest.json has this sha256 (printed by export and inspect): "
+                      "pins the approved bundle.")
+
 
 @contextmanager
 def _spinner() -> Iterator[Any]:
@@ -85,21 +88,26 @@ def export(
             engines=not no_engines, force=force, progress=progress,
         )
     _summary(result.directory, result.manifest)
+    report = None
     if run_validate:
         from astro_trt.validate.parity import validate_bundle
 
         report = validate_bundle(result.directory, runtimes=("torch", "ort"),
                                  progress=lambda msg: click.echo(f"  {msg}", err=True))
         click.echo(report.summary())
-        if not report.passed:
-            raise SystemExit(1)
+    from astro_trt.engines.describe import pin_line
+
+    click.echo(pin_line(result.directory))
+    if report is not None and not report.passed:
+        raise SystemExit(1)
 
 
 @click.command("inspect")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--no-verify", is_flag=True, help="Skip the sha256 check of every file.")
-def inspect(bundle_dir: Path, no_verify: bool) -> None:
+@click.option("--expect-sha256", default=None, help=EXPECT_SHA256_HELP)
+def inspect(bundle_dir: Path, no_verify: bool, expect_sha256: str | None) -> None:
     """Show what is inside BUNDLE_DIR: engines, I/O, sizes, back end, targets."""
     from astro_trt.engines.describe import describe_bundle
 
-    click.echo(describe_bundle(bundle_dir, verify=not no_verify))
+    click.echo(describe_bundle(bundle_dir, verify=not no_verify, expect_sha256=expect_sha256))

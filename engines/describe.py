@@ -14,15 +14,24 @@ def size_text(n: float) -> str:
     return str(n)
 
 
-def describe_bundle(directory: str | Path, *, verify: bool = True) -> str:
-    """Engines, I/O with min/opt/max shapes, sizes, back end, targets and reports of a bundle."""
+def pin_line(directory: str | Path) -> str:
+    """The digest to pin the bundle with; reports written into a bundle change it."""
+    from astro_trt.manifest import manifest_digest
+
+    return f"manifest sha256 {manifest_digest(Path(directory))} (pin this bundle with --expect-sha256)"
+
+
+def describe_bundle(directory: str | Path, *, verify: bool = True, expect_sha256: str | None = None) -> str:
+    """Engines, I/O with min/opt/max shapes, sizes, back end, targets and reports of a bundle;
+    with ``expect_sha256`` only the bundle whose manifest has that digest is described."""
     from astro_trt.engines.bundle import load_bundle
 
-    bundle = load_bundle(directory, verify=verify)
+    bundle = load_bundle(directory, verify=verify, expect_sha256=expect_sha256)
     m = bundle.manifest
     backend = m.get("backend")
     lines = [
         f"bundle {bundle.directory} ({'verified' if verify else 'NOT verified'}: {len(m['files'])} files)",
+        f"manifest sha256 {bundle.manifest_sha256}" + (" (as expected)" if expect_sha256 else ""),
         f"tool: astro-trt {m['tool']['version']} ({m['tool']['created']})",
         "back end: " + (f"{backend['name']} {backend['version']}, targets {','.join(backend['targets'])}, "
                         f"opt level {backend['opt_level'] if backend['opt_level'] is not None else 'default'}"

@@ -3,7 +3,6 @@ generated repository) refuses a changed bundle the same way."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 from astro_trt.engines.bundle import Bundle, load_bundle
@@ -11,14 +10,7 @@ from astro_trt.errors import BundleError
 
 
 def load_served_bundle(path: str | Path, *, expect_sha256: str | None = None) -> Bundle:
-    """A verified bundle. ``expect_sha256`` pins the manifest's hash: it is handed to
-    ``load_bundle(expect_sha256=...)`` and refused with a one-line error where that loader
-    cannot check it."""
-    if expect_sha256 is None:
-        return load_bundle(path, verify=True)
-    if "expect_sha256" not in inspect.signature(load_bundle).parameters:
-        raise BundleError("--expect-sha256: this astro-trt's bundle loader cannot pin a manifest hash; "
-                          "drop the option or upgrade astro-trt")
+    """A verified bundle; ``expect_sha256`` pins the manifest's hash (see engines.bundle.load_bundle)."""
     return load_bundle(path, verify=True, expect_sha256=expect_sha256)
 
 

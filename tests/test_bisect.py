@@ -40,7 +40,9 @@ def plant_fault(bundle: Path, out: Path, graph: str, precision: str, weight: str
     init.CopyFrom(numpy_helper.from_array(value, weight))
     onnx.save_model(model, str(path))
     shutil.rmtree(out / "reports", ignore_errors=True)
-    write_manifest(out, read_manifest(out))
+    manifest = read_manifest(out)
+    manifest.pop("reports", None)  # the copy's reports are gone; a manifest may list only files it holds
+    write_manifest(out, manifest)
     return out
 
 

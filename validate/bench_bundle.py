@@ -33,11 +33,13 @@ def bench_bundle(
     warmup: int = 1,
     out: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    expect_sha256: str | None = None,
 ) -> BenchRun:
     """Throughput of the split (encode once, score M) against the naive full model, same runtime.
     ``config="bundle"`` times the bundle's graphs (``runtime`` "ort" or "trt"); a preset name
     times a randomly initialised model of that size exported to ONNX on the fly (ONNX Runtime).
-    The report goes to BUNDLE/reports/bench/ (recorded in the manifest) or to ``out``."""
+    The report goes to BUNDLE/reports/bench/ (recorded in the manifest) or to ``out``. With
+    ``expect_sha256`` only the bundle whose manifest has that digest is timed."""
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.validate.bench import parse_candidates, run_bench, write_bench_reports, write_bench_to_bundle
 
@@ -45,7 +47,8 @@ def bench_bundle(
     _check_choices(runtime=runtime, config=config, precision=precision, attention=attention,
                    repetitions=repetitions, warmup=warmup)
     say = progress or (lambda _msg: None)
-    bundle = load_bundle(bundle_dir, verify=True)
+    bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
+    _check_counts(counts, bundle if config == "bundle" else None)
     with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
         runner, cfg, source = _runner(bundle, runtime, config, precision, attention, Path(tmp), say)
         result = run_bench(runner, cfg, counts, source=source, warmup=warmup, repetitions=repetitions,
@@ -59,6 +62,31 @@ def _counts(candidates: Any) -> list[int]:
     if not values or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in values):
         raise DataError(f"--candidates {candidates!r}: give positive integers such as 64,256,1024")
     return values
+
+
+MAX_BENCH_POINTS = 32  # each point costs warm-up + repetitions of both paths
+
+
+def _bench_profiles(bundle: Any) -> dict[str, Any]:
+    """The shapes bench may ask for: the bundle's engine profiles, or for presets the profile
+    `export` gives by default (what such a bundle would serve)."""
+    from astro_trt.contract import GRAPHS
+    from astro_trt.engines.build import Profile
+
+    if bundle is not None:
+        return {g: bundle.profile(g) for g in GRAPHS}
+    return dict.fromkeys(GRAPHS, Profile().ranges())
+
+
+def _check_counts(counts: list[int], bundle: Any) -> None:
+    """Refuse --candidates the profile would refuse before any graph is built or timed."""
+    from astro_trt.contract import FULL_MODEL
+    from astro_trt.engines.inputs import check_profile
+
+    if len(counts) > MAX_BENCH_POINTS:
+        raise DataError(f"--candidates: {len(counts)} counts; time at most {MAX_BENCH_POINTS} per run")
+    for m in counts:
+        check_profile(_bench_profiles(bundle)[FULL_MODEL], candidates=m, what=f"--candidates {m}")
 
 
 def _check_choices(*, runtime: Any, config: Any, precision: Any, attention: Any, repetitions: Any,
@@ -92,7 +120,8 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
                 raise DataError(f"cannot bench TensorRT: {why}")
             return runner, bundle.config, f"bundle {bundle.directory} (engines)"
         graphs = {g: bundle.onnx_path(g, precision) for g in GRAPHS}
-        return OrtRunner(graphs, bundle.config, precision), bundle.config, f"bundle {bundle.directory}"
+        return (OrtRunner(graphs, bundle.config, precision, profiles=_bench_profiles(bundle)), bundle.config,
+                f"bundle {bundle.directory}")
     if runtime == "trt":
         raise DataError("--runtime trt times the bundle's engines; use --config bundle (presets are exported to "
                         "ONNX on the fly and run on ONNX Runtime)")
@@ -106,7 +135,8 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
     torch.manual_seed(0)
     say(f"exporting a random {config} model ({precision}, {attention}) to ONNX")
     result = export_onnx(ASTRO(cfg).eval(), tmp, precision=precision, attention=attention)
-    return OrtRunner(result.paths, cfg, precision), cfg, f"random {config} ({attention} lowering)"
+    runner = OrtRunner(result.paths, cfg, precision, profiles=_bench_profiles(None))
+    return runner, cfg, f"random {config} ({attention} lowering)"
 
 
 __all__ = ["BenchRun", "bench_bundle"]

@@ -274,6 +274,7 @@ def bisect_bundle(
     seed: int = 0,
     out: str | Path | None = None,
     progress: Callable[[str], None] | None = None,
+    expect_sha256: str | None = None,
 ) -> BisectReport:
     """Error against the fp32 PyTorch oracle at every stage boundary of the bundle's split graphs
     (``precisions``: default all of the bundle's), on ONNX Runtime; writes bisect.{json,md,png}
@@ -286,7 +287,7 @@ def bisect_bundle(
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.validate.gates import Gates
     from astro_trt.validate.parity import RUNTIMES
-    from astro_trt.validate.runners import history_feeds, ort_session
+    from astro_trt.validate.runners import gate, ort_session
 
     gates = gates or Gates()
     say = progress or (lambda _msg: None)
@@ -298,7 +299,7 @@ def bisect_bundle(
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
             raise DataError(f"bisect {name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
                             f"got {value!r}")
-    bundle = load_bundle(bundle_dir, verify=True)
+    bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     wanted = bundle.precisions if precisions is None else comma_list(precisions, PRECISIONS, "--precision", DataError)
     for p in wanted:
         bundle.onnx_path(USER_ENCODER, p)  # BundleError naming the bundle's precisions
@@ -325,7 +326,7 @@ def bisect_bundle(
         say(f"ort-{precision}: marking {len(plan)} stage boundaries")
         with tempfile.TemporaryDirectory(prefix="astro-bisect-") as tmp:
             got, where = {}, {}
-            feeds = history_feeds(batch.history, batch.cand_items)
+            feeds = gate(cfg, batch.history, batch.cand_items)  # the same input gate as every runner
             for graph in (USER_ENCODER, ITEM_SCORER):
                 stages_here = [s for s in plan if s.graph == graph]
                 marked = Path(tmp) / f"{graph}.onnx"

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from astro_trt.config import PRESETS
+from astro_trt.engines.commands import EXPECT_SHA256_HELP
 from astro_trt.exporter.limits import ATTENTIONS
 from astro_trt.validate.parity import DATA_CHOICES, RUNTIMES
 
@@ -36,8 +37,9 @@ from astro_trt.validate.parity import DATA_CHOICES, RUNTIMES
 @click.option("--precision", default=None, help="--bisect: comma list of the bundle's precisions [all].")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="--bisect: reports directory (default: BUNDLE/reports/bisect, recorded in the manifest).")
+@click.option("--expect-sha256", default=None, help=EXPECT_SHA256_HELP)
 def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None, bisect: bool, precision: str | None,
-             out_dir: Path | None, **gate_flags: float | None) -> None:
+             out_dir: Path | None, expect_sha256: str | None, **gate_flags: float | None) -> None:
     """Parity report of BUNDLE_DIR against the fp32 PyTorch oracle; exit 1 when a gate fails."""
     from astro_trt.validate.gates import Gates
 
@@ -50,16 +52,20 @@ def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None,
         from astro_trt.validate.bisect import bisect_bundle
 
         result = bisect_bundle(bundle_dir, precisions=precision, runtime=runtime, data=data, checkpoint=checkpoint,
-                               gates=gates, out=out_dir, progress=say)
+                               gates=gates, out=out_dir, progress=say, expect_sha256=expect_sha256)
         _print_bisect(result)
         click.echo(result.summary())
     else:
         from astro_trt.validate.parity import validate_bundle
 
         result = validate_bundle(bundle_dir, data=data, runtimes=runtime, checkpoint=checkpoint, gates=gates,
-                                 progress=say)
+                                 progress=say, expect_sha256=expect_sha256)
         _print_gates(result)
         click.echo(result.summary())
+    if out_dir is None:  # the report is recorded in the manifest: a new digest
+        from astro_trt.engines.describe import pin_line
+
+        click.echo(pin_line(bundle_dir))
     if not result.passed:
         sys.exit(1)
 
@@ -106,8 +112,9 @@ def _print_gates(report) -> None:
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Reports directory (default: BUNDLE/reports/bench, recorded in the manifest).")
+@click.option("--expect-sha256", default=None, help=EXPECT_SHA256_HELP)
 def bench(bundle_dir: Path, runtime: str, candidates: str, config_name: str, precision: str | None, attention: str,
-          repetitions: int, warmup: int, out_dir: Path | None) -> None:
+          repetitions: int, warmup: int, out_dir: Path | None, expect_sha256: str | None) -> None:
     """Throughput of the split (encode once, score M) against the naive full model, same runtime."""
     from rich.console import Console
 
@@ -116,9 +123,13 @@ def bench(bundle_dir: Path, runtime: str, candidates: str, config_name: str, pre
     console = Console(stderr=True)
     run = bench_bundle(bundle_dir, runtime=runtime, candidates=candidates, config=config_name, precision=precision,
                        attention=attention, repetitions=repetitions, warmup=warmup, out=out_dir,
-                       progress=lambda msg: console.print(f"  {msg}"))
+                       progress=lambda msg: console.print(f"  {msg}"), expect_sha256=expect_sha256)
     _print_bench(run.result)
     click.echo(f"reports: {run.paths['md']}")
+    if out_dir is None:
+        from astro_trt.engines.describe import pin_line
+
+        click.echo(pin_line(bundle_dir))
 
 
 def _print_bench(result) -> None:

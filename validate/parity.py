@@ -158,9 +158,11 @@ def validate_bundle(
     checkpoint: Path | None = None,
     gates: Gates | None = None,
     progress: Callable[[str], None] | None = None,
+    expect_sha256: str | None = None,
 ) -> ParityReport:
     """Compare the bundle's runtimes against the fp32 PyTorch oracle of ``checkpoint`` (default:
-    the bundle's own copy) and write BUNDLE/reports/validate/parity.{json,md,png}."""
+    the bundle's own copy) and write BUNDLE/reports/validate/parity.{json,md,png}. With
+    ``expect_sha256`` only the bundle whose manifest has that digest is validated."""
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.validate.runners import OrtRunner, TorchRunner, make_trt_runner
@@ -168,7 +170,7 @@ def validate_bundle(
     gates = gates or Gates()
     say = progress or (lambda _msg: None)
     runtimes = parse_runtimes(runtimes)
-    bundle = load_bundle(bundle_dir, verify=True)
+    bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)
     results: dict[str, Any] = {}
     gate_results: list[GateResult] = []
