@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "validate": ("astro_trt.validate.commands", "validate", "Parity report of a bundle against PyTorch."),
     "bench": ("astro_trt.validate.commands", "bench", "Throughput of the split against the full model."),
     "bench-kernels": ("astro_trt.plugins.commands", "bench_kernels", "Time the attention kernels (GPU)."),
+    "triton": ("astro_trt.serving.commands", "triton", "Write a Triton Inference Server model repository."),
+    "serve": ("astro_trt.serving.commands", "serve", "Serve a bundle with Triton on 127.0.0.1."),
+    "loadtest": ("astro_trt.serving.commands", "loadtest", "Load-test a served model over HTTP and gRPC."),
 }
 
 

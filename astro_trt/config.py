@@ -14,7 +14,7 @@ from astro_trt.errors import ConfigError
 
 @dataclass(frozen=True)
 class ASTROConfig:
-    """Sizes of one ASTRO model (see shared/design/ASTRO.md for the notation).
+    """Sizes of one ASTRO model (notation of docs/model.md).
 
     Id conventions: item ids 1..num_items (0 = padding); behaviour ids 1..num_behaviors-1
     (0 = padding); behaviour id ``num_behaviors`` is TARGET, the candidate token's behaviour.
@@ -57,7 +57,7 @@ class ASTROConfig:
 
     @property
     def fuse_hidden(self) -> int:
-        """Hidden width of the bit-wise gate's squeeze-excitation (ASTRO.md §4: Nb*d/4)."""
+        """Hidden width of the bit-wise gate's squeeze-excitation (docs/model.md §5: Nb*d/4)."""
         return max(1, self.num_blocks * self.d_model // 4)
 
     # ----------------------------------------------------------------- validation
@@ -144,7 +144,7 @@ class ASTROConfig:
         return dataclasses.replace(self, **changes)
 
 
-# The reference configurations of ASTRO.md §6. Item and behaviour vocabularies of the two
+# The reference configurations of docs/model.md §7. Item and behaviour vocabularies of the two
 # paper-scale presets are synthetic-data sizes (the paper's data is private).
 PRESETS: dict[str, ASTROConfig] = {
     "ml100k": ASTROConfig(

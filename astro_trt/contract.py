@@ -32,7 +32,7 @@ KV_CACHE = "kv_cache"
 # The KV cache is one tensor, batch-major, so that one user's cache is one contiguous slice and
 # a dynamic batch axis stays the leading one in both engines.
 KV_CACHE_AXES = ("batch", "layer", "block", "kv", "head", "slot", "head_dim")
-# The request's history inputs (ASTRO.md §1), in the field order of model/astro.py History, so that
+# The request's history inputs (docs/model.md §1), in the field order of model/astro.py History, so that
 # ``zip(HISTORY_INPUTS, history.astuple())`` names a History's tensors.
 HISTORY_INPUTS = ("hist_items", "hist_behaviors", "hist_times", "hist_lengths", "scenario", "request_time")
 # History inputs the scorer needs besides the cache (masking and the time bias); the runtime

@@ -1,4 +1,4 @@
-"""The TensorRT back ends behind one small interface (ARCHITECTURE.md decision 1).
+"""The TensorRT back ends behind one small interface (docs/attention.md, "Back ends").
 
 Full TensorRT (``tensorrt``) and TensorRT for RTX (``tensorrt_rtx``) share the TensorRT Python
 API but differ in what they can do. Every difference the builder and the runtime care about is a

@@ -43,7 +43,7 @@ class Profile:
     def __post_init__(self) -> None:
         for key in ("max_batch", "max_candidates", "opt_batch"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be a positive integer, got {value!r}")
         if self.opt_batch > self.max_batch:
             raise ConfigError(f"opt batch {self.opt_batch} exceeds --max-batch {self.max_batch}")

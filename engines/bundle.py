@@ -1,4 +1,4 @@
-"""The deployment bundle (ARCHITECTURE.md decision 5): writing it atomically, loading and
+"""The deployment bundle (docs/bundle.md): writing it atomically, loading and
 verifying it, and adding reports to it.
 
 Layout::
@@ -22,7 +22,7 @@ from astro_trt.artifacts import atomic_write, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GraphIO, TensorSpec
 from astro_trt.errors import BundleError, ConfigError
-from astro_trt.manifest import REPORTS, read_manifest, verify_files, write_manifest
+from astro_trt.manifest import REPORTS, inside, read_manifest, read_manifest_digest, verify_files, write_manifest
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -53,8 +53,12 @@ class Bundle:
     backend: str | None  # back-end name the engines were built with; None for an ONNX-only bundle
     checkpoint_dir: Path
     checkpoint_sha256: str
+    manifest_sha256: str = ""  # sha256 of manifest.json: what --expect-sha256 pins
 
     def _precision(self, precision: str) -> str:
+        from astro_trt.contract import float_dtype
+
+        float_dtype(precision)  # ConfigError naming the precisions for an unknown one
         if precision not in self.precisions:
             raise BundleError(
                 f"{self.directory}: no {precision} graphs in this bundle (it has {self.precisions}); "
@@ -95,24 +99,56 @@ class Bundle:
             raise BundleError(f"{self.directory}: no profile for graph '{graph}' in the manifest") from None
 
 
-def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+def load_bundle(path: str | Path, *, verify: bool = True, expect_sha256: str | None = None) -> Bundle:
     """Read a bundle; with ``verify`` check the manifest's own hash and every file's sha256 and
-    refuse (BundleError naming the file) anything missing, changed or unexpected."""
+    refuse (BundleError naming the file) anything missing, changed or unexpected. With
+    ``expect_sha256`` (the manifest digest ``export`` and ``inspect`` print) refuse every bundle
+    but that one. The manifest is schema-checked and every path in it must resolve inside the
+    bundle, verified or not."""
     directory = Path(path).resolve()
-    manifest = read_manifest(directory)
+    manifest, digest = read_manifest_digest(directory, expect_sha256=expect_sha256)
+    where = f"{directory}/manifest.json"
+    try:
+        config = ASTROConfig.from_dict(manifest["config"], source=f"{where} config")
+    except (TypeError, ValueError, OverflowError, ConfigError) as exc:
+        raise BundleError(f"{where}: its config is not valid ({exc}); re-export the bundle") from None
+    _check_consistent(manifest, config, where)
     if verify:
         verify_files(directory, manifest)
-    try:
-        config = ASTROConfig.from_dict(manifest["config"], source=f"{directory}/manifest.json config")
-        checkpoint = manifest["checkpoint"]
-        backend = manifest.get("backend")
-        return Bundle(
-            directory=directory, manifest=manifest, config=config, precisions=list(manifest["precisions"]),
-            backend=backend["name"] if backend else None, checkpoint_dir=directory / checkpoint["path"],
-            checkpoint_sha256=checkpoint["sha256"],
-        )
-    except (KeyError, TypeError, ConfigError) as exc:
-        raise BundleError(f"{directory}/manifest.json is incomplete ({exc}); re-export the bundle") from None
+    else:  # unverified still never leaves the bundle
+        for rel in manifest["files"]:
+            inside(directory, rel)
+    checkpoint_dir = directory / manifest["checkpoint"]["path"]
+    if not checkpoint_dir.resolve().is_relative_to(directory) or not checkpoint_dir.is_dir():
+        raise BundleError(f"{where}: checkpoint path '{manifest['checkpoint']['path']}' is not a folder of the "
+                          "bundle; re-export the bundle")
+    backend = manifest["backend"]
+    return Bundle(
+        directory=directory, manifest=manifest, config=config, precisions=list(manifest["precisions"]),
+        backend=backend["name"] if backend else None, checkpoint_dir=checkpoint_dir,
+        checkpoint_sha256=manifest["checkpoint"]["sha256"], manifest_sha256=digest,
+    )
+
+
+def _check_consistent(manifest: dict[str, Any], config: ASTROConfig, where: str) -> None:
+    """The I/O and KV-cache layout the manifest records are the contract's for its config: the
+    gate judges requests by the config, so a config edited apart from the graphs is refused."""
+    from astro_trt.contract import graph_io, kv_cache_layout
+    from astro_trt.engines.backend import BACKENDS
+
+    backend = manifest["backend"]
+    if backend is not None and backend["name"] not in BACKENDS:
+        raise BundleError(f"{where}: back end '{backend['name']}' is not one this astro-trt knows "
+                          f"({sorted(BACKENDS)}); re-export the bundle")
+    for precision in manifest["precisions"]:
+        io = graph_io(config, precision)
+        for graph, entry in manifest["onnx"][precision].items():
+            if entry["io"] != io[graph].to_dict():
+                raise BundleError(f"{where}: the I/O of onnx.{precision}.{graph} is not the contract of its config "
+                                  f"'{config.name}'; re-export the bundle")
+        if manifest["kv_cache"][precision] != kv_cache_layout(config, precision).to_dict():
+            raise BundleError(f"{where}: kv_cache.{precision} is not the layout of its config '{config.name}'; "
+                              "re-export the bundle")
 
 
 def write_report(bundle_dir: str | Path, name: str, files: Mapping[str, bytes | str | Path]) -> list[Path]:
@@ -126,6 +162,9 @@ def write_report(bundle_dir: str | Path, name: str, files: Mapping[str, bytes | 
     if not name or "/" in name or name.startswith("."):
         raise BundleError(f"report name '{name}' must be a plain folder name such as 'validate'")
     target = directory / REPORTS / name
+    for folder in (directory / REPORTS, target):  # a link here would write outside the bundle
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise BundleError(f"{folder} is not a plain folder of the bundle; remove it or re-export the bundle")
     target.mkdir(parents=True, exist_ok=True)
     written = []
     for filename, content in files.items():

@@ -1,4 +1,4 @@
-"""A serving session over a bundle on a GPU (ARCHITECTURE.md decision 4).
+"""A serving session over a bundle on a GPU (docs/attention.md, "Runtimes").
 
 ``encode(history)`` runs the user encoder once and keeps the KV cache on the device as a
 :class:`UserState`; ``score(state, candidates)`` binds that cache's device buffer directly as the

@@ -3,8 +3,8 @@
 Exporter choice: the TorchScript exporter (``torch.onnx.export(dynamo=False)``). It maps each
 astro custom op to one node through ``register_custom_op_symbolic`` and leaves the rest of the
 model as clean standard ops; the dynamo exporter could not carry a custom op with an onnxscript
-body through its inliner for this model (FINDINGS.md, "Exporting a custom op with a reference
-body"), and the custom op is the whole point of the graphs (the plugin seam).
+body through its inliner for this model ("number of values and replacements must match", torch
+2.13), and the custom op is the whole point of the graphs (the plugin seam).
 """
 
 from __future__ import annotations

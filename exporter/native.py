@@ -2,7 +2,7 @@
 
 Both ops become one Attention over 4-D [B * Nb, H, S, dh] tensors with q pre-scaled by 1 / tau,
 scale = 1 and a materialized additive mask (bias / tau where visible, -inf elsewhere), which is
-the form TensorRT fuses into IAttention in fp16/bf16 (FINDINGS.md). Unlike the reference bodies
+the form TensorRT fuses into IAttention in fp16/bf16 (docs/attention.md). Unlike the reference bodies
 these keep q/k/v in the graph's precision: the fused kernel is the point.
 - MultiScaleSelfAttention: a query with no visible key (a padding slot) makes Attention's softmax
   0/0; a Where on "any key visible" after the op restores the reference's zeros.

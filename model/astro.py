@@ -1,4 +1,4 @@
-"""ASTRO (ASTRO.md §2-§5) as a PyTorch module with three entry points sharing all weights:
+"""ASTRO (docs/model.md §2-§6) as a PyTorch module with three entry points sharing all weights:
 
     full(history, cand_items)             one sequence [history ; candidate] per pair (baseline)
     encode_user(history)      -> kv_cache the user encoder of the split
@@ -39,7 +39,7 @@ class ReferenceOps:
 
 @dataclass
 class History:
-    """One request's user side (ASTRO.md §1). Shapes: items/behaviors/times [B, Nb, L],
+    """One request's user side (docs/model.md §1). Shapes: items/behaviors/times [B, Nb, L],
     lengths [B, Nb], scenario [B], request_time [B]; all int64."""
 
     items: torch.Tensor
@@ -65,7 +65,7 @@ def _inverse_softplus(y: float) -> float:
 
 
 def _temperature_init(shape: tuple[int, ...], head_dim: int) -> torch.Tensor:
-    # ASTRO.md §3: theta is initialised so that tau = softplus(theta) + 0.01 = sqrt(dh).
+    # docs/model.md §3: theta is initialised so that tau = softplus(theta) + 0.01 = sqrt(dh).
     return torch.full(shape, _inverse_softplus(math.sqrt(head_dim) - 0.01))
 
 
@@ -118,7 +118,7 @@ class BlockLayer(nn.Module):
 
 
 class GatedFusion(nn.Module):
-    """Bit-wise gating fusion and the multi-task head (ASTRO.md §4)."""
+    """Bit-wise gating fusion and the multi-task head (docs/model.md §5)."""
 
     def __init__(self, cfg: ASTROConfig) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Log-scale distance buckets of ASTRO.md §3, in an exact integer form.
+"""Log-scale distance buckets of docs/model.md §3, in an exact integer form.
 
     bucket(x, n, xmax) = 0 if x < 1 else min(n - 1, 1 + floor(log(x) / log(xmax) * (n - 2)))
 

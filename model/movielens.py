@@ -1,10 +1,10 @@
 """MovieLens-100k: fetch into a local cache (offline-friendly), load, and turn into requests.
 
-The data ships inside the RecBole wheel on PyPI (FINDINGS.md, Data); ``pip download --no-deps``
-fetches just that 2 MB wheel, whose sha256 is pinned below, and the three atomic files are
-copied out of it into ``<cache>/ml-100k/``. The GroupLens ``u.data`` file works too (``source``).
+The data ships inside the RecBole wheel on PyPI; ``pip download --no-deps`` fetches just that
+2 MB wheel (none of RecBole's own dependencies), whose sha256 is pinned below, and the three
+atomic files are copied out of it into ``<cache>/ml-100k/``. The GroupLens ``u.data`` file works too (``source``).
 
-Mapping (ASTRO.md §6): behaviour = rating 1..5; blocks: all, rating >= 4, rating <= 2;
+Mapping (docs/model.md §7): behaviour = rating 1..5; blocks: all, rating >= 4, rating <= 2;
 tasks: like (rating >= 4), love (rating == 5); scenario = 0 weekday / 1 weekend (UTC).
 """
 

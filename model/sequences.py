@@ -1,4 +1,4 @@
-"""Multi-scale sequence extraction (ASTRO.md §1), data side, before the model.
+"""Multi-scale sequence extraction (docs/model.md §1), data side, before the model.
 
 An extraction strategy is a filter over behaviour types; block k of a request holds the most
 recent L events passing strategy k that happened strictly before the request time, oldest first,

@@ -1,5 +1,5 @@
 """Kernel benchmark: the Triton kernels against the PyTorch reference, torch SDPA with an equivalent
-dense mask, and FlexAttention (block mask + score_mod), on the ASTRO.md §6 shapes.
+dense mask, and FlexAttention (block mask + score_mod), on the docs/model.md §7 shapes.
 
 FLOPs and bytes are analytic (what the operator must do with full histories, not what an
 implementation happens to do), so achieved TFLOP/s and GB/s compare implementations fairly. The

@@ -102,7 +102,7 @@ def candidate_attention(
     q, k, v [B, Nb, H, M, dh] (the candidates' projections); k_cache, v_cache [B, Nb, H, L, dh];
     hist_times [B, Nb, L] int64; request_time [B] int64. A candidate sits at position L at
     time request_time; it sees every valid history slot of its block and itself, never another
-    candidate (ASTRO.md §3). Returns [B, Nb, H, M, dh].
+    candidate (docs/model.md §3). Returns [B, Nb, H, M, dh].
     """
     dtype = q.dtype
     q, k, v = q.float(), k.float(), v.float()

@@ -11,7 +11,7 @@ rtx_installed = pytest.mark.skipif(not TENSORRT_RTX.is_available(), reason="tens
 
 
 def test_capabilities_differ_where_the_back_ends_do():
-    # FINDINGS.md: RTX builds ahead of time, has no plugin path, is strongly typed, no timing cache.
+    # TensorRT-RTX (docs/attention.md): builds ahead of time, has no plugin path, is strongly typed, no timing cache.
     assert TENSORRT_RTX.builds_without_gpu and not TENSORRT.builds_without_gpu
     assert TENSORRT.supports_plugins and not TENSORRT_RTX.supports_plugins
     assert TENSORRT_RTX.strongly_typed_only and not TENSORRT_RTX.timing_cache

@@ -1,4 +1,4 @@
-"""The exact threshold form of the log buckets against the float64 formula of ASTRO.md §3.
+"""The exact threshold form of the log buckets against the float64 formula of docs/model.md §3.
 
 The float64 formula can be wrong exactly at bucket edges: where xmax ** ((m-1)/(n-2)) is an
 integer x, log(x) / log(xmax) * (n-2) is m-1 in real arithmetic but may round to m-1 - 1ulp,

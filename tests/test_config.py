@@ -57,7 +57,7 @@ def test_save_and_load_file(tmp_path) -> None:
 def test_presets_are_valid_and_match_the_spec_table(name: str) -> None:
     cfg = preset(name)
     cfg.validate()
-    # ASTRO.md §6: name -> (d, H, N_L, Nb, L, T)
+    # docs/model.md §7: name -> (d, H, N_L, Nb, L, T)
     table = {
         "ml100k": (64, 4, 2, 3, 50, 2),
         "climber": (128, 4, 2, 4, 50, 4),

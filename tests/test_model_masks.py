@@ -1,4 +1,4 @@
-"""Visibility (ASTRO.md §3) by perturbation: change what a token must not see and require the
+"""Visibility (docs/model.md §3) by perturbation: change what a token must not see and require the
 outputs that must not depend on it to stay bit-identical (tolerance 0: a masked score becomes
 -inf before the softmax and its weight is exactly 0, so nothing may leak, not even rounding);
 change what it must see and require a change (so the perturbation itself is effective).
@@ -236,7 +236,7 @@ def test_model_candidates_see_neither_each_other_nor_are_seen_by_history(seed, m
 
 
 def test_temperatures_start_at_sqrt_head_dim(make_config) -> None:
-    """ASTRO.md §3: theta is initialised so that tau = softplus(theta) + 0.01 = sqrt(dh), for every
+    """docs/model.md §3: theta is initialised so that tau = softplus(theta) + 0.01 = sqrt(dh), for every
     layer, block, scenario and head, and for the fusion layer."""
     cfg = make_config(d_model=36, num_heads=4)  # dh = 9, tau = 3
     model = ASTRO(cfg)

@@ -1,4 +1,4 @@
-"""Split vs full (ASTRO.md §5): score(encode_user(h), h, c) == full(h, c) for every pair.
+"""Split vs full (docs/model.md §6): score(encode_user(h), h, c) == full(h, c) for every pair.
 
 Both paths do the same arithmetic in float32 but in a different order: the full model takes
 one softmax over [history ; candidate] of length L+1 in one matmul, the scorer concatenates

@@ -49,6 +49,7 @@ def make_bundle(out: Path, checkpoint: Path, precisions: tuple[str, ...] = ("fp3
         backend=None, precisions=list(precisions),
         attention={"requested": "plugin", "effective": dict.fromkeys(precisions, "plugin")},
         profile={g: {"batch": [1, 4, 8], "candidates": [1, 16, 64]} for g in contract.GRAPHS},
+        kv_cache={p: contract.kv_cache_layout(ckpt.config, p).to_dict() for p in precisions},
         onnx=onnx, engines={},
     )
     write_manifest(out, manifest)

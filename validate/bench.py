@@ -106,7 +106,7 @@ class BenchResult:
     profile: dict[str, Any] = field(default_factory=dict)  # "M=256" -> graph -> per-op breakdown
 
     def predicted_gain(self, candidates: int) -> float:
-        """ASTRO's arithmetic (ASTRO.md §5): per candidate and layer the naive path processes
+        """ASTRO's arithmetic (docs/model.md §6): per candidate and layer the naive path processes
         L+1 tokens per block (projections and FFN ~ (L+1) d^2, attention ~ (L+1)^2 d) where the
         scorer processes one token attending to L+1 keys (~ d^2 + (L+1) d); the encoder runs once
         per request (~ L d^2 + L^2 d). The fusion head, identical in both, is left out."""
@@ -349,7 +349,7 @@ def _gap_explanation(result: BenchResult) -> str:
     )
     return heading + f"""
 
-The "arithmetic" column counts multiply-adds (ASTRO.md §5): per candidate and layer the naive path
+The "arithmetic" column counts multiply-adds (docs/model.md §6): per candidate and layer the naive path
 pushes L+1 = {c.max_len + 1} tokens per block through projections and FFN (~(L+1)·d² each) and
 attention (~(L+1)²·d), the split pushes one token that attends to L+1 keys (~d² + (L+1)·d), and
 the user encoder runs once per request. So the naive path does about L+1 times the work per

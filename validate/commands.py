@@ -1,26 +1,17 @@
-"""`astro-trt validate` (parity report, exit 1 on a failed gate) and `astro-trt bench`
-(split against naive throughput)."""
+"""`astro-trt validate` (parity report or layer bisect, exit 1 on a failed gate) and `astro-trt
+bench` (split against naive throughput): argument parsing, one library call, printing."""
 
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import click
 
 from astro_trt.config import PRESETS
-from astro_trt.errors import DataError
+from astro_trt.engines.commands import EXPECT_SHA256_HELP
 from astro_trt.exporter.limits import ATTENTIONS
 from astro_trt.validate.parity import DATA_CHOICES, RUNTIMES
-
-
-def _runtimes(value: str) -> list[str]:
-    items = list(dict.fromkeys(v.strip().lower() for v in value.split(",") if v.strip()))
-    bad = [v for v in items if v not in RUNTIMES]
-    if not items or bad:
-        raise DataError(f"--runtime {value!r}: choose a comma list of {list(RUNTIMES)}")
-    return items
 
 
 @click.command("validate")
@@ -40,18 +31,57 @@ def _runtimes(value: str) -> list[str]:
 @click.option("--split-full-max-abs", type=float, default=None, help="fp32 max |split - full| logits [1e-4].")
 @click.option("--topk", type=int, default=None, help="k of the top-k overlap gate [10].")
 @click.option("--topk-overlap", type=float, default=None, help="Min mean top-k overlap per user [0.9].")
-def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None, **gate_flags: float | None) -> None:
+@click.option("--bisect", is_flag=True,
+              help="Instead of the report: error at every stage boundary (embedding, each layer's attention and "
+                   "FFN per block, fusion gate, head) on ONNX Runtime, naming the first stage over its limit.")
+@click.option("--precision", default=None, help="--bisect: comma list of the bundle's precisions [all].")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="--bisect: reports directory (default: BUNDLE/reports/bisect, recorded in the manifest).")
+@click.option("--expect-sha256", default=None, help=EXPECT_SHA256_HELP)
+def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None, bisect: bool, precision: str | None,
+             out_dir: Path | None, expect_sha256: str | None, **gate_flags: float | None) -> None:
     """Parity report of BUNDLE_DIR against the fp32 PyTorch oracle; exit 1 when a gate fails."""
     from astro_trt.validate.gates import Gates
-    from astro_trt.validate.parity import validate_bundle
 
+    if not bisect and (precision is not None or out_dir is not None):
+        raise click.UsageError("--precision and --out belong to --bisect (the parity report covers every precision "
+                               "and is written into the bundle)")
     gates = Gates(**{k: v for k, v in gate_flags.items() if v is not None})
-    report = validate_bundle(bundle_dir, data=data, runtimes=_runtimes(runtime), checkpoint=checkpoint, gates=gates,
-                             progress=lambda msg: click.echo(f"  {msg}", err=True))
-    _print_gates(report)
-    click.echo(report.summary())
-    if not report.passed:
+    say = lambda msg: click.echo(f"  {msg}", err=True)  # noqa: E731
+    if bisect:
+        from astro_trt.validate.bisect import bisect_bundle
+
+        result = bisect_bundle(bundle_dir, precisions=precision, runtime=runtime, data=data, checkpoint=checkpoint,
+                               gates=gates, out=out_dir, progress=say, expect_sha256=expect_sha256)
+        _print_bisect(result)
+        click.echo(result.summary())
+    else:
+        from astro_trt.validate.parity import validate_bundle
+
+        result = validate_bundle(bundle_dir, data=data, runtimes=runtime, checkpoint=checkpoint, gates=gates,
+                                 progress=say, expect_sha256=expect_sha256)
+        _print_gates(result)
+        click.echo(result.summary())
+    if out_dir is None:  # the report is recorded in the manifest: a new digest
+        from astro_trt.engines.describe import pin_line
+
+        click.echo(pin_line(bundle_dir))
+    if not result.passed:
         sys.exit(1)
+
+
+def _print_bisect(result) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="error by stage (first over its limit in red)")
+    for column in ("precision", "stage", "block", "max |err|", "PyTorch's own", "limit", "result"):
+        table.add_column(column)
+    for s in result.stages:
+        table.add_row(s.precision, s.stage, s.block or "-", f"{s.max_abs:.3g}",
+                      "-" if s.torch_error is None else f"{s.torch_error:.3g}", f"{s.limit:.3g}",
+                      "[green]ok[/]" if s.passed else "[red]OVER[/]")
+    Console(width=140).print(table)
 
 
 def _print_gates(report) -> None:
@@ -71,7 +101,8 @@ def _print_gates(report) -> None:
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--runtime", default="ort", show_default=True, type=click.Choice([r for r in RUNTIMES if r != "torch"]))
 @click.option("--candidates", default="64,256,1024", show_default=True, help="Comma list of M per user.")
-@click.option("--users", default="1,8,32", show_default=True, help="Comma list of users per request.")
+@click.option("--users", default=None,
+              help="Comma list of users per request [1,8,32, capped at the bundle's max batch].")
 @click.option("--config", "config_name", default="bundle", show_default=True,
               type=click.Choice(["bundle", *PRESETS]),
               help="Graphs to time: the bundle's own, or a randomly initialised preset exported on the fly.")
@@ -91,110 +122,27 @@ def _print_gates(report) -> None:
 @click.option("--warmup", default=1, show_default=True, type=click.IntRange(0), help="Untimed calls first.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Reports directory (default: BUNDLE/reports/bench, recorded in the manifest).")
-def bench(bundle_dir: Path, runtime: str, candidates: str, users: str, config_name: str, precision: str | None,
-          attention: str, peer: bool, use_compile: bool, profile: bool, threads: int, repetitions: int,
-          warmup: int, out_dir: Path | None) -> None:
+@click.option("--expect-sha256", default=None, help=EXPECT_SHA256_HELP)
+def bench(bundle_dir: Path, runtime: str, candidates: str, users: str | None, config_name: str, precision: str | None,
+          attention: str, peer: bool, use_compile: bool, profile: bool, threads: int, repetitions: int, warmup: int,
+          out_dir: Path | None, expect_sha256: str | None) -> None:
     """Throughput of the split (encode once, score M) against the naive full model, same runtime,
     with the same split in PyTorch as a peer."""
     from rich.console import Console
 
-    from astro_trt.engines.bundle import load_bundle
-    from astro_trt.validate.bench import (
-        parse_candidates,
-        parse_users,
-        profile_ort,
-        run_bench,
-        write_bench_reports,
-        write_bench_to_bundle,
-    )
-    counts, user_counts = parse_candidates(candidates), parse_users(users)
-    bundle = load_bundle(bundle_dir, verify=True)
+    from astro_trt.validate.bench_bundle import bench_bundle
+
     console = Console(stderr=True)
-
-    def say(msg: str) -> None:
-        console.print(f"  {msg}")
-
-    with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
-        runner, cfg, source, model, graphs = _bench_runner(bundle, runtime, config_name, precision, attention,
-                                                           Path(tmp), threads)
-        peers, notes = _peers(model, runner.precision, threads, peer, use_compile) if model is not None else ({}, {})
-        result = run_bench(runner, cfg, counts, source=source, users=user_counts, peers=peers, warmup=warmup,
-                           repetitions=repetitions, progress=say)
-        result.peer_notes.update(notes)
-        if profile:
-            if graphs is None:
-                raise DataError("--profile breaks down ONNX Runtime graphs; use --runtime ort")
-            say("profiling the graphs per operator (one user per request)")
-            result.profile = profile_ort(graphs, cfg, runner.precision, counts, threads=threads)
+    run = bench_bundle(bundle_dir, runtime=runtime, candidates=candidates, users=users, config=config_name,
+                       precision=precision, attention=attention, peer=peer, use_compile=use_compile, profile=profile,
+                       threads=threads, repetitions=repetitions, warmup=warmup, out=out_dir,
+                       progress=lambda msg: console.print(f"  {msg}"), expect_sha256=expect_sha256)
+    _print_bench(run.result)
+    click.echo(f"reports: {run.paths['md']}")
     if out_dir is None:
-        paths = write_bench_to_bundle(result, bundle.directory)
-    else:
-        paths = write_bench_reports(result, out_dir)
-    _print_bench(result)
-    click.echo(f"reports: {paths['md']}")
+        from astro_trt.engines.describe import pin_line
 
-
-def _peers(model, precision: str, threads: int, eager: bool, use_compile: bool):
-    """name -> runner timing the same split in PyTorch, and name -> note for the report."""
-    import copy
-
-    import torch
-
-    from astro_trt.validate.runners import TorchRunner
-
-    torch.set_num_threads(threads)  # the same cores as the runtime under test
-    peers, notes = {}, {}
-    if eager:
-        peers["torch eager"] = TorchRunner(model, precision)
-        notes["torch eager"] = f"PyTorch {torch.__version__} eager, {threads} threads, reference attention ops"
-    if use_compile:
-        compiled = TorchRunner(copy.deepcopy(model), precision)  # the eager peer keeps its own methods
-        try:
-            compiled.model.encode_user = torch.compile(compiled.model.encode_user)
-            compiled.model.score = torch.compile(compiled.model.score)
-        except Exception as exc:  # torch.compile raises many backend-specific types
-            notes["torch.compile"] = f"not run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        else:
-            peers["torch.compile"] = compiled
-            notes["torch.compile"] = "torch.compile (inductor, default mode); compilation happens in the warm-up calls"
-    return peers, notes
-
-
-def _bench_runner(bundle, runtime: str, config_name: str, precision: str | None, attention: str, tmp: Path,
-                  threads: int):
-    """(runner, config, source, the PyTorch model of the same weights or None, ONNX graphs or None)."""
-    from astro_trt.config import preset
-    from astro_trt.contract import GRAPHS
-    from astro_trt.model.checkpoint import load_checkpoint
-    from astro_trt.validate.runners import OrtRunner, make_trt_runner
-
-    if config_name == "bundle":
-        precision = precision or bundle.precisions[0]
-        model = load_checkpoint(bundle.checkpoint_dir).model
-        if runtime == "trt":
-            runner, why = make_trt_runner(bundle, precision)
-            if runner is None:
-                raise DataError(f"cannot bench TensorRT: {why}")
-            return runner, bundle.config, f"bundle {bundle.directory} (engines)", model, None
-        graphs = {g: bundle.onnx_path(g, precision) for g in GRAPHS}
-        return (OrtRunner(graphs, bundle.config, precision, threads), bundle.config, f"bundle {bundle.directory}",
-                model, graphs)
-    if runtime == "trt":
-        raise DataError("--runtime trt times the bundle's engines; use --config bundle (presets are exported to "
-                        "ONNX on the fly and run on ONNX Runtime)")
-    import torch
-
-    from astro_trt.exporter.export import export_onnx
-    from astro_trt.model.astro import ASTRO
-
-    cfg = preset(config_name)
-    precision = precision or "fp32"
-    torch.manual_seed(0)
-    click.echo(f"  exporting a random {config_name} model ({precision}, {attention}) to ONNX", err=True)
-    model = ASTRO(cfg).eval()
-    result = export_onnx(model, tmp, precision=precision, attention=attention)
-    return (OrtRunner(result.paths, cfg, precision, threads), cfg, f"random {config_name} ({attention} lowering)",
-            model, dict(result.paths))
+        click.echo(pin_line(bundle_dir))
 
 
 def _print_bench(result) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.choices import comma_list
 from astro_trt.errors import DataError
 from astro_trt.model.checkpoint import METRICS_FILE
 from astro_trt.model.train import EVAL_BATCH
@@ -144,27 +145,32 @@ def _ranking(actual: Outputs, oracle: Outputs, masks: Sequence[np.ndarray], k: i
     }
 
 
+def parse_runtimes(value: str | Sequence[str]) -> list[str]:
+    """'torch,ort' or ['torch', 'ort'] -> ['torch', 'ort'] (lower case, duplicates dropped)."""
+    return comma_list(value, RUNTIMES, "--runtime", DataError)
+
+
 def validate_bundle(
-    bundle_dir: Path,
+    bundle_dir: str | Path,
     *,
     data: str = "ml-100k",
-    runtimes: Sequence[str] = ("torch", "ort"),
+    runtimes: str | Sequence[str] = ("torch", "ort"),
     checkpoint: Path | None = None,
     gates: Gates | None = None,
     progress: Callable[[str], None] | None = None,
+    expect_sha256: str | None = None,
 ) -> ParityReport:
     """Compare the bundle's runtimes against the fp32 PyTorch oracle of ``checkpoint`` (default:
-    the bundle's own copy) and write BUNDLE/reports/validate/parity.{json,md,png}."""
+    the bundle's own copy) and write BUNDLE/reports/validate/parity.{json,md,png}. With
+    ``expect_sha256`` only the bundle whose manifest has that digest is validated."""
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.validate.runners import OrtRunner, TorchRunner, make_trt_runner
 
     gates = gates or Gates()
     say = progress or (lambda _msg: None)
-    unknown = [r for r in runtimes if r not in RUNTIMES]
-    if unknown or not runtimes:
-        raise DataError(f"--runtime {','.join(runtimes)}: choose from {list(RUNTIMES)}")
-    bundle = load_bundle(bundle_dir, verify=True)
+    runtimes = parse_runtimes(runtimes)
+    bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)
     results: dict[str, Any] = {}
     gate_results: list[GateResult] = []
@@ -289,4 +295,4 @@ def _gates_for(name: str, runtime: str, precision: str, entry: dict, torch_error
     return out
 
 
-__all__ = ["DATA_CHOICES", "Outputs", "ParityReport", "RUNTIMES", "load_batches", "validate_bundle"]
+__all__ = ["DATA_CHOICES", "Outputs", "ParityReport", "RUNTIMES", "load_batches", "parse_runtimes", "validate_bundle"]

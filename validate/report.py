@@ -62,7 +62,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     import io
 
     import matplotlib.pyplot as plt
@@ -94,7 +94,7 @@ def plot_error_distributions(errors: Mapping[str, np.ndarray], title: str) -> by
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def plot_throughput(series: Mapping[str, tuple[Sequence[int], Sequence[float]]], title: str) -> bytes:
@@ -114,7 +114,7 @@ def plot_throughput(series: Mapping[str, tuple[Sequence[int], Sequence[float]]],
     ax.set_title(title)
     ax.legend()
     ax.grid(alpha=0.3, which="both")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 __all__ = [

@@ -5,6 +5,9 @@ in and out as numpy (logits float32; the cache in the runtime's own dtype).
 TorchRunner is the PyTorch model (the fp32 oracle, or cast to a half precision); OrtRunner runs
 a bundle's ONNX graphs on ONNX Runtime (CPU); TrtRunner runs its engines through
 engines/runtime.py on a GPU.
+
+Every runner passes its inputs through the input gate (engines/inputs.py) before anything runs:
+a request the gate refuses is a DataError from every runtime alike, never logits.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import FULL_MODEL, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
-from astro_trt.errors import BackendError, BundleError
+from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history, validate_kv_cache
+from astro_trt.errors import BackendError, BundleError, DataError
 from astro_trt.exporter.precision import model_in_precision, torch_dtype
 from astro_trt.model.astro import History
 from astro_trt.validate.stats import to_float32
@@ -40,12 +44,18 @@ class Runner(Protocol):
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray: ...
 
 
-def history_feeds(history: History, cand_items: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """Contract input names -> int64 numpy arrays (a superset of any one graph's inputs)."""
-    feeds = dict(zip(HISTORY_INPUTS, history.astuple(), strict=True))
+def gate(cfg: ASTROConfig, history: Any, cand_items: Any = None,
+         profile: Ranges | None = None) -> dict[str, np.ndarray]:
+    """The history (and candidates) through the input gate: contract name -> int64 array."""
+    arrays = validate_history(cfg, history, profile)
     if cand_items is not None:
-        feeds["cand_items"] = cand_items
-    return {k: np.ascontiguousarray(v.detach().cpu().numpy().astype(np.int64)) for k, v in feeds.items()}
+        arrays["cand_items"] = validate_candidates(cfg, cand_items, arrays["hist_items"].shape[0], profile)
+    return arrays
+
+
+def gated_history(arrays: Mapping[str, np.ndarray]) -> History:
+    """The gated arrays as the History the PyTorch model reads (no copy)."""
+    return History(*(torch.from_numpy(arrays[n]) for n in HISTORY_INPUTS))
 
 
 def as_float32(array: Any) -> np.ndarray:
@@ -66,18 +76,23 @@ class TorchRunner:
         self.model = model if precision == "fp32" else model_in_precision(model, precision, export_ops=False)
         self.model.eval()
 
+        self.cfg: ASTROConfig = self.model.cfg
+
     @torch.no_grad()
     def encode(self, history: History) -> torch.Tensor:
-        return self.model.encode_user(history)
+        return self.model.encode_user(gated_history(gate(self.cfg, history)))
 
     @torch.no_grad()
     def score(self, kv_cache: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
-        kv = kv_cache if isinstance(kv_cache, torch.Tensor) else torch.from_numpy(np.asarray(kv_cache))
-        return as_float32(self.model.score(kv.to(self.dtype), history, cand_items))
+        arrays = gate(self.cfg, history, cand_items)
+        kv = validate_kv_cache(self.cfg, kv_cache, self.precision, arrays["hist_items"].shape[0])
+        kv = kv if isinstance(kv, torch.Tensor) else torch.from_numpy(kv)
+        return as_float32(self.model.score(kv, gated_history(arrays), torch.from_numpy(arrays["cand_items"])))
 
     @torch.no_grad()
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
-        return as_float32(self.model.full(history, cand_items))
+        arrays = gate(self.cfg, history, cand_items)
+        return as_float32(self.model.full(gated_history(arrays), torch.from_numpy(arrays["cand_items"])))
 
 
 def ort_session(path: Path, threads: int = ORT_THREADS, profile_prefix: str | None = None,
@@ -91,17 +106,21 @@ def ort_session(path: Path, threads: int = ORT_THREADS, profile_prefix: str | No
 
 
 class OrtRunner:
-    """ONNX Runtime (CPU) over the three ONNX graphs of one precision."""
+    """ONNX Runtime (CPU) over the three ONNX graphs of one precision. ``profiles`` (graph ->
+    {axis: (min, opt, max)}, e.g. a bundle's) bounds B and M as the engines are bounded; without
+    it ONNX Runtime takes any batch (validation runs larger batches than the engines serve)."""
 
     runtime = "ort"
 
     def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS,
-                 profile_dir: Path | None = None):
+                 profile_dir: Path | None = None, *, profiles: Mapping[str, Ranges] | None = None):
         missing = [g for g in (USER_ENCODER, ITEM_SCORER, FULL_MODEL) if g not in graphs]
         if missing:
             raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
         self.precision = precision
         self.name = f"ort-{precision}"
+        self.cfg = cfg
+        self.profiles = dict(profiles or {})
         self.io = graph_io(cfg, precision)
         self.threads = threads
         # The full model's intermediates grow with B * M pairs: no pre-planned block on top of the arena.
@@ -120,20 +139,27 @@ class OrtRunner:
         """graph -> the profile file its session wrote (sessions made with ``profile_dir``)."""
         return {g: Path(s.end_profiling()) for g, s in self.sessions.items()}
 
+    @classmethod
+    def from_bundle(cls, bundle: Any, precision: str = "fp32", threads: int = ORT_THREADS) -> OrtRunner:
+        """The bundle's ONNX graphs of ``precision`` (a loaded engines.bundle.Bundle)."""
+        return cls({g: bundle.onnx_path(g, precision) for g in bundle.io(precision)}, bundle.config, precision,
+                   threads)
+
     def _run(self, graph: str, feeds: dict[str, Any]) -> np.ndarray:
         names = self.io[graph].input_names
         return self.sessions[graph].run(None, {n: feeds[n] for n in names})[0]
 
     def encode(self, history: History) -> np.ndarray:
-        return self._run(USER_ENCODER, history_feeds(history))
+        return self._run(USER_ENCODER, gate(self.cfg, history, profile=self.profiles.get(USER_ENCODER)))
 
     def score(self, kv_cache: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
-        feeds = history_feeds(history, cand_items)
-        feeds[KV_CACHE] = kv_cache
+        feeds = gate(self.cfg, history, cand_items, self.profiles.get(ITEM_SCORER))
+        feeds[KV_CACHE] = validate_kv_cache(self.cfg, kv_cache, self.precision, feeds["hist_items"].shape[0],
+                                            host=True)
         return as_float32(self._run(ITEM_SCORER, feeds))
 
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
-        return as_float32(self._run(FULL_MODEL, history_feeds(history, cand_items)))
+        return as_float32(self._run(FULL_MODEL, gate(self.cfg, history, cand_items, self.profiles.get(FULL_MODEL))))
 
 
 def gpu_unavailable_reason() -> str | None:
@@ -146,7 +172,9 @@ def gpu_unavailable_reason() -> str | None:
 class TrtRunner:
     """TensorRT engines of one precision through engines/runtime.py (needs a GPU). The runtime
     keeps the user state on the device; here it comes back to the host so that every runner's
-    cache can be compared with the oracle's."""
+    cache can be compared with the oracle's. The session gates encode, score and full itself
+    (same gate, with the engines' profiles); the history given to ``score`` is gated here, since
+    the session scores from the state and would never look at it."""
 
     runtime = "trt"
 
@@ -156,15 +184,19 @@ class TrtRunner:
         self.name = f"trt-{precision}"
 
     def encode(self, history: History) -> Any:
-        return self.session.encode(history_feeds(history))  # a runtime.UserState, cache on the device
+        return self.session.encode(gate(self.session.cfg, history))  # a runtime.UserState, cache on the device
 
     def score(self, state: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
         # The state already holds this history's device inputs; only the candidates travel.
-        return as_float32(self.session.score(state, history_feeds(history, cand_items)["cand_items"]))
+        arrays = gate(self.session.cfg, history)
+        if arrays["hist_items"].shape[0] != state.batch:
+            raise DataError(f"history: batch {arrays['hist_items'].shape[0]} but the encoded state holds "
+                            f"{state.batch} users; score with the history that was encoded")
+        return as_float32(self.session.score(state, cand_items))
 
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
-        feeds = history_feeds(history, cand_items)
-        return as_float32(self.session.full(feeds, feeds["cand_items"]))
+        arrays = gate(self.session.cfg, history, cand_items)
+        return as_float32(self.session.full(arrays, arrays["cand_items"]))
 
 
 def make_trt_runner(bundle: Any, precision: str) -> tuple[TrtRunner | None, str]:

@@ -1,0 +1,175 @@
+"""Checkpoint -> bundle as one library call: parse the request, export every precision's graphs
+(trying the attention lowerings in order), check them on ONNX Runtime, build the engines, and write
+the bundle with its manifest atomically. `astro-trt export` is this function plus printing.
+
+Everything that can be refused is refused before the checkpoint is read or a file is written."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from astro_trt import contract
+from astro_trt.choices import comma_list
+from astro_trt.errors import AstroError, BundleError, ConfigError
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ExportedBundle:
+    """What export_bundle wrote: the bundle directory (absolute) and its manifest."""
+
+    directory: Path
+    manifest: dict[str, Any]
+
+    @property
+    def precisions(self) -> list[str]:
+        return list(self.manifest["precisions"])
+
+    def parity(self, precision: str) -> dict[str, float]:
+        """ONNX Runtime's max abs error against PyTorch per graph, measured at export."""
+        return dict(self.manifest["parity"][precision])
+
+
+def parse_precisions(value: str | Sequence[str]) -> list[str]:
+    """'fp32,fp16' or ['fp32', 'fp16'] -> ['fp32', 'fp16'] (lower case, duplicates dropped)."""
+    return comma_list(value, contract.PRECISIONS, "--precision")
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    precisions: str | Sequence[str] = ("fp32", "fp16"),
+    backend: str = "auto",
+    attention: str = "auto",
+    targets: str | Sequence[str] = "portable",
+    max_batch: int = 8,
+    max_candidates: int = 1024,
+    opt_level: int | None = None,
+    timing_cache: str | Path | None = None,
+    engines: bool = True,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> ExportedBundle:
+    """Export ``checkpoint`` to a verified bundle at ``out``: ONNX graphs per precision, TensorRT
+    engines (unless ``engines=False``), the checkpoint copy the validator uses as its oracle, and
+    the manifest. ``progress`` receives one short status line per step. Raises an AstroError
+    subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
+    from astro_trt.engines.backend import resolve_backend
+    from astro_trt.engines.build import OPT_LEVELS, Profile, attention_candidates
+    from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
+    from astro_trt.manifest import build_manifest, write_manifest
+    from astro_trt.model.checkpoint import load_checkpoint
+
+    say = progress or (lambda _msg: None)
+    wanted = parse_precisions(precisions)
+    profile = Profile(max_batch=max_batch, max_candidates=max_candidates)
+    # Checked here, not only by the builder: an ONNX-only export must not accept what a build would refuse.
+    if opt_level is not None and (not isinstance(opt_level, int) or isinstance(opt_level, bool)
+                                  or opt_level not in OPT_LEVELS):
+        raise ConfigError(f"--opt-level must be an integer in 0..5, got {opt_level!r}")
+    chosen = resolve_backend(backend) if engines else None
+    target_list = chosen.parse_targets(targets) if chosen else []
+    lowerings = {p: attention_candidates(chosen, attention, p) for p in wanted}
+    out = Path(out)
+    if out.exists() and not force:
+        raise BundleError(f"{out} already exists; choose another --out or pass --force (force=True) to replace it")
+    cache = Path(timing_cache) if timing_cache is not None else None
+    ckpt = load_checkpoint(checkpoint)
+
+    start = time.perf_counter()
+    with staged_bundle(out, force=force) as stage:
+        _copy_checkpoint(ckpt.directory, stage / CHECKPOINT_DIR)
+        parts = {p: _export_precision(ckpt.model, stage, p, lowerings[p], chosen, profile, target_list, opt_level,
+                                      cache, say)
+                 for p in wanted}
+        manifest = build_manifest(
+            config=ckpt.config.to_dict(),
+            checkpoint={"path": CHECKPOINT_DIR, "sha256": ckpt.sha256, "source": str(ckpt.directory)},
+            backend=None if chosen is None else {
+                "name": chosen.name, "version": chosen.version, "targets": target_list, "opt_level": opt_level,
+                "capabilities": chosen.capabilities(),
+            },
+            precisions=wanted,
+            attention={"requested": attention, "effective": {p: parts[p]["effective"] for p in wanted},
+                       "fallbacks": {p: parts[p]["failures"] for p in wanted if parts[p]["failures"]}},
+            profile={g: {d: list(r) for d, r in profile.for_graph(io).items()}
+                     for g, io in contract.graph_io(ckpt.config, wanted[0]).items()},
+            kv_cache={p: parts[p]["kv_cache"] for p in wanted},
+            onnx={p: parts[p]["onnx"] for p in wanted},
+            engines={p: parts[p]["engines"] for p in wanted if parts[p]["engines"]},
+            parity={p: parts[p]["parity"] for p in wanted},
+            export_seconds=round(time.perf_counter() - start, 2),
+        )
+        write_manifest(stage, manifest)
+    return ExportedBundle(out.resolve(), manifest)
+
+
+def _copy_checkpoint(source: Path, target: Path) -> None:
+    """The weights and every JSON document save_checkpoint wrote (config, metrics, data
+    fingerprint): validate reproduces the trained AUCs from them."""
+    from astro_trt.model.checkpoint import WEIGHTS_FILE
+
+    target.mkdir()
+    for path in (source / WEIGHTS_FILE, *sorted(source.glob("*.json"))):
+        shutil.copyfile(path, target / path.name)
+
+
+def _export_precision(
+    model: Any, stage: Path, precision: str, lowerings: list, backend: Any, profile: Any, targets: list[str],
+    opt_level: int | None, timing_cache: Path | None, say: Progress,
+) -> dict[str, Any]:
+    """Export (and build) one precision, trying the lowerings in order; returns its manifest parts."""
+    from astro_trt.engines.build import build_engine
+    from astro_trt.engines.bundle import engine_relpath, onnx_relpath
+    from astro_trt.exporter.check import check_graphs
+    from astro_trt.exporter.export import export_onnx
+
+    failures: dict[str, str] = {}
+    for index, lowering in enumerate(lowerings):
+        onnx_dir = stage / "onnx" / precision
+        engine_dir = stage / "engines" / precision
+        try:
+            say(f"{precision}: export ONNX ({lowering.effective})")
+            result = export_onnx(model, onnx_dir, precision=precision, attention=lowering.export_as)
+            say(f"{precision}: ONNX Runtime parity")
+            parity = check_graphs(model, result)  # ExportError on a failed check, NaN included
+            engines: dict[str, Any] = {}
+            for graph, io in result.io.items():
+                if backend is None:
+                    continue
+                say(f"{precision}/{graph}: build")
+                built = build_engine(
+                    backend, result.paths[graph], io, profile, targets=targets, opt_level=opt_level,
+                    plugins=lowering.effective == "plugin", timing_cache=timing_cache,
+                    progress=lambda phase, g=graph: say(f"{precision}/{g}: {phase}"),
+                )
+                path = stage / engine_relpath(graph, precision)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(built.plan)
+                engines[graph] = {"path": engine_relpath(graph, precision), "io": built.io,
+                                  "io_source": built.io_source, "build_seconds": round(built.seconds, 3),
+                                  "bytes": len(built.plan)}
+        except (AstroError, ImportError) as exc:
+            if index + 1 == len(lowerings):
+                raise
+            failures[lowering.effective] = str(exc)
+            shutil.rmtree(onnx_dir, ignore_errors=True)
+            shutil.rmtree(engine_dir, ignore_errors=True)
+            continue
+        exported = result.to_manifest()  # the exporter's own account of its graphs
+        onnx = {graph: {"path": onnx_relpath(graph, precision), "io": entry["io"], "opset": exported["opset"],
+                        "op_domains": entry["op_domains"]}
+                for graph, entry in exported["graphs"].items()}
+        return {"effective": lowering.effective, "failures": failures, "onnx": onnx, "engines": engines,
+                "parity": {g: float(e) for g, e in parity.items()}, "kv_cache": exported["kv_cache"]}
+    raise AssertionError("unreachable: the last lowering either returns or raises")
+
+
+__all__ = ["ExportedBundle", "export_bundle", "parse_precisions"]

@@ -1,0 +1,95 @@
+"""Calling the served models with tritonclient over HTTP or gRPC: contract tensors in, logits
+out. A [batch] tensor travels as [batch, 1] (Triton's batched models carry the batch axis
+implicitly)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from astro_trt.serving.config_pbtxt import ENCODED, RECOMMEND, USER_KEY
+
+PROTOCOLS = ("http", "grpc")
+TIMEOUT_S = 60.0  # a request that takes longer counts as failed, so no client waits for ever
+
+
+def _module(protocol: str) -> Any:
+    if protocol == "http":
+        import tritonclient.http as module
+    elif protocol == "grpc":
+        import tritonclient.grpc as module
+    else:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    return module
+
+
+def connect(protocol: str, url: str) -> Any:
+    module = _module(protocol)
+    if protocol == "http":
+        return module.InferenceServerClient(url, connection_timeout=TIMEOUT_S, network_timeout=TIMEOUT_S)
+    return module.InferenceServerClient(url)
+
+
+def _datatype(array: np.ndarray) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return "BYTES" if array.dtype == object else np_to_triton_dtype(array.dtype)
+
+
+def inputs(protocol: str, tensors: Mapping[str, np.ndarray], user_key: bytes | None = None) -> list[Any]:
+    module = _module(protocol)
+    named = dict(tensors)
+    if user_key is not None:
+        named = {USER_KEY: np.array([[user_key]], dtype=object), **named}
+    out = []
+    for name, array in named.items():
+        array = np.asarray(array)
+        if array.ndim == 1:
+            array = array[:, None]
+        entry = module.InferInput(name, list(array.shape), _datatype(array))
+        entry.set_data_from_numpy(array)
+        out.append(entry)
+    return out
+
+
+def infer(protocol: str, client: Any, tensors: Mapping[str, np.ndarray], user_key: bytes | None = None,
+          model: str = RECOMMEND) -> Any:
+    """One request; returns the InferResult (``as_numpy("logits")``). Errors raise tritonclient's
+    InferenceServerException (``.status()`` is "400" / "StatusCode.INVALID_ARGUMENT" for a refused
+    request)."""
+    kwargs = {"client_timeout": TIMEOUT_S} if protocol == "grpc" else {}
+    return client.infer(model, inputs(protocol, tensors, user_key), **kwargs)
+
+
+def recommend(protocol: str, client: Any, user_key: bytes, tensors: Mapping[str, np.ndarray]) -> tuple[np.ndarray,
+                                                                                                        np.ndarray]:
+    """astro_recommend: (logits [B, M, T], encoded [B])."""
+    result = infer(protocol, client, tensors, user_key)
+    return result.as_numpy("logits"), result.as_numpy(ENCODED).reshape(-1)
+
+
+def served_config(url: str, model: str = RECOMMEND) -> dict[str, Any]:
+    """The model's config.pbtxt parameters (strings) as the server reports them over HTTP."""
+    client = connect("http", url)
+    try:
+        config = client.get_model_config(model)
+    finally:
+        client.close()
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def server_times(url: str, model: str = RECOMMEND) -> dict[str, float]:
+    """Triton's cumulative statistics of ``model`` (over HTTP): successful requests and the
+    nanoseconds they spent queued and computing."""
+    client = connect("http", url)
+    try:
+        stats = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+    finally:
+        client.close()
+    return {"count": stats["success"]["count"], "queue_ns": stats["queue"]["ns"],
+            "compute_ns": stats["compute_infer"]["ns"]}
+
+
+__all__ = ["PROTOCOLS", "server_times", "TIMEOUT_S", "connect", "infer", "inputs", "recommend", "served_config"]

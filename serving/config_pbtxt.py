@@ -1,0 +1,196 @@
+"""Triton model configurations (config.pbtxt) derived from a bundle's manifest: tensor names,
+dtypes and dims come from the engine contract the manifest records, batch limits from its
+profiles. Nothing here restates the model's shapes.
+
+Batching decision. Triton's dynamic batcher merges only requests whose non-batch dims agree, and
+the candidate count M is a non-batch dim that varies by page. Requests are not padded to buckets
+(padding costs scorer work proportional to the pad, and padded slots would need masking the
+scorer does not have) and ragged batching does not apply (the scorer takes a rectangular
+[B, M]): requests with the same M (the fixed page sizes a recommender uses) are merged, a
+request with another M runs in its own batch. The Python models keep per-user state and execute
+request by request, so they have no dynamic batcher.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from astro_trt.contract import BATCH, CANDIDATES, ITEM_SCORER, KV_CACHE, USER_ENCODER, GraphIO, TensorSpec
+
+# Model names in the repository.
+GATE = "astro_gate"  # Python: the input gate, passes the checked tensors on
+ENSEMBLE = "astro_score"  # ensemble: gate -> user_encoder -> item_scorer, for one request
+RECOMMEND = "astro_recommend"  # Python: encode once per user and history, score every page
+PLAN_SUFFIX = "_plan"  # tensorrt_plan twins of the encoder, scorer and ensemble (full TensorRT bundles)
+USER_KEY = "user_key"  # astro_recommend: who the history belongs to (any bytes), the cache key
+ENCODED = "encoded"  # astro_recommend: whether this request encoded the user (False: served from cache)
+CHECKED = "checked_"  # prefix of the gate's outputs
+
+# Dynamic batching waits at most this long for more requests of the same shape: long enough to
+# merge concurrent requests, short next to one scorer call.
+QUEUE_DELAY_US = 100
+
+_TRITON_DTYPE = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
+                 "bfloat16": "TYPE_BF16", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
+
+
+class Enum(str):
+    """A protobuf enum value: written bare, not quoted."""
+
+
+def triton_dtype(dtype: str) -> Enum:
+    return Enum(_TRITON_DTYPE[dtype])
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, Enum):
+        return str(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # protobuf text format reads JSON's string escapes (ASCII output)
+
+
+def render(message: Mapping[str, Any], indent: int = 0) -> str:
+    """Protobuf text format of a nested mapping (messages), lists of mappings (repeated
+    messages and maps) and scalars."""
+    pad = "  " * indent
+    lines = []
+    for key, value in message.items():
+        if isinstance(value, Mapping):
+            body = render(value, indent + 1)
+            lines.append(f"{pad}{key} {{\n{body}\n{pad}}}" if body else f"{pad}{key} {{ }}")
+        elif isinstance(value, list) and value and isinstance(value[0], Mapping):
+            items = [f"{pad}  {{\n{render(v, indent + 2)}\n{pad}  }}" for v in value]
+            lines.append(f"{pad}{key} [\n" + ",\n".join(items) + f"\n{pad}]")
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [ {', '.join(_scalar(v) for v in value)} ]")
+        else:
+            lines.append(f"{pad}{key}: {_scalar(value)}")
+    return "\n".join(lines)
+
+
+def tensor(spec: TensorSpec, name: str | None = None, *, reshape: bool = True) -> dict[str, Any]:
+    """A batched model's tensor entry: the leading batch axis is implicit (max_batch_size), the
+    candidate axis is -1; a [batch] tensor is sent as [batch, 1] and (``reshape``) reshaped to
+    [batch] for the model. An ensemble's tensors keep [batch, 1]: Triton checks them against the
+    composing models' declared dims, and reshaping is the composing models' business."""
+    if not spec.shape or spec.shape[0] != BATCH:
+        raise ValueError(f"{spec.name}: the contract's leading axis must be '{BATCH}', got {spec.shape}")
+    dims = [-1 if d == CANDIDATES else int(d) for d in spec.shape[1:]]
+    entry: dict[str, Any] = {"name": name or spec.name, "data_type": triton_dtype(spec.dtype)}
+    if dims:
+        entry["dims"] = dims
+    else:
+        entry["dims"] = [1]
+        if reshape:
+            entry["reshape"] = {"shape": []}
+    return entry
+
+
+def max_batch(profiles: Mapping[str, Mapping[str, Sequence[int]]], *graphs: str) -> int:
+    """The largest batch every one of ``graphs`` accepts (the profiles' max)."""
+    return min(int(profiles[g][BATCH][2]) for g in graphs)
+
+
+def _parameters(values: Mapping[str, Any]) -> list[dict[str, Any]]:
+    return [{"key": k, "value": {"string_value": v if isinstance(v, str) else json.dumps(v)}} for k, v in
+            values.items()]
+
+
+def graph_config(io: GraphIO, profiles: Mapping[str, Any], *, name: str, platform: str) -> str:
+    """An ONNX Runtime (``onnxruntime_onnx``) or TensorRT (``tensorrt_plan``) model of one graph."""
+    return render({
+        "name": name,
+        "platform": platform,
+        "max_batch_size": max_batch(profiles, io.name),
+        "input": [tensor(t) for t in io.inputs],
+        "output": [tensor(t) for t in io.outputs],
+        "instance_group": [{"count": 1, "kind": Enum("KIND_AUTO")}],
+        "dynamic_batching": {"max_queue_delay_microseconds": QUEUE_DELAY_US},
+    }) + "\n"
+
+
+def request_tensors(io: Mapping[str, GraphIO]) -> list[TensorSpec]:
+    """What one scoring request carries: every history input either graph reads, then the
+    candidates (the kv_cache is never a request tensor)."""
+    seen: dict[str, TensorSpec] = {}
+    for graph in (USER_ENCODER, ITEM_SCORER):
+        for t in io[graph].inputs:
+            if t.name != KV_CACHE and t.name != "cand_items":
+                seen.setdefault(t.name, t)
+    return [*seen.values(), io[ITEM_SCORER].tensor("cand_items")]
+
+
+def gate_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """The Python gate model: checks a request with the project's input gate and passes the
+    tensors on as ``checked_<name>``; a bad request ends there with a 400."""
+    request = request_tensors(io)
+    return render({
+        "name": GATE,
+        "backend": "python",
+        "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
+        "input": [tensor(t) for t in request],
+        "output": [tensor(t, CHECKED + t.name) for t in request],
+        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
+        "parameters": _parameters({"astro_config": dict(config), "profiles": dict(profiles)}),
+    }) + "\n"
+
+
+def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, suffix: str = "") -> str:
+    """gate -> user_encoder -> item_scorer for one request. The kv_cache is a tensor internal to
+    the ensemble, never one of its outputs."""
+    request = request_tensors(io)
+    encoder, scorer = io[USER_ENCODER], io[ITEM_SCORER]
+    scorer_inputs = [t.name for t in scorer.inputs if t.name != KV_CACHE]
+    consumed = list(dict.fromkeys(encoder.input_names + scorer_inputs))
+    steps = [
+        {"model_name": GATE, "model_version": -1,
+         "input_map": [{"key": t.name, "value": t.name} for t in request],
+         "output_map": [{"key": CHECKED + n, "value": CHECKED + n} for n in consumed]},
+        {"model_name": USER_ENCODER + suffix, "model_version": -1,
+         "input_map": [{"key": n, "value": CHECKED + n} for n in encoder.input_names],
+         "output_map": [{"key": KV_CACHE, "value": KV_CACHE}]},
+        {"model_name": ITEM_SCORER + suffix, "model_version": -1,
+         "input_map": [{"key": KV_CACHE, "value": KV_CACHE}]
+         + [{"key": n, "value": CHECKED + n} for n in scorer_inputs],
+         "output_map": [{"key": t.name, "value": t.name} for t in scorer.outputs]},
+    ]
+    return render({
+        "name": ENSEMBLE + suffix,
+        "platform": "ensemble",
+        "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
+        "input": [tensor(t, reshape=False) for t in request],
+        "output": [tensor(t, reshape=False) for t in scorer.outputs],
+        "ensemble_scheduling": {"step": steps},
+    }) + "\n"
+
+
+def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any], *,
+                     precision: str, cache_bytes: int, ort_threads: int | None) -> str:
+    """The Python model that keeps a per-user cache of encoded state across requests."""
+    request = request_tensors(io)
+    key = TensorSpec(USER_KEY, "bytes", (BATCH, 1))
+    encoded = TensorSpec(ENCODED, "bool", (BATCH, 1))
+    return render({
+        "name": RECOMMEND,
+        "backend": "python",
+        "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
+        "input": [tensor(key), *(tensor(t) for t in request)],
+        "output": [*(tensor(t) for t in io[ITEM_SCORER].outputs), tensor(encoded)],
+        # One instance: the cache lives in the instance, so a second one would encode users twice.
+        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
+        "parameters": _parameters({"bundle": "bundle", "precision": precision, "cache_bytes": str(cache_bytes),
+                                   "compute": "auto", "ort_threads": "" if ort_threads is None else str(ort_threads),
+                                   "astro_config": dict(config)}),
+    }) + "\n"
+
+
+__all__ = [
+    "CHECKED", "ENCODED", "ENSEMBLE", "GATE", "PLAN_SUFFIX", "QUEUE_DELAY_US", "RECOMMEND", "USER_KEY",
+    "ensemble_config", "gate_config", "graph_config", "max_batch", "recommend_config", "render", "request_tensors",
+    "tensor", "triton_dtype",
+]

@@ -1,0 +1,237 @@
+"""A load test of astro_recommend: N concurrent clients per protocol for a bounded time, and the
+same requests replayed in-process (ONNX Runtime, the same request path without Triton) as the
+baseline the served throughput is compared with."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from astro_trt.serving import client as tc
+from astro_trt.serving.workload import Workload
+
+
+@dataclass
+class Phase:
+    """One protocol's (or the baseline's) run."""
+
+    name: str
+    clients: int
+    seconds: float
+    requests: int
+    candidates: int
+    errors: int
+    encodes: int
+    latencies_ms: list[float] = field(repr=False)
+    error_samples: list[str] = field(default_factory=list)
+    # Per request, as Triton's statistics report them (served runs only): time queued, time in the model.
+    server_queue_ms: float | None = None
+    server_compute_ms: float | None = None
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def candidates_per_s(self) -> float:
+        return self.candidates / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
+        out.update(requests_per_s=self.requests_per_s, candidates_per_s=self.candidates_per_s,
+                   p50_ms=self.percentile(50), p90_ms=self.percentile(90), p99_ms=self.percentile(99),
+                   max_ms=max(self.latencies_ms, default=float("nan")))
+        return out
+
+
+def _run(name: str, clients: int, seconds: float, work: Callable[[Any, int], tuple[int, bool]],
+         connect: Callable[[], Any], close: Callable[[Any], None]) -> Phase:
+    """``clients`` threads call ``work(connection, index)`` -> (candidates, encoded) on shared
+    request indices until ``seconds`` have passed."""
+    counter = itertools.count()
+    lock = threading.Lock()
+    latencies: list[float] = []
+    totals = {"requests": 0, "candidates": 0, "errors": 0, "encodes": 0}
+    samples: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    def worker() -> None:
+        conn = connect()
+        try:
+            while time.monotonic() < deadline:
+                index = next(counter)
+                start = time.perf_counter()
+                try:
+                    cands, encoded = work(conn, index)
+                except Exception as exc:  # noqa: BLE001 - a failed request is counted, the client goes on
+                    with lock:
+                        totals["errors"] += 1
+                        if len(samples) < 5:
+                            samples.append(str(exc).splitlines()[0][:300])
+                    continue
+                elapsed = (time.perf_counter() - start) * 1e3
+                with lock:
+                    latencies.append(elapsed)
+                    totals["requests"] += 1
+                    totals["candidates"] += cands
+                    totals["encodes"] += int(encoded)
+        finally:
+            close(conn)
+
+    began = time.monotonic()
+    threads = [threading.Thread(target=worker, name=f"{name}-{i}", daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:  # a request is bounded by the client timeout, so this ends
+        t.join(timeout=seconds + 2 * tc.TIMEOUT_S)
+    return Phase(name, clients, time.monotonic() - began, latencies_ms=latencies, error_samples=samples, **totals)
+
+
+def served_phase(protocol: str, url: str, workload: Workload, *, clients: int, seconds: float,
+                 stats_url: str | None = None) -> Phase:
+    """``clients`` clients of ``protocol`` at ``url`` for ``seconds``; with ``stats_url`` (the
+    HTTP endpoint) the server's own queue and compute time per request are added."""
+    before = tc.server_times(stats_url) if stats_url else None
+    phase = _served(protocol, url, workload, clients=clients, seconds=seconds)
+    if before is not None:
+        after = tc.server_times(stats_url)
+        count = after["count"] - before["count"]
+        if count > 0:
+            phase.server_queue_ms = (after["queue_ns"] - before["queue_ns"]) / count / 1e6
+            phase.server_compute_ms = (after["compute_ns"] - before["compute_ns"]) / count / 1e6
+    return phase
+
+
+def _served(protocol: str, url: str, workload: Workload, *, clients: int, seconds: float) -> Phase:
+    def work(conn: Any, index: int) -> tuple[int, bool]:
+        key, tensors = workload.request(index)
+        logits, encoded = tc.recommend(protocol, conn, key, tensors)
+        if logits.shape[1] != tensors["cand_items"].shape[1]:
+            raise RuntimeError(f"{logits.shape[1]} logits for {tensors['cand_items'].shape[1]} candidates")
+        return logits.shape[1], bool(encoded.any())
+
+    return _run(protocol, clients, seconds, work, lambda: tc.connect(protocol, url), lambda c: c.close())
+
+
+def inprocess_phase(recommender: Any, workload: Workload, *, seconds: float, name: str = "in-process") -> Phase:
+    """The same requests through the same request path in this process, one at a time (ONNX
+    Runtime uses every core it is given inside each call)."""
+
+    def work(_: Any, index: int) -> tuple[int, bool]:
+        key, tensors = workload.request(index)
+        page = recommender.page(np.array([[key]], dtype=object), tensors)
+        return page.logits.shape[1], bool(page.encoded.any())
+
+    return _run(name, 1, seconds, work, lambda: None, lambda _: None)
+
+
+@dataclass
+class LoadReport:
+    model: str
+    urls: dict[str, str]
+    workload: dict[str, Any]
+    phases: list[Phase]
+    baselines: list[Phase]  # in-process runs (before and after the served ones)
+    note: str = ""
+
+    @property
+    def baseline(self) -> Phase | None:
+        """The faster in-process run: on a shared machine the comparison with it is the conservative one."""
+        return max(self.baselines, key=lambda p: p.candidates_per_s, default=None)
+
+    @property
+    def failed(self) -> int:
+        return sum(p.errors for p in self.phases)
+
+    def ratio(self, phase: Phase) -> float | None:
+        if self.baseline is None or self.baseline.candidates_per_s == 0:
+            return None
+        return phase.candidates_per_s / self.baseline.candidates_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "urls": self.urls, "workload": self.workload, "note": self.note,
+                "failed_requests": self.failed,
+                "phases": [p.summary() | {"vs_in_process": self.ratio(p)} for p in self.phases],
+                "in_process": None if self.baseline is None else self.baseline.summary(),
+                "in_process_runs": [p.summary() for p in self.baselines]}
+
+
+def report_markdown(report: LoadReport, plot: str) -> str:
+    from astro_trt.validate.report import markdown_table
+
+    rows = []
+    for p in report.baselines + report.phases:
+        ratio = report.ratio(p) if p in report.phases else None
+        server = "-" if p.server_compute_ms is None else f"{p.server_queue_ms:.2f} / {p.server_compute_ms:.2f}"
+        rows.append((p.name, p.clients, f"{p.seconds:.1f}", p.requests, p.errors, f"{p.requests_per_s:,.1f}",
+                     f"{p.candidates_per_s:,.0f}", f"{p.percentile(50):.2f}", f"{p.percentile(90):.2f}",
+                     f"{p.percentile(99):.2f}", p.encodes, server, "-" if ratio is None else f"{ratio:.0%}"))
+    w = report.workload
+    lines = [f"# astro-trt load test: {report.model}", "",
+             f"{w['users']} users x {w['pages']} pages of {w['candidates']} candidates per session, sessions "
+             "repeated with new user keys (one request in pages encodes). Servers: "
+             + ", ".join(f"{k} `{v}`" for k, v in report.urls.items()) + ".", ""]
+    if report.note:
+        lines += [report.note, ""]
+    lines += [markdown_table(["run", "clients", "s", "requests", "failed", "req/s", "cand/s", "p50 ms", "p90 ms",
+                              "p99 ms", "encodes", "server queue / compute ms", "vs in-process"], rows), "",
+              "In-process: the same requests through the same request path (gate, cache, ONNX Runtime) in "
+              "one stream, before and after the served runs; `vs in-process` compares with the faster of "
+              "the two. Server queue / compute: Triton's own statistics per request.", "",
+              f"![load test]({plot})", ""]
+    return "\n".join(lines)
+
+
+def plot_load(report: LoadReport) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    runs: Sequence[Phase] = report.baselines + report.phases
+    fig, (bars, cdf) = plt.subplots(1, 2, figsize=(11, 4.2))
+    bars.bar([p.name.replace(" ", "\n") for p in runs], [p.candidates_per_s for p in runs], color="tab:blue")
+    bars.set_ylabel("candidates scored per second")
+    bars.set_title("throughput")
+    for p in report.phases:
+        lat = np.sort(np.asarray(p.latencies_ms))
+        if lat.size:
+            cdf.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=f"{p.name} ({p.clients} clients)")
+    cdf.set_xscale("log")
+    cdf.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    cdf.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    cdf.set_xlabel("latency ms (log)")
+    cdf.set_ylabel("fraction of requests")
+    cdf.set_title("latency")
+    cdf.grid(alpha=0.3)
+    cdf.legend()
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_load_reports(report: LoadReport, out: Path) -> dict[str, Path]:
+    from astro_trt.validate.report import by_kind, json_bytes, write_files
+
+    files = {"loadtest.json": json_bytes(report.to_dict()), "loadtest.png": plot_load(report),
+             "loadtest.md": report_markdown(report, "loadtest.png").encode()}
+    return by_kind(write_files(Path(out), files))
+
+
+__all__ = ["LoadReport", "Phase", "inprocess_phase", "served_phase", "write_load_reports"]

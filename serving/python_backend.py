@@ -1,0 +1,124 @@
+"""What the generated Python-backend models run inside Triton's Python stub. The model.py files
+in a repository only hand Triton's ``triton_python_backend_utils`` module (``pb``) to these
+classes, so the logic lives (and is linted and versioned) here.
+
+Errors: a request the gate refuses gets INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) with the
+gate's one-line message; any other failure gets INTERNAL with one line. The model keeps serving."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from astro_trt.config import ASTROConfig
+from astro_trt.contract import HISTORY_INPUTS
+from astro_trt.errors import AstroError, DataError
+from astro_trt.serving.config_pbtxt import CHECKED, ENCODED, USER_KEY
+from astro_trt.serving.service import Recommender, check_request
+
+REQUEST_INPUTS = (*HISTORY_INPUTS, "cand_items")
+
+
+def parameters(args: dict[str, Any]) -> dict[str, str]:
+    """The ``parameters`` of the model's config.pbtxt as name -> string."""
+    config = json.loads(args["model_config"])
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def read_inputs(pb: Any, request: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    out = {}
+    for name in names:
+        tensor = pb.get_input_tensor_by_name(request, name)
+        if tensor is not None:
+            out[name] = tensor.as_numpy()
+    return out
+
+
+def error_response(pb: Any, exc: BaseException) -> Any:
+    if isinstance(exc, DataError):
+        return pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    message = text if isinstance(exc, AstroError) else f"{type(exc).__name__}: {text}"
+    return pb.InferenceResponse(error=pb.TritonError(message, pb.TritonError.INTERNAL))
+
+
+class GateModel:
+    """astro_gate: the project's input gate in front of the ONNX Runtime / TensorRT models of the
+    ensemble, which would otherwise read whatever ids they are sent."""
+
+    def __init__(self, args: dict[str, Any], pb: Any) -> None:
+        params = parameters(args)
+        self.pb = pb
+        self.cfg = ASTROConfig.from_dict(json.loads(params["astro_config"]), source="astro_gate config.pbtxt")
+        self.profiles = json.loads(params["profiles"])
+
+    def respond(self, request: Any) -> Any:
+        try:
+            arrays, cand = check_request(self.cfg, read_inputs(self.pb, request, REQUEST_INPUTS), self.profiles)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error, not the server's
+            return error_response(self.pb, exc)
+        arrays["cand_items"] = cand
+        return self.pb.InferenceResponse([self.pb.Tensor(CHECKED + n, a) for n, a in arrays.items()])
+
+
+class RecommendModel:
+    """astro_recommend: encode a user once per (key, history), score every page against the
+    cached state. Counters go to the server's metrics endpoint (astro_* families)."""
+
+    def __init__(self, args: dict[str, Any], pb: Any) -> None:
+        from astro_trt.serving.source import load_served_bundle
+
+        params = parameters(args)
+        self.pb = pb
+        bundle_dir = Path(args["model_repository"]) / args["model_version"] / params.get("bundle", "bundle")
+        bundle = load_served_bundle(bundle_dir)
+        threads = int(params["ort_threads"]) if params.get("ort_threads") else None
+        self.recommender = Recommender(bundle, params["precision"], cache_bytes=int(params["cache_bytes"]),
+                                       compute=params.get("compute", "auto"), threads=threads)
+        self.metrics = _Metrics(pb, args["model_name"])
+
+    def respond(self, request: Any) -> Any:
+        try:
+            tensors = read_inputs(self.pb, request, REQUEST_INPUTS)
+            keys = self.pb.get_input_tensor_by_name(request, USER_KEY)
+            if keys is None:
+                raise DataError(f"request is missing {USER_KEY}; send one key per user ([batch, 1] bytes)")
+            page = self.recommender.page(keys.as_numpy(), tensors)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error, not the server's
+            self.metrics.refused.increment(1)
+            return error_response(self.pb, exc)
+        self.metrics.update(page.encoded, self.recommender.cache.stats)
+        return self.pb.InferenceResponse([self.pb.Tensor("logits", page.logits),
+                                          self.pb.Tensor(ENCODED, page.encoded[:, None])])
+
+
+class _Metrics:
+    def __init__(self, pb: Any, model: str) -> None:
+        labels = {"model": model}
+        self._families: list[Any] = []  # a family must outlive its metrics
+
+        def family(name: str, text: str, kind: Any) -> Any:
+            self._families.append(pb.MetricFamily(name=name, description=text, kind=kind))
+            return self._families[-1].Metric(labels=labels)
+
+        counter, gauge = pb.MetricFamily.COUNTER, pb.MetricFamily.GAUGE
+        self.encodes = family("astro_user_encodes_total", "users encoded (cache misses)", counter)
+        self.hits = family("astro_cache_hits_total", "users served from the per-user cache", counter)
+        self.refused = family("astro_requests_refused_total", "requests refused by the input gate or failed", counter)
+        self.evictions = family("astro_cache_evictions_total", "cache entries evicted to stay within its bytes",
+                                counter)
+        self.bytes = family("astro_cache_bytes", "bytes of encoded state held in the cache", gauge)
+        self._evicted = 0
+
+    def update(self, encoded: np.ndarray, stats: Any) -> None:
+        self.encodes.increment(int(encoded.sum()))
+        self.hits.increment(int((~encoded).sum()))
+        self.evictions.increment(stats.evictions - self._evicted)
+        self._evicted = stats.evictions
+        self.bytes.set(stats.bytes)
+
+
+__all__ = ["GateModel", "RecommendModel", "error_response", "parameters", "read_inputs"]

@@ -1,0 +1,89 @@
+"""A bundle as a standard, versioned Triton model repository (version 1 of every model):
+
+    REPO/user_encoder/     onnxruntime_onnx, the bundle's ONNX encoder (CPU or GPU)
+    REPO/item_scorer/      onnxruntime_onnx, the bundle's ONNX scorer
+    REPO/astro_gate/       Python: the project's input gate, passes checked tensors on
+    REPO/astro_score/      ensemble astro_gate -> user_encoder -> item_scorer (one request; the
+                           kv_cache stays inside the ensemble)
+    REPO/astro_recommend/  Python: per-user cache of encoded state, scores every page; runs
+                           ONNX Runtime on a CPU, the project's TensorRT runtime on a GPU; holds
+                           a copy of the bundle (verified when the model loads)
+    REPO/*_plan/           tensorrt_plan twins, only for bundles built with full TensorRT
+                           (Triton's TensorRT backend loads only plans of its own TensorRT; a
+                           TensorRT-RTX plan is served by astro_recommend's runtime instead)
+    REPO/README.md         how to start it and what each model takes and returns
+"""
+
+from __future__ import annotations
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from astro_trt.artifacts import atomic_write, staged_directory
+from astro_trt.contract import ITEM_SCORER, USER_ENCODER
+from astro_trt.engines.bundle import Bundle
+from astro_trt.errors import BundleError
+from astro_trt.serving import config_pbtxt as pbtxt
+from astro_trt.serving.readme import repository_readme
+from astro_trt.serving.service import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
+from astro_trt.serving.source import served_precision
+
+VERSION = "1"
+# Models that run on the server nvidia-pytriton ships (it has only the Python backend).
+PYTHON_MODELS = (pbtxt.RECOMMEND, pbtxt.GATE)
+# The full TensorRT back end's name in the manifest; only its plans can be Triton tensorrt_plan models.
+TENSORRT = "tensorrt"
+
+
+def _write(path: Path, text: str | bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, text if isinstance(text, bytes) else text.encode())
+
+
+def _model_source(name: str) -> bytes:
+    return resources.files("astro_trt.serving.triton_models").joinpath(f"{name}.py").read_bytes()
+
+
+def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None = None, force: bool = False,
+                     cache_bytes: int = DEFAULT_CACHE_BYTES, ort_threads: int | None = DEFAULT_ORT_THREADS) -> Path:
+    """Write the repository for ``precision`` of ``bundle`` at ``out`` (atomically: a failure
+    leaves nothing there). ``ort_threads``: ONNX Runtime's intra-op threads in astro_recommend
+    (None: one per core). Returns its absolute path."""
+    out = Path(out).resolve()
+    if out.exists() and not force:
+        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if bundle.directory == out or bundle.directory in out.parents:
+        raise BundleError(f"--out {out} is inside the bundle {bundle.directory}; write the repository elsewhere")
+    precision = served_precision(bundle, precision)
+    io = bundle.io(precision)
+    profiles = {g: {k: list(v) for k, v in bundle.profile(g).items()} for g in (USER_ENCODER, ITEM_SCORER)}
+    config = bundle.manifest["config"]
+    plans = bundle.backend == TENSORRT and all(bundle.engine_path(g, precision) for g in (USER_ENCODER, ITEM_SCORER))
+    with staged_directory(out) as stage:
+        for graph in (USER_ENCODER, ITEM_SCORER):
+            _write(stage / graph / "config.pbtxt",
+                   pbtxt.graph_config(io[graph], profiles, name=graph, platform="onnxruntime_onnx"))
+            _write(stage / graph / VERSION / "model.onnx", bundle.onnx_path(graph, precision).read_bytes())
+            if plans:
+                name = graph + pbtxt.PLAN_SUFFIX
+                _write(stage / name / "config.pbtxt", pbtxt.graph_config(io[graph], profiles, name=name,
+                                                                         platform="tensorrt_plan"))
+                _write(stage / name / VERSION / "model.plan", bundle.engine_path(graph, precision).read_bytes())
+        _write(stage / pbtxt.GATE / "config.pbtxt", pbtxt.gate_config(io, profiles, config))
+        _write(stage / pbtxt.GATE / VERSION / "model.py", _model_source("gate"))
+        for suffix in ("", pbtxt.PLAN_SUFFIX) if plans else ("",):
+            name = pbtxt.ENSEMBLE + suffix
+            _write(stage / name / "config.pbtxt", pbtxt.ensemble_config(io, profiles, suffix=suffix))
+            (stage / name / VERSION).mkdir(parents=True)
+        _write(stage / pbtxt.RECOMMEND / "config.pbtxt",
+               pbtxt.recommend_config(io, profiles, config, precision=precision, cache_bytes=cache_bytes,
+                                      ort_threads=ort_threads))
+        _write(stage / pbtxt.RECOMMEND / VERSION / "model.py", _model_source("recommend"))
+        shutil.copytree(bundle.directory, stage / pbtxt.RECOMMEND / VERSION / "bundle")
+        _write(stage / "README.md", repository_readme(bundle, precision, io, profiles, plans=plans,
+                                                      cache_bytes=cache_bytes))
+    return out
+
+
+__all__ = ["PYTHON_MODELS", "VERSION", "write_repository"]

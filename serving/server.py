@@ -1,0 +1,244 @@
+"""A local tritonserver: the binary and Python backend that the nvidia-pytriton wheel ships,
+started on 127.0.0.1 with a model repository, and always stopped.
+
+Two facts about that binary shape the start: the Python backend's stub embeds libpython, which
+must be this interpreter's own (its LIBDIR goes on LD_LIBRARY_PATH; the system's libpython fails
+model initialisation when the interpreter is another build), and the stub finds its packages
+through the first ``python3`` on PATH, so this environment's bin directory goes first."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from astro_trt.errors import BackendError
+
+HOST = "127.0.0.1"
+_INSTALL = "pip install 'astro-trt[serve]' (nvidia-pytriton ships tritonserver)"
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    binary: Path
+    backends: Path  # holds python/ (libtriton_python.so, triton_python_backend_utils.py)
+    stub: Path  # the Python backend stub built for this interpreter's version
+    libs: Path  # the shared libraries the binary links
+
+
+def find_triton() -> TritonInstall:
+    """Where nvidia-pytriton's tritonserver is, or BackendError saying how to install it."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError(f"tritonserver is not installed; {_INSTALL}")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    install = TritonInstall(root / "tritonserver/bin/tritonserver", root / "tritonserver/backends",
+                            root / "tritonserver/python_backend_stubs" / version / "triton_python_backend_stub",
+                            root.parent / "nvidia_pytriton.libs")
+    for path in (install.binary, install.backends / "python", install.stub, install.libs):
+        if not path.exists():
+            raise BackendError(f"nvidia-pytriton is incomplete ({path} is missing; Python {version}); {_INSTALL}")
+    return install
+
+
+def unavailable_reason() -> str | None:
+    try:
+        find_triton()
+    except BackendError as exc:
+        return str(exc)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid:
+                    members.append(int(entry.name))
+            except OSError:
+                continue
+    return members
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    http: str
+    grpc: str
+    metrics: str
+
+    def lines(self) -> list[str]:
+        return [f"HTTP     http://{self.http}", f"gRPC     {self.grpc}", f"metrics  http://{self.metrics}/metrics"]
+
+
+class TritonServer:
+    """``with TritonServer(repo, models=[...]) as server:`` starts tritonserver and waits until
+    every model is ready; leaving the block (or ``stop()``) ends it and its Python stubs."""
+
+    def __init__(self, repository: str | Path, *, models: Sequence[str], http_port: int = 0, grpc_port: int = 0,
+                 metrics_port: int = 0, startup_timeout: float = 180.0, env: dict[str, str] | None = None,
+                 cancel: threading.Event | None = None) -> None:
+        self.repository = Path(repository).resolve()
+        self.models = list(models)
+        self.ports = {k: p or free_port() for k, p in
+                      (("http", http_port), ("grpc", grpc_port), ("metrics", metrics_port))}
+        self.startup_timeout = startup_timeout
+        self.extra_env = dict(env or {})
+        self.cancel = cancel  # set (by a signal handler) to abandon a start that is still waiting
+        self.endpoints = Endpoints(*(f"{HOST}:{self.ports[k]}" for k in ("http", "grpc", "metrics")))
+        self.process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
+
+    @property
+    def log_path(self) -> Path | None:
+        return None if self._workdir is None else self._workdir / "tritonserver.log"
+
+    def _backends(self, install: TritonInstall, workdir: Path) -> Path:
+        backends = workdir / "backends"
+        shutil.copytree(install.backends / "python", backends / "python")
+        shutil.copy2(install.stub, backends / "python" / "triton_python_backend_stub")
+        return backends
+
+    def _env(self, install: TritonInstall) -> dict[str, str]:
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR") or ""
+        env["LD_LIBRARY_PATH"] = ":".join(p for p in (str(install.libs), libdir, env.get("LD_LIBRARY_PATH")) if p)
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env.update(self.extra_env)
+        return env
+
+    def command(self, install: TritonInstall, backends: Path) -> list[str]:
+        cmd = [str(install.binary), f"--model-repository={self.repository}", f"--backend-directory={backends}",
+               "--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models),
+               "--exit-on-error=true", "--strict-readiness=true", "--exit-timeout-secs=10"]
+        # Leaked stub shared memory from a killed server is found (and removed) by this prefix.
+        cmd.append(f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}")
+        for kind in ("http", "grpc", "metrics"):
+            cmd += [f"--{kind}-address={HOST}", f"--{kind}-port={self.ports[kind]}"]
+        return cmd
+
+    @property
+    def _shm_prefix(self) -> str:
+        return f"astro{os.getpid()}p{self.ports['http']}_"
+
+    def start(self) -> Endpoints:
+        install = find_triton()
+        if not self.repository.is_dir():
+            raise BackendError(f"model repository {self.repository} does not exist; write it with astro-trt triton")
+        self._workdir = Path(tempfile.mkdtemp(prefix="astro-triton-"))
+        backends = self._backends(install, self._workdir)
+        log = open(self.log_path, "wb")  # noqa: SIM115 - the server writes it until stop()
+        try:
+            self.process = subprocess.Popen(self.command(install, backends), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=self._env(install), start_new_session=True)
+        finally:
+            log.close()
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop(keep_log=True)
+            raise
+        return self.endpoints
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        url = f"http://{self.endpoints.http}/v2/health/ready"
+        while time.monotonic() < deadline:
+            if self.cancel is not None and self.cancel.is_set():
+                raise KeyboardInterrupt
+            if self.process is None or self.process.poll() is not None:
+                raise BackendError(f"tritonserver exited while starting ({self.last_error()}); "
+                                   f"see {self.log_path}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.25)
+        raise BackendError(f"tritonserver was not ready within {self.startup_timeout:.0f} s ({self.last_error()}); "
+                           f"see {self.log_path}")
+
+    def last_error(self) -> str:
+        """The server log's last error line, for one-line messages."""
+        if self.log_path is None or not self.log_path.exists():
+            return "no log"
+        lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln[:1] == "E" or "error" in ln]
+        return lines[-1].strip()[:300] if lines else "no error line in its log"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the server's process group (the server and its stubs), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self, timeout: float = 20.0, *, keep_log: bool = False) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` s; removes the work directory (but the log with
+        ``keep_log``) and any stub shared memory left behind. Returns the exit status (None if it
+        never started)."""
+        code = None
+        if self.process is not None:
+            if self.process.poll() is None:
+                try:
+                    os.killpg(self.process.pid, signal.SIGTERM)
+                    self.process.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                    self.process.wait(timeout=10)
+                except ProcessLookupError:
+                    pass
+            code = self.process.returncode
+            self._end_stubs()
+        for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir / "backends" if keep_log else self._workdir, ignore_errors=True)
+            if not keep_log:
+                self._workdir = None
+        return code
+
+    def _end_stubs(self, grace: float = 5.0) -> None:
+        """Python stubs notice a dead server and exit by themselves; any still in the server's
+        process group after ``grace`` seconds are killed."""
+        assert self.process is not None
+        pgid = self.process.pid
+        deadline = time.monotonic() + grace
+        while _group_members(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _group_members(pgid):
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+__all__ = ["HOST", "Endpoints", "TritonInstall", "TritonServer", "find_triton", "free_port", "unavailable_reason"]

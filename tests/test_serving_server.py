@@ -1,0 +1,269 @@
+"""A real tritonserver (the one nvidia-pytriton ships) on 127.0.0.1 serving a tiny bundle's
+repository: logits over HTTP and gRPC against the in-process ONNX Runtime runner, the per-user
+cache across pages, bad requests refused with a one-line 4xx while the server keeps serving, a
+server killed under load restarted, `astro-trt serve` stopped by SIGTERM, and a short load test.
+One server for the module; every server is stopped in a finally."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from serving_fixture import reference_logits, request, tiny_bundle
+
+from astro_trt.cli import main
+from astro_trt.engines.bundle import load_bundle
+from astro_trt.serving import client as tc
+from astro_trt.serving import config_pbtxt as pbtxt
+from astro_trt.serving.loadtest import served_phase
+from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+from astro_trt.serving.server import TritonServer, free_port, unavailable_reason
+from astro_trt.serving.workload import make_workload
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+# fp32 on both sides, the same ONNX graphs and ONNX Runtime: only float32 rounding differs (measured ~1e-7).
+FP32_TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return load_bundle(tiny_bundle(tmp_path_factory.mktemp("serving-server")))
+
+
+@pytest.fixture(scope="module")
+def server(bundle, tmp_path_factory):
+    repo = write_repository(bundle, tmp_path_factory.mktemp("served") / "models", cache_bytes=1 << 20)
+    server = TritonServer(repo, models=PYTHON_MODELS, startup_timeout=120)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(server):
+    made = {p: tc.connect(p, server.endpoints.http if p == "http" else server.endpoints.grpc) for p in tc.PROTOCOLS}
+    try:
+        yield made
+    finally:
+        for c in made.values():
+            c.close()
+
+
+def _metric(server, name: str) -> float:
+    text = urllib.request.urlopen(f"http://{server.endpoints.metrics}/metrics", timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+@pytest.mark.parametrize("protocol", tc.PROTOCOLS)
+def test_pages_match_onnx_runtime_and_reuse_the_encoded_user(protocol, clients, bundle, server):
+    cfg, client = bundle.config, clients[protocol]
+    key = f"user-{protocol}".encode()
+    first = request(cfg, candidates=20, seed=5)
+    encodes = _metric(server, "astro_user_encodes_total")
+    logits, encoded = tc.recommend(protocol, client, key, first)
+    assert logits.shape == (1, 20, cfg.num_tasks) and logits.dtype == np.float32
+    assert np.abs(logits - reference_logits(bundle, first)).max() <= FP32_TOL
+    assert encoded.tolist() == [True]
+    # the next page for the same user and history: scored against the cached state, not re-encoded
+    second = dict(first, cand_items=request(cfg, candidates=7, seed=6)["cand_items"])
+    logits2, encoded2 = tc.recommend(protocol, client, key, second)
+    assert encoded2.tolist() == [False]
+    assert np.abs(logits2 - reference_logits(bundle, second)).max() <= FP32_TOL
+    assert _metric(server, "astro_user_encodes_total") == encodes + 1
+    # the user's history changed (a new event): re-encoded, never scored against the stale cache
+    changed = dict(second, hist_times=second["hist_times"].copy())
+    changed["hist_times"][second["hist_times"] > 0] += 1
+    logits3, encoded3 = tc.recommend(protocol, client, key, changed)
+    assert encoded3.tolist() == [True]
+    assert np.abs(logits3 - reference_logits(bundle, changed)).max() <= FP32_TOL
+
+
+def test_a_batch_of_users_in_one_request(clients, bundle):
+    arrays = request(bundle.config, users=3, candidates=9, seed=8)
+    keys = np.array([[b"b0"], [b"b1"], [b"b2"]], dtype=object)
+    result = clients["http"].infer(pbtxt.RECOMMEND, tc.inputs("http", {pbtxt.USER_KEY: keys, **arrays}))
+    assert np.abs(result.as_numpy("logits") - reference_logits(bundle, arrays)).max() <= FP32_TOL
+    assert result.as_numpy(pbtxt.ENCODED).reshape(-1).tolist() == [True, True, True]
+
+
+# What each refusal must name (Triton's own checks name the tensor too).
+NAMED = {"missing input": "hist_lengths", "wrong dtype": "cand_items", "wrong rank": "hist_items",
+         "item id out of range": "cand_items", "history id out of range": "hist_items",
+         "lengths > L": "hist_lengths", "too many candidates": "cand_items", "too many users": "batch-size"}
+
+
+def _bad_requests(cfg):
+    good = request(cfg, candidates=8, seed=9)
+    length = cfg.max_len
+    out = {
+        "missing input": {k: v for k, v in good.items() if k != "hist_lengths"},
+        "wrong dtype": dict(good, cand_items=good["cand_items"].astype(np.float32)),
+        "wrong rank": dict(good, hist_items=good["hist_items"].reshape(1, -1)),
+        "item id out of range": dict(good, cand_items=np.full_like(good["cand_items"], cfg.num_items + 1)),
+        "history id out of range": dict(good, hist_items=np.full_like(good["hist_items"], -3)),
+        "lengths > L": dict(good, hist_lengths=np.full_like(good["hist_lengths"], length + 1)),
+        "too many candidates": dict(good, cand_items=np.ones((1, 65), dtype=np.int64)),  # profile max 64
+        "too many users": {k: np.repeat(v, 9, axis=0) for k, v in good.items()},  # max_batch_size 8
+    }
+    return good, out
+
+
+@pytest.mark.parametrize("protocol", tc.PROTOCOLS)
+def test_bad_requests_get_a_one_line_4xx_and_the_server_keeps_serving(protocol, clients, bundle, server):
+    from tritonclient.utils import InferenceServerException
+
+    client = clients[protocol]
+    good, bad = _bad_requests(bundle.config)
+    refused = _metric(server, "astro_requests_refused_total")
+    for what, tensors in bad.items():
+        keys = np.array([[b"bad"]] * tensors["hist_items"].shape[0], dtype=object)
+        with pytest.raises(InferenceServerException) as exc:
+            client.infer(pbtxt.RECOMMEND, tc.inputs(protocol, {pbtxt.USER_KEY: keys, **tensors}))
+        status, message = str(exc.value.status()), exc.value.message()
+        assert status in ("400", "StatusCode.INVALID_ARGUMENT"), (what, status, message)
+        assert "\n" not in message.strip() and len(message) < 600, (what, message)
+        assert NAMED[what] in message, (what, message)
+        logits, _ = tc.recommend(protocol, client, b"good", good)  # the next good request is served
+        assert np.isfinite(logits).all()
+    # the gate's refusals (not Triton's own shape and dtype checks) are counted by the model
+    assert _metric(server, "astro_requests_refused_total") >= refused + 4
+
+
+def test_gate_model_refuses_and_passes_checked_tensors(clients, bundle):
+    from tritonclient.utils import InferenceServerException
+
+    good, bad = _bad_requests(bundle.config)
+    result = clients["grpc"].infer(pbtxt.GATE, tc.inputs("grpc", good))
+    for name, array in good.items():
+        np.testing.assert_array_equal(result.as_numpy(pbtxt.CHECKED + name).reshape(array.shape), array)
+    with pytest.raises(InferenceServerException, match="out of range") as exc:
+        clients["http"].infer(pbtxt.GATE, tc.inputs("http", bad["lengths > L"]))
+    assert exc.value.status() == "400"
+
+
+def test_load_test_cli_against_the_server(server, bundle, tmp_path):
+    out = tmp_path / "load"
+    main(["loadtest", server.endpoints.http, "--grpc-url", server.endpoints.grpc, "--clients", "2", "--duration", "1",
+          "--users", "2", "--pages", "2", "--candidates", "8", "--bundle", str(bundle.directory),
+          "--baseline-seconds", "0.5", "--out", str(out)])
+    report = json.loads((out / "loadtest.json").read_text())
+    assert report["failed_requests"] == 0
+    assert [p["name"] for p in report["phases"]] == ["http", "grpc"]
+    for phase in report["phases"]:
+        assert phase["requests"] > 0 and phase["candidates"] == 8 * phase["requests"]
+        assert 0 < phase["p50_ms"] <= phase["p99_ms"]
+        # one request in --pages encodes: the rest came from the cache
+        assert 0 < phase["encodes"] < phase["requests"]
+        assert 0 < phase["server_compute_ms"] < phase["p99_ms"]  # Triton's own time inside the model
+    assert len(report["in_process_runs"]) == 2 and report["in_process"]["requests"] > 0
+    assert (out / "loadtest.png").stat().st_size > 0 and "vs in-process" in (out / "loadtest.md").read_text()
+
+
+def test_server_killed_under_load_restarts_and_serves(server, bundle):
+    # Last in the module: it kills the shared server (SIGKILL, as a crash) and starts it again.
+    workload = make_workload(bundle.config, users=4, pages=2, candidates=8, tag="kill")
+    phases = []
+    load = threading.Thread(target=lambda: phases.append(
+        served_phase("http", server.endpoints.http, workload, clients=2, seconds=4.0)))
+    load.start()
+    try:
+        time.sleep(1.5)
+        server.kill()
+        assert not server.alive()
+    finally:
+        load.join(timeout=4.0 + 2 * tc.TIMEOUT_S)
+    assert phases and phases[0].requests > 0 and phases[0].errors > 0  # served, then failed once killed
+    server.stop()
+    server.start()  # the same repository and ports
+    client = tc.connect("http", server.endpoints.http)
+    try:
+        good = request(bundle.config, candidates=6, seed=11)
+        logits, encoded = tc.recommend("http", client, b"after-restart", good)
+    finally:
+        client.close()
+    assert encoded.tolist() == [True]
+    assert np.abs(logits - reference_logits(bundle, good)).max() <= FP32_TOL
+
+
+def test_serve_command_prints_endpoints_and_stops_on_sigterm(bundle):
+    ports = [str(free_port()) for _ in range(3)]
+    cmd = [sys.executable, "-m", "astro_trt.cli", "serve", str(bundle.directory), "--http-port", ports[0],
+           "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()  # blocks until the server is ready (or the command failed)
+        assert first.startswith("HTTP") and f"127.0.0.1:{ports[0]}" in first, (first, proc.stderr.read())
+        ready = urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/v2/health/ready", timeout=10)
+        assert ready.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert "stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def test_serve_refuses_a_busy_port_in_one_line(bundle):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cmd = [sys.executable, "-m", "astro_trt.cli", "serve", str(bundle.directory), "--http-port", str(port),
+               "--grpc-port", str(free_port()), "--metrics-port", str(free_port())]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: tritonserver exited") and f"127.0.0.1:{port}" in last and "in use" in last
+
+
+@pytest.fixture(scope="module")
+def ensemble_server(bundle, tmp_path_factory):
+    """The generated repository with user_encoder and item_scorer run by a Python stand-in of the
+    ONNX Runtime backend, so that the ensemble's wiring runs on a real server."""
+    import shutil
+    from pathlib import Path
+
+    from astro_trt.contract import ITEM_SCORER, USER_ENCODER
+
+    repo = write_repository(bundle, tmp_path_factory.mktemp("ensemble") / "models")
+    for graph in (USER_ENCODER, ITEM_SCORER):
+        config = repo / graph / "config.pbtxt"
+        text = config.read_text().replace('platform: "onnxruntime_onnx"', 'backend: "python"')
+        config.write_text(text.replace("KIND_AUTO", "KIND_CPU"))
+        shutil.copy(Path(__file__).with_name("serving_ort_standin.py"), repo / graph / "1" / "model.py")
+    server = TritonServer(repo, models=[pbtxt.ENSEMBLE, pbtxt.GATE, USER_ENCODER, ITEM_SCORER])
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_ensemble_runs_gate_encoder_scorer(ensemble_server, bundle):
+    from tritonclient.utils import InferenceServerException
+
+    client = tc.connect("grpc", ensemble_server.endpoints.grpc)
+    try:
+        arrays = request(bundle.config, users=2, candidates=10, seed=12)
+        result = tc.infer("grpc", client, arrays, model=pbtxt.ENSEMBLE)
+        assert np.abs(result.as_numpy("logits") - reference_logits(bundle, arrays)).max() <= FP32_TOL
+        assert result.get_output("kv_cache") is None  # internal to the ensemble
+        _, bad = _bad_requests(bundle.config)
+        with pytest.raises(InferenceServerException, match="cand_items: value") as exc:
+            tc.infer("grpc", client, bad["item id out of range"], model=pbtxt.ENSEMBLE)
+        assert "INVALID_ARGUMENT" in str(exc.value.status())
+    finally:
+        client.close()

@@ -1,0 +1,222 @@
+"""`bench` as one library call: choose the graphs (the bundle's own, or a random preset exported
+on the fly), time split against naive (validate/bench.py), write the report. `astro-trt bench` is
+this function plus printing."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from astro_trt.errors import DataError
+
+
+@dataclass
+class BenchRun:
+    """A bench result and where its report was written ({"json", "md", "png"} -> path)."""
+
+    result: Any  # validate.bench.BenchResult
+    paths: dict[str, Path] = field(default_factory=dict)
+
+
+def bench_bundle(
+    bundle_dir: str | Path,
+    *,
+    runtime: str = "ort",
+    candidates: str | Sequence[int] = (64, 256, 1024),
+    users: str | Sequence[int] | None = None,
+    config: str = "bundle",
+    precision: str | None = None,
+    attention: str = "plugin",
+    peer: bool = True,
+    use_compile: bool = False,
+    profile: bool = False,
+    threads: int = 1,
+    repetitions: int = 5,
+    warmup: int = 1,
+    out: str | Path | None = None,
+    progress: Callable[[str], None] | None = None,
+    expect_sha256: str | None = None,
+) -> BenchRun:
+    """Throughput of the split (encode once, score M) against the naive full model, same runtime.
+    ``config="bundle"`` times the bundle's graphs (``runtime`` "ort" or "trt"); a preset name
+    times a randomly initialised model of that size exported to ONNX on the fly (ONNX Runtime).
+    ``users`` per request default to 1, 8, 32 up to the profile's max batch; ``peer`` times the
+    same split in PyTorch eager on the same weights (``use_compile``: torch.compile too);
+    ``profile`` adds ONNX Runtime's per-operator breakdown; every runtime gets ``threads``
+    intra-op threads. The report goes to BUNDLE/reports/bench/ (recorded in the manifest) or to
+    ``out``. With ``expect_sha256`` only the bundle whose manifest has that digest is timed."""
+    from astro_trt.engines.bundle import load_bundle
+    from astro_trt.validate.bench import (
+        parse_candidates,
+        profile_ort,
+        run_bench,
+        write_bench_reports,
+        write_bench_to_bundle,
+    )
+
+    counts = parse_candidates(candidates) if isinstance(candidates, str) else _counts(candidates)
+    _check_choices(runtime=runtime, config=config, precision=precision, attention=attention,
+                   repetitions=repetitions, warmup=warmup)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise DataError(f"--threads {threads!r}: must be an integer >= 1")
+    say = progress or (lambda _msg: None)
+    bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
+    _check_counts(counts, bundle if config == "bundle" else None)
+    user_counts = _users(users, bundle if config == "bundle" else None)
+    with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
+        runner, cfg, source, model, graphs = _runner(bundle, runtime, config, precision, attention, Path(tmp), say,
+                                                     threads, max(user_counts))
+        peers, notes = _peers(model, runner.precision, threads, peer, use_compile)
+        result = run_bench(runner, cfg, counts, source=source, users=user_counts, peers=peers, warmup=warmup,
+                           repetitions=repetitions, progress=say)
+        result.peer_notes.update(notes)
+        if profile:
+            if graphs is None:
+                raise DataError("--profile breaks down ONNX Runtime graphs; use --runtime ort")
+            say("profiling the graphs per operator (one user per request)")
+            result.profile = profile_ort(graphs, cfg, runner.precision, counts, threads=threads)
+    paths = write_bench_to_bundle(result, bundle.directory) if out is None else write_bench_reports(result, Path(out))
+    return BenchRun(result, paths)
+
+
+DEFAULT_USERS = (1, 8, 32)
+
+
+def _users(users: Any, bundle: Any) -> list[int]:
+    """Users per request: given, or 1, 8, 32 up to the profile's max batch; refused beyond it."""
+    from astro_trt.contract import BATCH, FULL_MODEL
+    from astro_trt.engines.inputs import check_profile
+    from astro_trt.validate.bench import parse_users
+
+    if users is None:
+        top = _bench_profiles(bundle)[FULL_MODEL][BATCH][2] if bundle is not None else max(DEFAULT_USERS)
+        return [u for u in DEFAULT_USERS if u <= top] or [1]
+    values = parse_users(users) if isinstance(users, str) else _counts(users, "--users")
+    if bundle is not None:
+        for u in values:
+            check_profile(_bench_profiles(bundle)[FULL_MODEL], batch=u, what=f"--users {u}")
+    return values
+
+
+def _peers(model: Any, precision: str, threads: int, eager: bool, use_compile: bool) -> tuple[dict, dict]:
+    """name -> runner timing the same split in PyTorch, and name -> note for the report."""
+    if model is None or not (eager or use_compile):
+        return {}, {}
+    import copy
+
+    import torch
+
+    from astro_trt.validate.runners import TorchRunner
+
+    torch.set_num_threads(threads)  # the same cores as the runtime under test
+    peers: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    if eager:
+        peers["torch eager"] = TorchRunner(model, precision)
+        notes["torch eager"] = f"PyTorch {torch.__version__} eager, {threads} threads, reference attention ops"
+    if use_compile:
+        compiled = TorchRunner(copy.deepcopy(model), precision)  # the eager peer keeps its own methods
+        try:
+            compiled.model.encode_user = torch.compile(compiled.model.encode_user)
+            compiled.model.score = torch.compile(compiled.model.score)
+        except Exception as exc:  # torch.compile raises many backend-specific types
+            notes["torch.compile"] = f"not run: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        else:
+            peers["torch.compile"] = compiled
+            notes["torch.compile"] = "torch.compile (inductor, default mode); compilation happens in the warm-up calls"
+    return peers, notes
+
+
+def _counts(candidates: Any, option: str = "--candidates") -> list[int]:
+    values = list(candidates) if isinstance(candidates, (list, tuple)) else []
+    if not values or any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in values):
+        raise DataError(f"{option} {candidates!r}: give positive integers such as 64,256,1024")
+    return values
+
+
+MAX_BENCH_POINTS = 32  # each point costs warm-up + repetitions of both paths
+
+
+def _bench_profiles(bundle: Any) -> dict[str, Any]:
+    """The shapes bench may ask for: the bundle's engine profiles, or for presets the profile
+    `export` gives by default (what such a bundle would serve)."""
+    from astro_trt.contract import GRAPHS
+    from astro_trt.engines.build import Profile
+
+    if bundle is not None:
+        return {g: bundle.profile(g) for g in GRAPHS}
+    return dict.fromkeys(GRAPHS, Profile().ranges())
+
+
+def _check_counts(counts: list[int], bundle: Any) -> None:
+    """Refuse --candidates the profile would refuse before any graph is built or timed."""
+    from astro_trt.contract import FULL_MODEL
+    from astro_trt.engines.inputs import check_profile
+
+    if len(counts) > MAX_BENCH_POINTS:
+        raise DataError(f"--candidates: {len(counts)} counts; time at most {MAX_BENCH_POINTS} per run")
+    for m in counts:
+        check_profile(_bench_profiles(bundle)[FULL_MODEL], candidates=m, what=f"--candidates {m}")
+
+
+def _check_choices(*, runtime: Any, config: Any, precision: Any, attention: Any, repetitions: Any,
+                   warmup: Any) -> None:
+    """Refuse a bad option before the bundle is read or a model exported."""
+    from astro_trt.config import PRESETS
+    from astro_trt.contract import PRECISIONS
+    from astro_trt.exporter.limits import ATTENTIONS
+
+    for option, value, choices in (("--runtime", runtime, ("ort", "trt")), ("--config", config, ("bundle", *PRESETS)),
+                                   ("--precision", precision, (None, *PRECISIONS)),
+                                   ("--attention", attention, ATTENTIONS)):
+        if not (value is None or isinstance(value, str)) or value not in choices:
+            raise DataError(f"{option} {value!r}: choose one of {[c for c in choices if c is not None]}")
+    for option, value, least in (("--repetitions", repetitions, 1), ("--warmup", warmup, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise DataError(f"{option} {value!r}: must be an integer >= {least}")
+
+
+def _runner(bundle: Any, runtime: str, config: str, precision: str | None, attention: str, tmp: Path,
+            say: Callable[[str], None], threads: int, max_users: int) -> tuple[Any, Any, str, Any, Any]:
+    """(runner, config, source, the PyTorch model of the same weights, ONNX graphs or None)."""
+    from astro_trt.config import preset
+    from astro_trt.contract import GRAPHS
+    from astro_trt.engines.build import Profile
+    from astro_trt.model.checkpoint import load_checkpoint
+    from astro_trt.validate.runners import OrtRunner, make_trt_runner
+
+    if config == "bundle":
+        precision = precision or bundle.precisions[0]
+        model = load_checkpoint(bundle.checkpoint_dir).model
+        if runtime == "trt":
+            runner, why = make_trt_runner(bundle, precision)
+            if runner is None:
+                raise DataError(f"cannot bench TensorRT: {why}")
+            return runner, bundle.config, f"bundle {bundle.directory} (engines)", model, None
+        graphs = {g: bundle.onnx_path(g, precision) for g in GRAPHS}
+        return (OrtRunner(graphs, bundle.config, precision, threads, profiles=_bench_profiles(bundle)),
+                bundle.config, f"bundle {bundle.directory}", model, graphs)
+    if runtime == "trt":
+        raise DataError("--runtime trt times the bundle's engines; use --config bundle (presets are exported to "
+                        "ONNX on the fly and run on ONNX Runtime)")
+    import torch
+
+    from astro_trt.exporter.export import export_onnx
+    from astro_trt.model.astro import ASTRO
+
+    cfg = preset(config)
+    precision = precision or "fp32"
+    torch.manual_seed(0)
+    say(f"exporting a random {config} model ({precision}, {attention}) to ONNX")
+    model = ASTRO(cfg).eval()
+    result = export_onnx(model, tmp, precision=precision, attention=attention)
+    # A preset has no engines: its graphs take as many users per request as asked.
+    profiles = dict.fromkeys(GRAPHS, Profile(max_batch=max(max_users, Profile().max_batch)).ranges())
+    runner = OrtRunner(result.paths, cfg, precision, threads, profiles=profiles)
+    return runner, cfg, f"random {config} ({attention} lowering)", model, dict(result.paths)
+
+
+__all__ = ["BenchRun", "bench_bundle"]
