@@ -166,3 +166,6 @@ def test_bench_cli_on_a_tiny_bundle(tmp_path):
     assert data["threads"] == 1 and data["machine"]["threads"] == 1
     assert set(data["profile"]["M=3"]) == {"user_encoder", "item_scorer", "full_model"}
     assert "Where the time goes" in (tmp_path / "reports" / "bench.md").read_text()
+    # More users per request than the bundle's profile serves: refused before anything is timed.
+    assert run(["bench", str(tmp_path / "bundle"), "--users", "9", "--out", str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()
