@@ -7,6 +7,7 @@ a stage when its command runs, so ``astro-trt --help`` never pays for torch or T
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 
 import click
@@ -46,8 +47,20 @@ def cli() -> None:
     """Compile a trained ASTRO recommendation model into verified TensorRT engines."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what timeout, systemd and Kubernetes send) unwinds like Ctrl-C: every staged
+    artifact is removed on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt the clean-up
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback."""
+    """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback;
+    Ctrl-C exits 130 and SIGTERM 143 (128 + signal), both after removing staged output."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -55,9 +68,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
+        click.echo("terminated" if terminated else "aborted", err=True)
+        sys.exit(128 + signal.SIGTERM if terminated else 130)
     except AstroError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
