@@ -136,11 +136,12 @@ def export(
     """Export CHECKPOINT to a verified bundle: ONNX graphs, TensorRT engines, manifest."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    from astro_trt.artifacts import check_destination
     from astro_trt.engines.backend import resolve_backend
     from astro_trt.engines.build import Profile, attention_candidates
     from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
     from astro_trt.manifest import build_manifest, write_manifest
-    from astro_trt.model.checkpoint import WEIGHTS_FILE, load_checkpoint
+    from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint
 
     # Everything that can be refused is refused before the checkpoint is read or a file written.
     precisions = _precisions(precision)
@@ -150,15 +151,15 @@ def export(
     lowerings = {p: attention_candidates(backend, attention, p) for p in precisions}
     if out.exists() and not force:
         raise click.UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_destination(out)
     ckpt = load_checkpoint(checkpoint)
 
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:
         (stage / CHECKPOINT_DIR).mkdir()
-        # The weights and every JSON document save_checkpoint wrote (config, metrics, data
+        # The weights and the JSON documents save_checkpoint wrote (config, metrics, data
         # fingerprint): validate reproduces the trained AUCs from them.
-        for source in (ckpt.directory / WEIGHTS_FILE, *sorted(ckpt.directory.glob("*.json"))):
-            shutil.copyfile(source, stage / CHECKPOINT_DIR / source.name)
+        copy_checkpoint(ckpt.directory, stage / CHECKPOINT_DIR)
         parts: dict[str, dict[str, Any]] = {}
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
             for p in precisions:

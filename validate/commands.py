@@ -87,11 +87,16 @@ def bench(bundle_dir: Path, runtime: str, candidates: str, config_name: str, pre
     """Throughput of the split (encode once, score M) against the naive full model, same runtime."""
     from rich.console import Console
 
+    from astro_trt.artifacts import check_destination
     from astro_trt.engines.bundle import load_bundle
+    from astro_trt.resources import check_bench_request
     from astro_trt.validate.bench import parse_candidates, run_bench, write_bench_reports, write_bench_to_bundle
 
     counts = parse_candidates(candidates)
+    if out_dir is not None:
+        check_destination(out_dir)
     bundle = load_bundle(bundle_dir, verify=True)
+    check_bench_request(bundle, config_name, counts)
     console = Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
         runner, cfg, source = _bench_runner(bundle, runtime, config_name, precision, attention, Path(tmp))

@@ -177,10 +177,12 @@ def validate_bundle(
             f"{bundle.checkpoint_sha256}; re-export the bundle from this checkpoint (astro-trt export "
             f"{ckpt.directory} --out BUNDLE) or validate against the checkpoint it was built from"),
     ))
-    if ckpt.config.to_dict() != bundle.config.to_dict():
+    ours, theirs = ckpt.config.to_dict(), bundle.config.to_dict()
+    if ours != theirs:
+        differ = ", ".join(f"{k}={ours[k]!r} (bundle {theirs[k]!r})" for k in ours if ours[k] != theirs[k])
         raise DataError(
-            f"checkpoint {ckpt.directory} has config '{ckpt.config.name}' which differs from the bundle's "
-            f"'{bundle.config.name}'; validate with the checkpoint the bundle was exported from"
+            f"checkpoint {ckpt.directory} differs from the bundle's config in {differ}; "
+            "validate with the checkpoint the bundle was exported from"
         )
 
     cfg = bundle.config
