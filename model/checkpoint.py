@@ -134,11 +134,14 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
     from astro_trt.resources import check_fits
 
-    # The smallest work any command does with a checkpoint: the exporter's 2-user, 5-candidate check.
-    check_fits(cfg, users=2, candidates=5, purpose=f"{config_path}: running one request")
     header, metadata = _read_header(weights)
     _check_against_config(header, cfg, weights)
     _check_recorded_config(metadata, cfg, config_path, weights)
+    # The smallest work any command does with a checkpoint: the exporter's 2-user, 5-candidate check.
+    try:
+        check_fits(cfg, users=2, candidates=5, purpose="running one request")
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
