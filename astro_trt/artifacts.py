@@ -230,12 +230,10 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_regular_file(path: str | Path, *, max_bytes: int, follow_symlinks: bool = True) -> bytes:
-    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``. A FIFO, a device, a
-    socket or a directory in its place is refused without blocking (opened O_NONBLOCK, judged by
-    fstat of what was opened, so nothing can swap it in between); ``follow_symlinks=False``
-    refuses a symlink too. Raises FileNotFoundError when absent and ArtifactError otherwise."""
-    path = Path(path)
+def _open_regular(path: Path, max_bytes: int, *, follow_symlinks: bool) -> int:
+    """A blocking read descriptor of ``path`` if it is a regular file of at most ``max_bytes``.
+    Opened O_NONBLOCK, so a FIFO cannot block the open, and judged by fstat of what was opened,
+    so nothing can be swapped in between the check and the read."""
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
@@ -245,7 +243,7 @@ def read_regular_file(path: str | Path, *, max_bytes: int, follow_symlinks: bool
         raise
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise ArtifactError(f"{path}: is a symbolic link; copy the file itself there") from None
+            raise ArtifactError(f"{path}: is a symbolic link; put the file itself there") from None
         raise ArtifactError(f"{path}: cannot be opened ({exc.strerror}); check its permissions") from None
     try:
         info = os.fstat(fd)
@@ -256,46 +254,50 @@ def read_regular_file(path: str | Path, *, max_bytes: int, follow_symlinks: bool
             raise ArtifactError(f"{path}: {info.st_size} bytes, more than the {max_bytes} such a file may hold; "
                                 "it is not the file this format expects")
         os.set_blocking(fd, True)
-        chunks, total = [], 0
-        while chunk := os.read(fd, 1 << 20):
-            total += len(chunk)
-            if total > max_bytes:  # grew while being read
-                raise ArtifactError(f"{path}: grows past {max_bytes} bytes while being read; copy a finished file")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _bounded_chunks(fd: int, path: Path, max_bytes: int) -> Iterator[bytes]:
+    total = 0
+    while chunk := os.read(fd, 1 << 20):
+        total += len(chunk)
+        if total > max_bytes:  # grew while being read
+            raise ArtifactError(f"{path}: grows past {max_bytes} bytes while being read; use a finished file")
+        yield chunk
+
+
+def read_regular_file(path: str | Path, *, max_bytes: int, follow_symlinks: bool = True) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``. A FIFO, a device, a
+    socket or a directory in its place is refused without blocking; ``follow_symlinks=False``
+    refuses a symlink too. Raises FileNotFoundError when absent and ArtifactError otherwise."""
+    path = Path(path)
+    fd = _open_regular(path, max_bytes, follow_symlinks=follow_symlinks)
+    try:
+        return b"".join(_bounded_chunks(fd, path, max_bytes))
     finally:
         os.close(fd)
 
 
 def copy_regular_file(source: str | Path, target: str | Path, *, max_bytes: int) -> None:
-    """Copy ``source`` to ``target`` only if it is a regular file (never through a symlink, never
-    a FIFO or device) of at most ``max_bytes``."""
+    """Copy ``source`` to the new file ``target`` only if it is a regular file (never through a
+    symlink, never a FIFO or device) of at most ``max_bytes``."""
     source, target = Path(source), Path(target)
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(source, flags)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise ArtifactError(f"{source}: is a symbolic link; a checkpoint's files must be the files "
-                                "themselves (copy the target there)") from None
-        raise ArtifactError(f"{source}: cannot be opened ({exc.strerror}); check the checkpoint") from None
-    with os.fdopen(fd, "rb") as src:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ArtifactError(f"{source}: is a {_file_kind(info.st_mode)}, not a regular file; "
-                                "put the file itself there")
-        if info.st_size > max_bytes:
-            raise ArtifactError(f"{source}: {info.st_size} bytes, more than the {max_bytes} such a file may hold; "
-                                "it is not the file this format expects")
-        os.set_blocking(fd, True)
+        fd = _open_regular(source, max_bytes, follow_symlinks=False)
+    except FileNotFoundError:
+        raise ArtifactError(f"{source}: not found; the file is listed but missing, re-copy it") from None
+    try:
         with open(target, "xb") as dst:
-            copied = 0
-            while chunk := src.read(1 << 20):
-                copied += len(chunk)
-                if copied > max_bytes:
-                    raise ArtifactError(f"{source}: grows past {max_bytes} bytes while being copied; "
-                                        "copy a finished file")
+            for chunk in _bounded_chunks(fd, source, max_bytes):
                 dst.write(chunk)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
 
 
 def _file_kind(mode: int) -> str:
