@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import signal
 import sys
+import threading
 
 import click
 
@@ -60,7 +61,18 @@ def _on_sigterm(signum: int, frame: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback;
     Ctrl-C exits 130 and SIGTERM 143 (128 + signal), both after removing staged output."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Signal handlers can only be set from the main thread; the previous one is restored after,
+    # so calling main() inside another program (a test) leaves its handling as it was.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as exc:
