@@ -10,6 +10,7 @@ file, the tensor and the fix, instead of a Rust panic message or a ``load_state_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -33,6 +34,7 @@ METRICS_FILE = "metrics.json"
 _LEGACY_DOCUMENTS = (CONFIG_FILE, METRICS_FILE, "data.json")
 _META_CONFIG = "astro_trt_config"
 _META_DOCUMENTS = "astro_trt_documents"
+_META_DIGEST = "astro_trt_sha256"
 # A JSON document of a checkpoint (config, metrics with the training history, data fingerprint) is
 # a few KB; anything near this is not one.
 MAX_DOCUMENT_BYTES = 16_000_000
@@ -88,6 +90,7 @@ def save_checkpoint(
         metadata = {"format": "pt", "astro_trt_version": __version__, "config_name": cfg.name,
                     _META_CONFIG: json.dumps(cfg.to_dict(), sort_keys=True),
                     _META_DOCUMENTS: json.dumps(sorted(documents))}
+        metadata[_META_DIGEST] = _content_digest(tensors, metadata)
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata=metadata)
         for filename, text in documents.items():
             (staging / filename).write_text(text)
@@ -150,10 +153,28 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: safetensors could not read it ({_one_line(exc)}); "
                               "re-copy or re-save the checkpoint") from None
+    recorded = metadata.get(_META_DIGEST)
+    if recorded is not None and recorded != _content_digest(tensors, metadata):
+        raise CheckpointError(f"{weights}: its tensors or metadata do not match the digest recorded when it was "
+                              "saved; the file is corrupt or was edited, re-copy or re-save the checkpoint")
     model = ASTRO(cfg)
     model.load_state_dict(tensors, strict=True)
     model.eval()
     return Checkpoint(config=cfg, model=model, sha256=checkpoint_sha256(weights), directory=directory)
+
+
+def _content_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over the metadata (but this digest) and every tensor's name, dtype, shape and bytes,
+    independent of how safetensors lays the file out. It catches a flipped or truncated byte
+    anywhere a reader would use, which the header checks alone cannot (a flipped weight still
+    parses). Checkpoints written before it was recorded carry none and are read without it."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != _META_DIGEST}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def checkpoint_sha256(path: str | Path) -> str:
