@@ -50,6 +50,13 @@ def parameter_count(cfg: ASTROConfig) -> int:
     return sum(p.numel() for p in model.state_dict().values())
 
 
+def parameter_lower_bound(cfg: ASTROConfig) -> int:
+    """The bulk of ASTRO(cfg)'s weights, by arithmetic: embeddings and every layer's projections
+    and FFN. No model is built, so a config of 256 huge layers is judged in microseconds."""
+    d, f = cfg.d_model, cfg.ffn_dim
+    return (cfg.num_items + cfg.num_behaviors + 2) * d + cfg.num_layers * cfg.num_blocks * (3 * d * d + 2 * d * f)
+
+
 def attention_bytes(cfg: ASTROConfig, sequences: int, length: int) -> int:
     """Peak bytes of one attention over ``sequences`` sequences of ``length`` tokens: per block
     and token pair the time-bucket comparison (one byte per bucket), the int64 distances and
@@ -63,7 +70,11 @@ def estimate_bytes(cfg: ASTROConfig, *, users: int, candidates: int, full: bool 
     """Upper-side peak memory of running ``users`` x ``candidates`` through the model: weights
     (and Adam's copies when training) plus the largest attention. ``full`` includes the naive
     path (one sequence of L + 1 per user and candidate); training keeps every layer's activations."""
-    weights = 4 * parameter_count(cfg) * (_TRAINING_COPIES if training else 1)
+    return _estimate(cfg, parameter_count(cfg), users=users, candidates=candidates, full=full, training=training)
+
+
+def _estimate(cfg: ASTROConfig, parameters: int, *, users: int, candidates: int, full: bool, training: bool) -> int:
+    weights = 4 * parameters * (_TRAINING_COPIES if training else 1)
     layers = cfg.num_layers if training else 1
     encoder = attention_bytes(cfg, users, cfg.max_len) * layers
     scorer = users * candidates * cfg.num_blocks * (cfg.max_len + 1) * (cfg.num_time_buckets + 24 + 64 * cfg.num_heads)
@@ -75,8 +86,11 @@ def check_fits(cfg: ASTROConfig, *, users: int, candidates: int, purpose: str, f
                training: bool = False, error: type[ConfigError] | type[DataError] = ConfigError) -> None:
     """Refuse (one line, before any work) a config and request shape whose estimated memory exceeds
     MEMORY_SHARE of this machine's memory."""
-    need = estimate_bytes(cfg, users=users, candidates=candidates, full=full, training=training)
     have = int(machine_memory() * MEMORY_SHARE)
+    # The arithmetic lower bound first: a config far too big is refused without building its model.
+    need = _estimate(cfg, parameter_lower_bound(cfg), users=users, candidates=candidates, full=full, training=training)
+    if need <= have:
+        need = estimate_bytes(cfg, users=users, candidates=candidates, full=full, training=training)
     if need > have:
         raise error(
             f"config '{cfg.name}': {purpose} ({users} user(s) x {candidates} candidate(s), max_len={cfg.max_len}, "
@@ -116,5 +130,5 @@ def _gb(n: int) -> str:
 
 __all__ = [
     "MEMORY_SHARE", "attention_bytes", "check_bench_candidates", "check_bench_request", "check_fits",
-    "estimate_bytes", "machine_memory", "parameter_count",
+    "estimate_bytes", "machine_memory", "parameter_count", "parameter_lower_bound",
 ]
