@@ -161,6 +161,7 @@ MAX_NAME_CHARS = 200
 MAX_CONFIG_BYTES = 1_000_000
 # JSON nesting a config could need: the object and its name lists.
 _MAX_NESTING = 8
+_TOO_DEEP = object()
 
 
 def _check_types(cfg: ASTROConfig) -> None:
@@ -222,7 +223,7 @@ def read_config_json(path: str | Path) -> Any:
     try:
         raw = read_regular_file(path, max_bytes=MAX_CONFIG_BYTES)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; a checkpoint directory needs config.json") from None
+        raise ConfigError(f"{path}: config file not found; pass an existing config.json (a checkpoint directory holds one)") from None
     except ArtifactError as exc:
         raise ConfigError(f"{exc}") from None
     try:
@@ -235,9 +236,11 @@ def read_config_json(path: str | Path) -> Any:
         raise ConfigError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix or regenerate it"
         ) from None
-    except (RecursionError, ValueError) as exc:
+    except RecursionError:
+        data = _TOO_DEEP
+    except ValueError as exc:
         raise ConfigError(f"{path}: not a usable config JSON ({_one_line(exc)}); fix or regenerate it") from None
-    if _depth(data, _MAX_NESTING) > _MAX_NESTING - 1:
+    if data is _TOO_DEEP or _depth(data, _MAX_NESTING) > _MAX_NESTING - 1:
         raise ConfigError(f"{path}: JSON nested deeper than a config ever is; fix or regenerate it")
     return data
 
