@@ -223,7 +223,8 @@ def read_config_json(path: str | Path) -> Any:
     try:
         raw = read_regular_file(path, max_bytes=MAX_CONFIG_BYTES)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; pass an existing config.json (a checkpoint directory holds one)") from None
+        raise ConfigError(f"{path}: config file not found; pass an existing config.json "
+                          "(a checkpoint directory holds one)") from None
     except ArtifactError as exc:
         raise ConfigError(f"{exc}") from None
     try:
