@@ -123,8 +123,8 @@ class ASTROConfig:
             raise ConfigError(f"{source}: {exc}") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> ASTROConfig:
-        return cls.from_dict(read_config_json(path), source=str(path))
+    def load(cls, path: str | Path, *, follow_symlinks: bool = True) -> ASTROConfig:
+        return cls.from_dict(read_config_json(path, follow_symlinks=follow_symlinks), source=str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
@@ -213,15 +213,16 @@ def _depth(value: Any, limit: int) -> int:
     return 1 + max((_depth(v, limit - 1) for v in items), default=0)
 
 
-def read_config_json(path: str | Path) -> Any:
+def read_config_json(path: str | Path, *, follow_symlinks: bool = True) -> Any:
     """Parsed config.json: a regular UTF-8 file of sane size and nesting, or a one-line ConfigError.
-    A FIFO, a device or a directory named config.json is refused without blocking."""
+    A FIFO, a device or a directory named config.json is refused without blocking, and so is a
+    symlink with ``follow_symlinks=False`` (a checkpoint's own file, which must not point elsewhere)."""
     from astro_trt.artifacts import read_regular_file
     from astro_trt.errors import ArtifactError
 
     path = Path(path)
     try:
-        raw = read_regular_file(path, max_bytes=MAX_CONFIG_BYTES)
+        raw = read_regular_file(path, max_bytes=MAX_CONFIG_BYTES, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found; pass an existing config.json "
                           "(a checkpoint directory holds one)") from None

@@ -128,7 +128,8 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     directory, weights = _resolve(path)
     config_path = directory / CONFIG_FILE
     try:
-        cfg = ASTROConfig.load(config_path)
+        # A checkpoint's files are the files themselves: a link could make loading read any file.
+        cfg = ASTROConfig.load(config_path, follow_symlinks=False)
     except ConfigError as exc:
         message = str(exc)
         if str(config_path) not in message:
@@ -185,8 +186,11 @@ def checkpoint_sha256(path: str | Path) -> str:
 def _resolve(path: str | Path) -> tuple[Path, Path]:
     """-> (checkpoint directory, its weights file), or a CheckpointError naming what is missing."""
     path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if weights.is_symlink():
+        raise CheckpointError(f"{weights}: is a symbolic link; a checkpoint holds its weights file itself "
+                              "(copy the target there)")
     if path.is_dir():
-        weights = path / WEIGHTS_FILE
         if weights.exists() and not weights.is_file():
             raise CheckpointError(f"{weights}: not a regular file; put the weights file written by "
                                   "`astro-trt train` there")
