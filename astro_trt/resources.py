@@ -4,9 +4,11 @@ A config can pass every per-field bound and still ask for more memory than any m
 attention of one sequence of S tokens materialises S x S scores, biases and time buckets per
 block and head, so ``max_len`` 2000 asks ~37 GB for the exporter's 2-user check, and the naive
 path of ``bench --candidates 5000`` runs 5000 such sequences at once. The estimate below is an
-upper-side figure measured on the reference model (peak RSS of ``full`` and ``encode_user`` on
-the ml100k preset at L = 100..400 matched it within 5 %); commands compare it with the machine's
-memory and refuse, naming the figure and what to lower, instead of dying in the allocator.
+figure fitted to the reference model (growth of peak RSS over ``full`` on 2 users x 5 candidates
+and ``encode_user`` on 2 users, ml100k preset: 412 and 1487 MB measured against 378 and 1505 MB
+estimated at L = 200 and 400; 82 and 298 MB against 75 and 300 MB for the encoder); commands
+compare it with the machine's memory and refuse, naming the figure and what to lower, instead of
+dying in the allocator.
 """
 
 from __future__ import annotations
