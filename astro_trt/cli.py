@@ -53,7 +53,13 @@ class Terminated(KeyboardInterrupt):
     artifact is removed on the way out."""
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM
+_terminated = False
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
+    global _terminated
+    _terminated = True
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt the clean-up
     raise Terminated
 
@@ -67,6 +73,14 @@ def main(argv: list[str] | None = None) -> None:
         else None
     try:
         _run(argv)
+    except BaseException as exc:
+        # Terminated can land anywhere, inside an import too, where the module it interrupted
+        # then fails in its own way (numpy's lazy attributes recurse): whatever it turned into,
+        # the command was terminated, and says so in one line.
+        if not _terminated or (isinstance(exc, SystemExit) and exc.code == EXIT_TERMINATED):
+            raise
+        click.echo("terminated", err=True)
+        sys.exit(EXIT_TERMINATED)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -80,10 +94,9 @@ def _run(argv: list[str] | None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
-        terminated = isinstance(exc, Terminated) or isinstance(exc.__cause__, Terminated)
-        click.echo("terminated" if terminated else "aborted", err=True)
-        sys.exit(128 + signal.SIGTERM if terminated else 130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("terminated" if _terminated else "aborted", err=True)
+        sys.exit(EXIT_TERMINATED if _terminated else 130)
     except AstroError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

@@ -155,6 +155,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{weights}: safetensors could not read it ({_one_line(exc)}); "
                               "re-copy or re-save the checkpoint") from None
     recorded = metadata.get(_META_DIGEST)
+    if recorded is None and (_META_CONFIG in metadata or _META_DOCUMENTS in metadata):
+        # Written with a digest (it records the config and documents alongside), which is gone.
+        raise CheckpointError(f"{weights}: its metadata lacks the digest recorded when it was saved; the file is "
+                              "corrupt or was edited, re-copy or re-save the checkpoint")
     if recorded is not None and recorded != _content_digest(tensors, metadata):
         raise CheckpointError(f"{weights}: its tensors or metadata do not match the digest recorded when it was "
                               "saved; the file is corrupt or was edited, re-copy or re-save the checkpoint")

@@ -184,6 +184,8 @@ def test_fuzz_checkpoints(good, tmp_path):
         key = rng.choice(sorted(base))
         edits.append((key, rng.choice([None, -1, 0, 2**63, 1.5, "x", [], {}, float("inf"), True])))
     for key, value in edits:
+        if type(base[key]) is type(value) and base[key] == value:
+            continue  # the trained value drawn again: no case
         ckpt, target = ws.fresh()
         data = {**base, key: value}
         (ckpt / "config.json").write_text(json.dumps(data))
