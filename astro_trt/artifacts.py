@@ -129,6 +129,39 @@ def _remove_empty(created: list[Path]) -> None:
             break  # something else lives there now: keep it and its parents
 
 
+class _Staging:
+    """One staged write in progress: what abandoning it must undo. Kept in ``_ACTIVE`` so that a
+    signal handler can undo it without unwinding the stack (see ``abandon_staged_writes``)."""
+
+    def __init__(self, out: Path, created: list[Path]) -> None:
+        self.out, self.created = out, created
+        self.stage: Path | None = None
+        self.retired: Path | None = None
+
+    def abandon(self) -> None:
+        """Idempotent, valid at any point of the write: remove the stage, put back a previous
+        artifact moved aside but not yet replaced, remove the folders created for ``out``."""
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+        if self.retired is not None:
+            previous = self.retired / self.out.name
+            if previous.exists() and not os.path.lexists(self.out):
+                os.replace(previous, self.out)
+            shutil.rmtree(self.retired, ignore_errors=True)
+        _remove_empty(self.created)
+
+
+_ACTIVE: list[_Staging] = []
+
+
+def abandon_staged_writes() -> None:
+    """Undo every staged write of this process now, as if each had failed. For a SIGTERM handler
+    that then exits at once: unwinding the stack from a signal can land inside a C extension's
+    callback (torch.onnx, ONNX Runtime), which may crash or swallow the exception."""
+    while _ACTIVE:
+        _ACTIVE.pop().abandon()
+
+
 @contextmanager
 def staged_directory(out: str | Path) -> Iterator[Path]:
     """Yield an empty directory beside ``out``. On normal exit it takes ``out``'s place by
@@ -139,22 +172,24 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
     replacing an existing ``out`` is allowed."""
     out = Path(out).resolve()
     check_destination(out)
-    created = _make_parents(out.parent)
-    for path in sweep_stale_staging(out, warn=_log.warning):
-        _log.warning("removed %s, left by a writer of %s that was killed", path, out)
-    stage = lock = None
+    state = _Staging(out, [])
+    _ACTIVE.append(state)
+    lock = None
     try:
-        stage = Path(tempfile.mkdtemp(prefix=_staging_prefix(out, "partial"), dir=out.parent))
-        lock = _lock(stage)
-        yield stage
-        _usual_modes(stage)
-        _replace(stage, out)
+        state.created = _make_parents(out.parent)
+        for path in sweep_stale_staging(out, warn=_log.warning):
+            _log.warning("removed %s, left by a writer of %s that was killed", path, out)
+        state.stage = Path(tempfile.mkdtemp(prefix=_staging_prefix(out, "partial"), dir=out.parent))
+        lock = _lock(state.stage)
+        yield state.stage
+        _usual_modes(state.stage)
+        _replace(state)
     except BaseException:
-        if stage is not None:
-            shutil.rmtree(stage, ignore_errors=True)
-        _remove_empty(created)
+        state.abandon()
         raise
     finally:
+        if state in _ACTIVE:
+            _ACTIVE.remove(state)
         _unlock(lock)
 
 
@@ -193,21 +228,26 @@ def _usual_modes(stage: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def _replace(stage: Path, out: Path) -> None:
+def _replace(state: _Staging) -> None:
+    stage, out = state.stage, state.out
+    assert stage is not None
     if not out.exists():
         os.replace(stage, out)
+        state.stage = None
         return
-    retired = Path(tempfile.mkdtemp(prefix=_staging_prefix(out, "old"), dir=out.parent))
+    state.retired = retired = Path(tempfile.mkdtemp(prefix=_staging_prefix(out, "old"), dir=out.parent))
     lock = _lock(retired)
     try:
         os.replace(out, retired / out.name)
         try:
             os.replace(stage, out)
+            state.stage = None
         except BaseException:
             os.replace(retired / out.name, out)
             raise
     finally:
         shutil.rmtree(retired, ignore_errors=True)
+        state.retired = None
         _unlock(lock)
 
 

@@ -7,12 +7,15 @@ a stage when its command runs, so ``astro-trt --help`` never pays for torch or T
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 import threading
 
 import click
 
+# Imported here, not in the handler: a signal can arrive while a module is half imported.
+from astro_trt.artifacts import abandon_staged_writes
 from astro_trt.errors import AstroError
 
 # command name -> (module, attribute, one-line help shown by --help without importing it)
@@ -48,20 +51,22 @@ def cli() -> None:
     """Compile a trained ASTRO recommendation model into verified TensorRT engines."""
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what timeout, systemd and Kubernetes send) unwinds like Ctrl-C: every staged
-    artifact is removed on the way out."""
-
-
 EXIT_TERMINATED = 128 + signal.SIGTERM
-_terminated = False
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    global _terminated
-    _terminated = True
+    """SIGTERM (what timeout, systemd and Kubernetes send) cleans up like Ctrl-C: every staged
+    artifact is removed, a previous one moved aside is put back. It does so here and exits at
+    once rather than raising: an exception raised from a signal can land inside a C extension's
+    Python callback (torch.onnx, ONNX Runtime) or a destructor, where it crashes the process or
+    is printed and swallowed."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt the clean-up
-    raise Terminated
+    try:
+        abandon_staged_writes()
+        sys.stdout.flush()
+        print("terminated", file=sys.stderr, flush=True)
+    finally:
+        os._exit(EXIT_TERMINATED)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,14 +78,6 @@ def main(argv: list[str] | None = None) -> None:
         else None
     try:
         _run(argv)
-    except BaseException as exc:
-        # Terminated can land anywhere, inside an import too, where the module it interrupted
-        # then fails in its own way (numpy's lazy attributes recurse): whatever it turned into,
-        # the command was terminated, and says so in one line.
-        if not _terminated or (isinstance(exc, SystemExit) and exc.code == EXIT_TERMINATED):
-            raise
-        click.echo("terminated", err=True)
-        sys.exit(EXIT_TERMINATED)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -95,8 +92,8 @@ def _run(argv: list[str] | None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        click.echo("terminated" if _terminated else "aborted", err=True)
-        sys.exit(EXIT_TERMINATED if _terminated else 130)
+        click.echo("aborted", err=True)
+        sys.exit(130)
     except AstroError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
