@@ -151,3 +151,26 @@ def test_special_files_are_refused_without_blocking(tmp_path):
     with pytest.raises(ArtifactError, match="more than the 100"):
         read_regular_file(tmp_path / "big", max_bytes=100)
     assert not (tmp_path / "copy").exists()
+
+
+def test_abandoning_writes_in_progress_undoes_them(tmp_path):
+    # What the SIGTERM handler does before it exits: at any point of a write, the stage goes,
+    # a previous artifact moved aside comes back, the folders created for --out go.
+    from astro_trt.artifacts import _Staging, abandon_staged_writes
+
+    out = tmp_path / "a" / "artifact"
+    with pytest.raises(RuntimeError):
+        with staged_directory(out) as stage:
+            (stage / "new").write_text("half")
+            abandon_staged_writes()
+            assert not stage.exists() and not (tmp_path / "a").exists()
+            raise RuntimeError("the handler exits here")
+    # Killed between moving the previous artifact aside and renaming the new one in.
+    out = tmp_path / "artifact"
+    retired = tmp_path / ".artifact.old-host-1-x"
+    (retired / out.name).mkdir(parents=True)
+    (retired / out.name / "old").write_text("previous")
+    state = _Staging(out, [])
+    state.retired = retired
+    state.abandon()
+    assert (out / "old").read_text() == "previous" and _leftovers(tmp_path) == []
