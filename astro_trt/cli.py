@@ -7,10 +7,15 @@ a stage when its command runs, so ``astro-trt --help`` never pays for torch or T
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import sys
+import threading
 
 import click
 
+# Imported here, not in the handler: a signal can arrive while a module is half imported.
+from astro_trt.artifacts import abandon_staged_writes
 from astro_trt.errors import AstroError
 
 # command name -> (module, attribute, one-line help shown by --help without importing it)
@@ -49,8 +54,39 @@ def cli() -> None:
     """Compile a trained ASTRO recommendation model into verified TensorRT engines."""
 
 
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (what timeout, systemd and Kubernetes send) cleans up like Ctrl-C: every staged
+    artifact is removed, a previous one moved aside is put back. It does so here and exits at
+    once rather than raising: an exception raised from a signal can land inside a C extension's
+    Python callback (torch.onnx, ONNX Runtime) or a destructor, where it crashes the process or
+    is printed and swallowed."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not interrupt the clean-up
+    try:
+        abandon_staged_writes()
+        sys.stdout.flush()
+        print("terminated", file=sys.stderr, flush=True)
+    finally:
+        os._exit(EXIT_TERMINATED)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback."""
+    """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback;
+    Ctrl-C exits 130 and SIGTERM 143 (128 + signal), both after removing staged output."""
+    # Signal handlers can only be set from the main thread; the previous one is restored after,
+    # so calling main() inside another program (a test) leaves its handling as it was.
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        _run(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: list[str] | None) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -58,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         sys.exit(130)
     except AstroError as exc:

@@ -32,3 +32,7 @@ class BundleError(AstroError):
 
 class GateError(AstroError):
     """A validation gate failed."""
+
+
+class ArtifactError(AstroError):
+    """An output path that cannot be written, or an input file that is not a regular file of sane size."""

@@ -30,6 +30,11 @@ ProgressCallback = Callable[[str], None]
 
 
 # ------------------------------------------------------------------------------ profiles
+# Largest dynamic axis of a profile: the naive graph holds batch x candidates sequences, and
+# TensorRT's dimensions are 32-bit; no serving request comes near this.
+MAX_PROFILE_DIM = 65_536
+
+
 @dataclass(frozen=True)
 class Profile:
     """min/opt/max of the dynamic axes. Opt points are where TensorRT tunes: one user (online
@@ -45,6 +50,9 @@ class Profile:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be a positive integer, got {value!r}")
+            if value > MAX_PROFILE_DIM:
+                raise ConfigError(f"{key.replace('_', '-')} {value} is beyond what an engine profile may ask for "
+                                  f"(at most {MAX_PROFILE_DIM}); choose a smaller value")
         if self.opt_batch > self.max_batch:
             raise ConfigError(f"opt batch {self.opt_batch} exceeds --max-batch {self.max_batch}")
         if self.opt_candidates is not None and not 1 <= self.opt_candidates <= self.max_candidates:

@@ -61,11 +61,12 @@ def export_bundle(
     engines (unless ``engines=False``), the checkpoint copy the validator uses as its oracle, and
     the manifest. ``progress`` receives one short status line per step. Raises an AstroError
     subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
+    from astro_trt.artifacts import check_destination
     from astro_trt.engines.backend import resolve_backend
     from astro_trt.engines.build import OPT_LEVELS, Profile, attention_candidates
     from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
     from astro_trt.manifest import build_manifest, write_manifest
-    from astro_trt.model.checkpoint import load_checkpoint
+    from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint
 
     say = progress or (lambda _msg: None)
     wanted = parse_precisions(precisions)
@@ -80,12 +81,16 @@ def export_bundle(
     out = Path(out)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force (force=True) to replace it")
+    check_destination(out)
     cache = Path(timing_cache) if timing_cache is not None else None
     ckpt = load_checkpoint(checkpoint)
 
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:
-        _copy_checkpoint(ckpt.directory, stage / CHECKPOINT_DIR)
+        # The weights and the documents save_checkpoint wrote (config, metrics, data fingerprint):
+        # validate reproduces the trained AUCs from them. Regular files only, never through a link.
+        (stage / CHECKPOINT_DIR).mkdir()
+        copy_checkpoint(ckpt.directory, stage / CHECKPOINT_DIR)
         parts = {p: _export_precision(ckpt.model, stage, p, lowerings[p], chosen, profile, target_list, opt_level,
                                       cache, say)
                  for p in wanted}
@@ -109,16 +114,6 @@ def export_bundle(
         )
         write_manifest(stage, manifest)
     return ExportedBundle(out.resolve(), manifest)
-
-
-def _copy_checkpoint(source: Path, target: Path) -> None:
-    """The weights and every JSON document save_checkpoint wrote (config, metrics, data
-    fingerprint): validate reproduces the trained AUCs from them."""
-    from astro_trt.model.checkpoint import WEIGHTS_FILE
-
-    target.mkdir()
-    for path in (source / WEIGHTS_FILE, *sorted(source.glob("*.json"))):
-        shutil.copyfile(path, target / path.name)
 
 
 def _export_precision(

@@ -21,11 +21,21 @@ def _int_root_ceil(xmax: int, num: int, den: int) -> int:
     """Smallest integer t with t ** den >= xmax ** num, i.e. ceil(xmax ** (num / den)), exactly."""
     target = xmax**num
     guess = max(1, math.ceil(xmax ** (num / den)))
-    while guess > 1 and (guess - 1) ** den >= target:
-        guess -= 1
-    while guess**den < target:
-        guess += 1
-    return guess
+    # The float guess is off by about guess * 2^-47 at worst, which for a large xmax is many integers:
+    # bisect a bracket around it (lo**den < target <= hi**den) instead of stepping by one.
+    slack = guess >> 40
+    lo, hi = max(0, guess - slack - 1), guess + slack + 1
+    while lo > 0 and lo**den >= target:
+        lo //= 2
+    while hi**den < target:
+        hi *= 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if mid**den >= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def bucket_thresholds(n: int, xmax: int) -> list[int]:

@@ -10,6 +10,7 @@ file, the tensor and the fix, instead of a Rust panic message or a ``load_state_
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -29,6 +30,14 @@ from astro_trt.model.astro import ASTRO
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
+# Checkpoints written before the weights recorded their documents hold these (train writes data.json).
+_LEGACY_DOCUMENTS = (CONFIG_FILE, METRICS_FILE, "data.json")
+_META_CONFIG = "astro_trt_config"
+_META_DOCUMENTS = "astro_trt_documents"
+_META_DIGEST = "astro_trt_sha256"
+# A JSON document of a checkpoint (config, metrics with the training history, data fingerprint) is
+# a few KB; anything near this is not one.
+MAX_DOCUMENT_BYTES = 16_000_000
 _RESERVED_KEYS = {"config", "model", "metrics"}
 _EXTRA_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # safetensors itself refuses headers above 100 MB; anything larger is not a safetensors file.
@@ -75,7 +84,13 @@ def save_checkpoint(
     from safetensors.torch import save_file
 
     with staged_directory(out_dir) as staging:
-        metadata = {"format": "pt", "astro_trt_version": __version__, "config_name": cfg.name}
+        # The training config and the list of documents travel inside the weights file: fields
+        # the weights cannot reveal (max_len, time_bucket_max, layer_norm_eps, ...) are checked
+        # against it on load, and export copies exactly these documents.
+        metadata = {"format": "pt", "astro_trt_version": __version__, "config_name": cfg.name,
+                    _META_CONFIG: json.dumps(cfg.to_dict(), sort_keys=True),
+                    _META_DOCUMENTS: json.dumps(sorted(documents))}
+        metadata[_META_DIGEST] = _content_digest(tensors, metadata)
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata=metadata)
         for filename, text in documents.items():
             (staging / filename).write_text(text)
@@ -113,15 +128,24 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     directory, weights = _resolve(path)
     config_path = directory / CONFIG_FILE
     try:
-        cfg = ASTROConfig.load(config_path)
+        # A checkpoint's files are the files themselves: a link could make loading read any file.
+        cfg = ASTROConfig.load(config_path, follow_symlinks=False)
     except ConfigError as exc:
         message = str(exc)
         if str(config_path) not in message:
             message = f"{config_path}: {message}"
         raise ConfigError(message) from None
 
-    header = _read_header(weights)
+    from astro_trt.resources import check_fits
+
+    header, metadata = _read_header(weights)
     _check_against_config(header, cfg, weights)
+    _check_recorded_config(metadata, cfg, config_path, weights)
+    # The smallest work any command does with a checkpoint: the exporter's 2-user, 5-candidate check.
+    try:
+        check_fits(cfg, users=2, candidates=5, purpose="running one request")
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -130,10 +154,32 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: safetensors could not read it ({_one_line(exc)}); "
                               "re-copy or re-save the checkpoint") from None
+    recorded = metadata.get(_META_DIGEST)
+    if recorded is None and (_META_CONFIG in metadata or _META_DOCUMENTS in metadata):
+        # Written with a digest (it records the config and documents alongside), which is gone.
+        raise CheckpointError(f"{weights}: its metadata lacks the digest recorded when it was saved; the file is "
+                              "corrupt or was edited, re-copy or re-save the checkpoint")
+    if recorded is not None and recorded != _content_digest(tensors, metadata):
+        raise CheckpointError(f"{weights}: its tensors or metadata do not match the digest recorded when it was "
+                              "saved; the file is corrupt or was edited, re-copy or re-save the checkpoint")
     model = ASTRO(cfg)
     model.load_state_dict(tensors, strict=True)
     model.eval()
     return Checkpoint(config=cfg, model=model, sha256=checkpoint_sha256(weights), directory=directory)
+
+
+def _content_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over the metadata (but this digest) and every tensor's name, dtype, shape and bytes,
+    independent of how safetensors lays the file out. It catches a flipped or truncated byte
+    anywhere a reader would use, which the header checks alone cannot (a flipped weight still
+    parses). Checkpoints written before it was recorded carry none and are read without it."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != _META_DIGEST}, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def checkpoint_sha256(path: str | Path) -> str:
@@ -144,8 +190,14 @@ def checkpoint_sha256(path: str | Path) -> str:
 def _resolve(path: str | Path) -> tuple[Path, Path]:
     """-> (checkpoint directory, its weights file), or a CheckpointError naming what is missing."""
     path = Path(path)
+    weights = path / WEIGHTS_FILE if path.is_dir() else path
+    if weights.is_symlink():
+        raise CheckpointError(f"{weights}: is a symbolic link; a checkpoint holds its weights file itself "
+                              "(copy the target there)")
     if path.is_dir():
-        weights = path / WEIGHTS_FILE
+        if weights.exists() and not weights.is_file():
+            raise CheckpointError(f"{weights}: not a regular file; put the weights file written by "
+                                  "`astro-trt train` there")
         if not weights.is_file():
             raise CheckpointError(f"{weights}: not found; a checkpoint directory holds {CONFIG_FILE} and "
                                   f"{WEIGHTS_FILE} (written by `astro-trt train`)")
@@ -159,9 +211,10 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
                           "`astro-trt train` or its model.safetensors")
 
 
-def _read_header(weights: Path) -> dict[str, dict]:
+def _read_header(weights: Path) -> tuple[dict[str, dict], dict[str, str]]:
     """Parse the safetensors header (8-byte little-endian length + JSON) and check that every
-    tensor's data lies inside the file. Returns {tensor name: {"dtype", "shape", "data_offsets"}}."""
+    tensor's data lies inside the file. Returns ({tensor name: {"dtype", "shape", "data_offsets"}},
+    the header's __metadata__)."""
     size = weights.stat().st_size
     with weights.open("rb") as fh:
         prefix = fh.read(8)
@@ -184,11 +237,15 @@ def _read_header(weights: Path) -> dict[str, dict]:
                               "re-copy or re-save the checkpoint") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{weights}: safetensors header is not a JSON object; re-save the checkpoint")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{weights}: safetensors __metadata__ is not a map of strings; re-save the checkpoint")
     data_size = size - 8 - header_len
     for name, entry in header.items():
         try:
             dtype, shape, (start, end) = entry["dtype"], list(entry["shape"]), entry["data_offsets"]
+            if not all(type(v) is int and v >= 0 for v in (*shape, start, end)):
+                raise ValueError("shape and offsets are non-negative integers")
             expected_bytes = math.prod(shape) * _DTYPE_SIZES[dtype]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{weights}: tensor '{name}' has a malformed header entry; "
@@ -199,7 +256,70 @@ def _read_header(weights: Path) -> dict[str, dict]:
         if end - start != expected_bytes or start < 0:
             raise CheckpointError(f"{weights}: tensor '{name}' has data offsets that do not match its shape; "
                                   "the file is corrupt, re-save the checkpoint")
-    return header
+    return header, metadata
+
+
+def _check_recorded_config(metadata: dict[str, str], cfg: ASTROConfig, config_path: Path, weights: Path) -> None:
+    """config.json against the training config recorded in the weights: the shapes cannot reveal
+    max_len, time_bucket_max, layer_norm_eps and the like. Checkpoints written before the config
+    was recorded have none; their config.json is taken as it is (the shapes were still checked)."""
+    if _META_CONFIG not in metadata:
+        return
+    try:
+        recorded = ASTROConfig.from_dict(json.loads(metadata[_META_CONFIG]), source="recorded config")
+    except (ValueError, RecursionError, ConfigError) as exc:
+        raise CheckpointError(f"{weights}: the training config recorded in its metadata is unusable "
+                              f"({_one_line(exc)[:200]}); re-save the checkpoint") from None
+    trained, given = recorded.to_dict(), cfg.to_dict()
+    differ = [key for key in trained if trained[key] != given[key]]
+    if differ:
+        shown = ", ".join(f"{k}={given[k]!r} (trained with {trained[k]!r})" for k in differ[:4])
+        raise ConfigError(f"{config_path}: {shown} differs from the config recorded in {weights.name} at training; "
+                          "restore the config.json the weights were trained with")
+
+
+def checkpoint_documents(path: str | Path) -> list[str]:
+    """The files a checkpoint consists of: its weights and the JSON documents save_checkpoint
+    wrote (recorded in the weights' metadata; older checkpoints: config, metrics and data)."""
+    directory, weights = _resolve(path)
+    _, metadata = _read_header(weights)
+    names: list[str] = list(_LEGACY_DOCUMENTS)
+    if _META_DOCUMENTS in metadata:
+        try:
+            names = json.loads(metadata[_META_DOCUMENTS])
+        except ValueError:
+            names = None  # type: ignore[assignment]
+        if not isinstance(names, list) or not all(
+            isinstance(n, str) and n.endswith(".json") and _EXTRA_KEY.match(n[:-5]) for n in names
+        ):
+            raise CheckpointError(f"{weights}: its metadata lists documents that are not plain .json names; "
+                                  "re-save the checkpoint")
+    present = [n for n in names if n == CONFIG_FILE or (directory / n).exists() or (directory / n).is_symlink()]
+    return [WEIGHTS_FILE, *sorted(set(present))]
+
+
+def copy_checkpoint(path: str | Path, target: str | Path) -> list[str]:
+    """Copy a checkpoint's own files (``checkpoint_documents``) into the directory ``target`` and
+    return their names. Only regular files are copied, never through a symlink, and each within a
+    size bound (the weights: exactly the size their header declares), so a checkpoint directory
+    cannot pull host files (a link to /etc/passwd, /dev/zero, a FIFO) into a bundle."""
+    from astro_trt.artifacts import copy_regular_file
+    from astro_trt.errors import ArtifactError
+
+    directory, weights = _resolve(path)
+    header, _ = _read_header(weights)
+    with weights.open("rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+    weights_bytes = 8 + header_len + max((e["data_offsets"][1] for e in header.values()), default=0)
+    names = checkpoint_documents(directory)
+    target = Path(target)
+    for name in names:
+        bound = weights_bytes if name == WEIGHTS_FILE else MAX_DOCUMENT_BYTES
+        try:
+            copy_regular_file(directory / name, target / name, max_bytes=bound)
+        except ArtifactError as exc:
+            raise CheckpointError(str(exc)) from None
+    return names
 
 
 def _sniff(prefix: bytes) -> str:
@@ -286,4 +406,7 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "checkpoint_sha256", "CONFIG_FILE", "WEIGHTS_FILE"]
+__all__ = [
+    "CONFIG_FILE", "WEIGHTS_FILE", "Checkpoint", "checkpoint_documents", "checkpoint_sha256", "copy_checkpoint",
+    "load_checkpoint", "save_checkpoint",
+]

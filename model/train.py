@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,11 @@ from astro_trt.model.requests import Request, RequestBatch, batches
 NUM_THREADS = 2
 # Requests per evaluation batch; metrics pool every batch, so this only bounds memory.
 EVAL_BATCH = 256
+# Bounds of the training options: far above any useful run, below what would run for days.
+MAX_EPOCHS = 10_000
+MAX_BATCH = 1_000_000
+MAX_LR = 1.0
+MAX_CANDIDATES = 100_000
 
 
 @dataclass(frozen=True)
@@ -40,12 +46,18 @@ class TrainOptions:
     patience: int = 3  # epochs without a better valid AUC before stopping
 
     def validate(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 1:
-            raise AstroError(
-                f"epochs, batch size and patience must be >= 1, got {self.epochs}, {self.batch_size}, {self.patience}"
-            )
-        if not self.lr > 0:
-            raise AstroError(f"learning rate must be > 0, got {self.lr}")
+        for flag, value, high in (("--epochs", self.epochs, MAX_EPOCHS), ("--batch-size", self.batch_size, MAX_BATCH),
+                                  ("--patience", self.patience, MAX_EPOCHS)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+                raise AstroError(f"{flag} must be an integer in [1, {high}], got {value!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise AstroError(f"--seed must be an integer in [0, 2^32), got {self.seed!r}")
+        # Adam steps are about lr in size; beyond MAX_LR the weights leave any useful range at once.
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and 0 < self.lr <= MAX_LR):
+            raise AstroError(f"--lr must be a finite number in (0, {MAX_LR}], got {self.lr!r}")
+        if not (isinstance(self.weight_decay, int | float) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise AstroError(f"weight decay must be a finite number >= 0, got {self.weight_decay!r}")
 
 
 @dataclass
@@ -124,6 +136,9 @@ def train_model(
         for epoch in range(1, options.epochs + 1):
             data = batches(train, options.batch_size, num_candidates=m, shuffle_seed=options.seed * 100_003 + epoch)
             loss = train_epoch(model, optimizer, data, (lambda _: bar.advance(task)) if bar else None)
+            if not math.isfinite(loss):
+                raise AstroError(f"training diverged: the mean loss of epoch {epoch} is {loss}; lower --lr "
+                                 f"(now {options.lr}) and train again (no checkpoint was written)")
             valid_result = evaluate(predictor(model), batches(valid, EVAL_BATCH, num_candidates=m), names)
             score = mean_auc(valid_result)
             history.append({"epoch": epoch, "train_loss": loss, "valid_mean_auc": score})
@@ -168,11 +183,19 @@ def train_ml100k(
 ) -> dict:
     """Train on ml-100k, evaluate the best model and the item-average baseline on test, and
     write the checkpoint (config, weights, metrics.json, data.json). Returns the metrics."""
+    from astro_trt.artifacts import check_destination
     from astro_trt.model import movielens
     from astro_trt.model.checkpoint import save_checkpoint
+    from astro_trt.resources import check_fits
 
+    # Everything that can be refused is refused before the data is read.
+    options.validate()
     spec = movielens.SplitSpec(candidates=candidates)
+    if not isinstance(candidates, int) or candidates > MAX_CANDIDATES:
+        raise AstroError(f"--candidates must be an integer in [1, {MAX_CANDIDATES}], got {candidates!r}")
     spec.validate()
+    check_destination(out_dir)
+    check_fits(cfg, users=options.batch_size, candidates=candidates, purpose="training", full=False, training=True)
     interactions = movielens.load_ml100k(cache_dir)
     splits = {s: movielens.build_requests(interactions, cfg, s, spec) for s in movielens.SPLITS}
     log(", ".join(f"{s}: {len(r)} requests" for s, r in splits.items()))

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from astro_trt import __version__
-from astro_trt.errors import CheckpointError, ConfigError
+from astro_trt.errors import AstroError, CheckpointError, ConfigError
 from astro_trt.model.astro import ASTRO
-from astro_trt.model.checkpoint import checkpoint_sha256, load_checkpoint, save_checkpoint
+from astro_trt.model.checkpoint import checkpoint_sha256, copy_checkpoint, load_checkpoint, save_checkpoint
 
 
 @pytest.fixture
@@ -207,3 +207,51 @@ def test_wrong_dtype_is_named(saved) -> None:
     tensors["pos_table"] = tensors["pos_table"].half()
     resave(path, tensors)
     expect(CheckpointError, path, "'pos_table'", "F16", "float32")
+
+
+# ---------------------------------------------------------------------------- recorded config, digest, copy
+@pytest.fixture
+def ckpt_dir(saved):
+    return saved[0]
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_len", 9), ("time_bucket_max", 1000), ("layer_norm_eps", 1e-3)])
+def test_fields_the_shapes_cannot_reveal_are_checked_against_the_recorded_config(ckpt_dir, key, value) -> None:
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    (ckpt_dir / "config.json").write_text(json.dumps({**config, key: value}))
+    expect(ConfigError, ckpt_dir, key, f"trained with {config[key]!r}")
+
+
+def test_a_negative_layer_norm_eps_is_a_config_error(ckpt_dir) -> None:
+    config = json.loads((ckpt_dir / "config.json").read_text())
+    (ckpt_dir / "config.json").write_text(json.dumps({**config, "layer_norm_eps": -1e-5}))
+    expect(ConfigError, ckpt_dir, "layer_norm_eps", "(0, 1.0]")
+
+
+def test_a_flipped_weight_byte_is_refused(ckpt_dir) -> None:
+    data = bytearray((ckpt_dir / "model.safetensors").read_bytes())
+    data[-3] ^= 0x01  # the low mantissa bits of the last float: parses, shapes fine, values differ
+    (ckpt_dir / "model.safetensors").write_bytes(bytes(data))
+    expect(CheckpointError, ckpt_dir, "digest recorded")
+
+
+def test_links_in_a_checkpoint_are_refused_before_anything_is_read(ckpt_dir, tmp_path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (ckpt_dir / name).rename(outside / name)  # a good file, reached through a link
+        (ckpt_dir / name).symlink_to(outside / name)
+        expect(AstroError, ckpt_dir, "symbolic link")
+        (ckpt_dir / name).unlink()
+        (outside / name).rename(ckpt_dir / name)
+
+
+def test_copy_takes_the_checkpoints_own_documents_only(ckpt_dir, tmp_path) -> None:
+    (ckpt_dir / "passwd.json").symlink_to("/etc/passwd")
+    (ckpt_dir / "notes.json").write_text("{}")  # not written by save_checkpoint: not part of it
+    target = tmp_path / "copy"
+    target.mkdir()
+    names = copy_checkpoint(ckpt_dir, target)
+    assert sorted(names) == sorted(p.name for p in target.iterdir())
+    assert "passwd.json" not in names and "notes.json" not in names and "model.safetensors" in names
+    assert (target / "model.safetensors").read_bytes() == (ckpt_dir / "model.safetensors").read_bytes()

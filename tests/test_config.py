@@ -11,6 +11,9 @@ from hypothesis import strategies as st
 from astro_trt.config import PRESETS, ASTROConfig, preset
 from astro_trt.errors import ConfigError
 
+# Names end up in one-line messages: control and line-separator characters are refused.
+_LABEL = st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
+
 
 @st.composite
 def configs(draw: st.DrawFn) -> ASTROConfig:
@@ -18,7 +21,7 @@ def configs(draw: st.DrawFn) -> ASTROConfig:
     blocks = draw(st.integers(1, 5))
     tasks = draw(st.integers(1, 4))
     return ASTROConfig(
-        name=draw(st.text(min_size=1, max_size=12)),
+        name=draw(st.text(_LABEL, min_size=1, max_size=12)),
         num_items=draw(st.integers(1, 10**6)),
         num_behaviors=draw(st.integers(2, 20)),
         num_scenarios=draw(st.integers(1, 8)),
@@ -34,7 +37,7 @@ def configs(draw: st.DrawFn) -> ASTROConfig:
         time_bucket_max=draw(st.integers(2, 2**40)),
         dropout=draw(st.floats(0.0, 0.99)),
         layer_norm_eps=draw(st.floats(1e-12, 1e-3)),
-        task_names=tuple(draw(st.lists(st.text(max_size=5), min_size=tasks, max_size=tasks))),
+        task_names=tuple(draw(st.lists(st.text(_LABEL, min_size=1, max_size=5), min_size=tasks, max_size=tasks))),
         block_names=draw(st.sampled_from([(), tuple(f"b{i}" for i in range(blocks))])),
     )
 

@@ -71,5 +71,5 @@ def test_train_model_keeps_best_weights_on_ml100k_subset():
 
 
 def test_bad_options_are_refused():
-    with pytest.raises(AstroError, match="must be >= 1"):
+    with pytest.raises(AstroError, match="--epochs must be an integer in"):
         TrainOptions(epochs=0).validate()

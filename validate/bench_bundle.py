@@ -48,7 +48,9 @@ def bench_bundle(
     ``profile`` adds ONNX Runtime's per-operator breakdown; every runtime gets ``threads``
     intra-op threads. The report goes to BUNDLE/reports/bench/ (recorded in the manifest) or to
     ``out``. With ``expect_sha256`` only the bundle whose manifest has that digest is timed."""
+    from astro_trt.artifacts import check_destination
     from astro_trt.engines.bundle import load_bundle
+    from astro_trt.resources import check_bench_request
     from astro_trt.validate.bench import (
         parse_candidates,
         profile_ort,
@@ -62,9 +64,12 @@ def bench_bundle(
                    repetitions=repetitions, warmup=warmup)
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise DataError(f"--threads {threads!r}: must be an integer >= 1")
+    if out is not None:
+        check_destination(Path(out))
     say = progress or (lambda _msg: None)
     bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     _check_counts(counts, bundle if config == "bundle" else None)
+    check_bench_request(bundle, config, counts)  # this machine's memory, before anything is built
     user_counts = _users(users, bundle if config == "bundle" else None)
     with tempfile.TemporaryDirectory(prefix="astro-bench-") as tmp:
         runner, cfg, source, model, graphs = _runner(bundle, runtime, config, precision, attention, Path(tmp), say,

@@ -299,6 +299,10 @@ def bisect_bundle(
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "seed" else 1):
             raise DataError(f"bisect {name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
                             f"got {value!r}")
+    if out is not None:
+        from astro_trt.artifacts import check_destination
+
+        check_destination(Path(out))
     bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     wanted = bundle.precisions if precisions is None else comma_list(precisions, PRECISIONS, "--precision", DataError)
     for p in wanted:

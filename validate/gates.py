@@ -3,10 +3,15 @@ against its limit, worded so that a failure says which gate and by how much."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from astro_trt import tolerances
+from astro_trt.errors import ConfigError
+
+# Requests hold at most a few thousand candidates; a larger k only ever compares whole lists.
+MAX_TOPK = 100_000
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,21 @@ class Gates:
     split_full_max_abs: float = 1e-4
     topk: int = 10
     topk_overlap: float = 0.9
+
+    def __post_init__(self) -> None:
+        """Every gate is checked when the flags are read, before any work."""
+        for key, value in self.to_dict().items():
+            flag = "--" + key.replace("_", "-")
+            if key == "topk":
+                if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_TOPK:
+                    raise ConfigError(f"{flag} must be an integer in [1, {MAX_TOPK}], got {value!r}")
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{flag} must be a finite number >= 0, got {value!r}")
+        if self.topk_overlap > 1:
+            raise ConfigError(f"--topk-overlap is a fraction of the top k, in [0, 1]; got {self.topk_overlap}")
+        if self.half_error_ratio == 0:
+            raise ConfigError("--half-error-ratio must be > 0 (a multiple of PyTorch's own half-precision error)")
 
     def half_floor(self, precision: str) -> float:
         return self.half_floor_ulps * tolerances.HALF_EPS[precision]

@@ -84,21 +84,40 @@ def load_batches(data: str, cfg: Any, checkpoint_dir: Path) -> list[Any]:
     from astro_trt.model import movielens
     from astro_trt.model.requests import batches
 
-    data_json = checkpoint_dir / "data.json"
-    spec = movielens.split_spec_of(json.loads(data_json.read_text())) if data_json.is_file() else movielens.SplitSpec()
+    data_json = _document(checkpoint_dir / "data.json")
+    spec = movielens.split_spec_of(json.loads(data_json)) if data_json is not None else movielens.SplitSpec()
     requests = movielens.build_requests(movielens.load_ml100k(), cfg, "test", spec)
     return list(batches(requests, EVAL_BATCH, num_candidates=spec.candidates))
 
 
 def reference_metrics(checkpoint_dir: Path) -> dict[str, dict[str, float]] | None:
     """Test metrics the checkpoint was trained to (metrics.json), or None when it has none."""
-    path = checkpoint_dir / METRICS_FILE
-    if not path.is_file():
+    text = _document(checkpoint_dir / METRICS_FILE)
+    if text is None:
         return None
     try:
-        return json.loads(path.read_text())["test"]["model"]
-    except (KeyError, TypeError, json.JSONDecodeError):
+        return json.loads(text)["test"]["model"]
+    except (KeyError, TypeError, ValueError):
         return None
+
+
+def _document(path: Path) -> str | None:
+    """A checkpoint's JSON document as text, None when absent; never read through a symlink, and
+    a FIFO, device or oversized file in its place is refused (one line) instead of read."""
+    from astro_trt.artifacts import read_regular_file
+    from astro_trt.errors import ArtifactError
+    from astro_trt.model.checkpoint import MAX_DOCUMENT_BYTES
+
+    try:
+        raw = read_regular_file(path, max_bytes=MAX_DOCUMENT_BYTES, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except ArtifactError as exc:
+        raise DataError(str(exc)) from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 JSON; re-copy the checkpoint") from None
 
 
 # ---------------------------------------------------------------------------- running
@@ -183,10 +202,12 @@ def validate_bundle(
             f"{bundle.checkpoint_sha256}; re-export the bundle from this checkpoint (astro-trt export "
             f"{ckpt.directory} --out BUNDLE) or validate against the checkpoint it was built from"),
     ))
-    if ckpt.config.to_dict() != bundle.config.to_dict():
+    ours, theirs = ckpt.config.to_dict(), bundle.config.to_dict()
+    if ours != theirs:
+        differ = ", ".join(f"{k}={ours[k]!r} (bundle {theirs[k]!r})" for k in ours if ours[k] != theirs[k])
         raise DataError(
-            f"checkpoint {ckpt.directory} has config '{ckpt.config.name}' which differs from the bundle's "
-            f"'{bundle.config.name}'; validate with the checkpoint the bundle was exported from"
+            f"checkpoint {ckpt.directory} differs from the bundle's config in {differ}; "
+            "validate with the checkpoint the bundle was exported from"
         )
 
     cfg = bundle.config

@@ -1,0 +1,136 @@
+"""What a model config and a request shape may ask of this machine, checked before the work.
+
+A config can pass every per-field bound and still ask for more memory than any machine has: the
+attention of one sequence of S tokens materialises S x S scores, biases and time buckets per
+block and head, so ``max_len`` 2000 asks ~37 GB for the exporter's 2-user check, and the naive
+path of ``bench --candidates 5000`` runs 5000 such sequences at once. The estimate below is an
+figure fitted to the reference model (growth of peak RSS over ``full`` on 2 users x 5 candidates
+and ``encode_user`` on 2 users, ml100k preset: 412 and 1487 MB measured against 378 and 1505 MB
+estimated at L = 200 and 400; 82 and 298 MB against 75 and 300 MB for the encoder); commands
+compare it with the machine's memory and refuse, naming the figure and what to lower, instead of
+dying in the allocator.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from astro_trt.config import ASTROConfig
+from astro_trt.errors import ConfigError, DataError
+
+# Share of the machine's memory one command may plan to use: the rest is the interpreter,
+# torch, ONNX Runtime and whatever else runs there.
+MEMORY_SHARE = 0.75
+# Adam keeps the weights, their gradients and two moments.
+_TRAINING_COPIES = 4
+
+
+def machine_memory() -> int:
+    """Bytes of memory this process can use: physical memory, or a smaller cgroup (container) limit."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
+
+
+def parameter_count(cfg: ASTROConfig) -> int:
+    """Exact number of weights of ASTRO(cfg), from a model on the meta device (nothing allocated)."""
+    import torch
+
+    from astro_trt.model.astro import ASTRO
+
+    with torch.device("meta"):
+        model = ASTRO(cfg)
+    return sum(p.numel() for p in model.state_dict().values())
+
+
+def parameter_lower_bound(cfg: ASTROConfig) -> int:
+    """The bulk of ASTRO(cfg)'s weights, by arithmetic: embeddings and every layer's projections
+    and FFN. No model is built, so a config of 256 huge layers is judged in microseconds."""
+    d, f = cfg.d_model, cfg.ffn_dim
+    return (cfg.num_items + cfg.num_behaviors + 2) * d + cfg.num_layers * cfg.num_blocks * (3 * d * d + 2 * d * f)
+
+
+def attention_bytes(cfg: ASTROConfig, sequences: int, length: int) -> int:
+    """Peak bytes of one attention over ``sequences`` sequences of ``length`` tokens: per block
+    and token pair the time-bucket comparison (one byte per bucket), the int64 distances and
+    buckets, and about 16 float32 tensors per head (scores, biases, mask, softmax and copies)."""
+    per_pair = cfg.num_time_buckets + 24 + 64 * cfg.num_heads
+    return sequences * cfg.num_blocks * length * length * per_pair
+
+
+def estimate_bytes(cfg: ASTROConfig, *, users: int, candidates: int, full: bool = True,
+                   training: bool = False) -> int:
+    """Upper-side peak memory of running ``users`` x ``candidates`` through the model: weights
+    (and Adam's copies when training) plus the largest attention. ``full`` includes the naive
+    path (one sequence of L + 1 per user and candidate); training keeps every layer's activations."""
+    return _estimate(cfg, parameter_count(cfg), users=users, candidates=candidates, full=full, training=training)
+
+
+def _estimate(cfg: ASTROConfig, parameters: int, *, users: int, candidates: int, full: bool, training: bool) -> int:
+    weights = 4 * parameters * (_TRAINING_COPIES if training else 1)
+    layers = cfg.num_layers if training else 1
+    encoder = attention_bytes(cfg, users, cfg.max_len) * layers
+    scorer = users * candidates * cfg.num_blocks * (cfg.max_len + 1) * (cfg.num_time_buckets + 24 + 64 * cfg.num_heads)
+    naive = attention_bytes(cfg, users * candidates, cfg.max_len + 1) * layers if full else 0
+    return weights + max(encoder, scorer * layers, naive)
+
+
+def check_fits(cfg: ASTROConfig, *, users: int, candidates: int, purpose: str, full: bool = True,
+               training: bool = False, error: type[ConfigError] | type[DataError] = ConfigError) -> None:
+    """Refuse (one line, before any work) a config and request shape whose estimated memory exceeds
+    MEMORY_SHARE of this machine's memory."""
+    have = int(machine_memory() * MEMORY_SHARE)
+    # The arithmetic lower bound first: a config far too big is refused without building its model.
+    need = _estimate(cfg, parameter_lower_bound(cfg), users=users, candidates=candidates, full=full, training=training)
+    if need <= have:
+        need = estimate_bytes(cfg, users=users, candidates=candidates, full=full, training=training)
+    if need > have:
+        raise error(
+            f"config '{cfg.name}': {purpose} ({users} user(s) x {candidates} candidate(s), max_len={cfg.max_len}, "
+            f"num_layers={cfg.num_layers}, d_model={cfg.d_model}) needs about {_gb(need)} of memory but this "
+            f"machine allows {_gb(have)} ({MEMORY_SHARE:.0%} of {_gb(machine_memory())}); lower max_len, the "
+            "model's sizes or the request shape"
+        )
+
+
+def check_bench_candidates(cfg: ASTROConfig, counts: Sequence[int], *, profile_max: int | None) -> None:
+    """``bench --candidates``: every count inside the bundle's profile (when timing the bundle's
+    own graphs) and the largest one's naive path (one user, M sequences) inside this machine."""
+    if profile_max is not None:
+        over = [m for m in counts if m > profile_max]
+        if over:
+            raise DataError(f"--candidates {','.join(map(str, over))}: the bundle's profile takes at most "
+                            f"{profile_max} candidates per user; choose counts up to {profile_max} or re-export "
+                            "with a larger --max-candidates")
+    check_fits(cfg, users=1, candidates=max(counts), purpose="bench's naive path", error=DataError)
+
+
+def check_bench_request(bundle: Any, config_name: str, counts: Sequence[int]) -> None:
+    """``bench``'s candidate counts against what it will time: the bundle's own graphs (their
+    profile and this machine) or a preset exported on the fly (this machine)."""
+    from astro_trt.config import preset
+    from astro_trt.contract import CANDIDATES
+
+    if config_name == "bundle":
+        check_bench_candidates(bundle.config, counts, profile_max=bundle.profile("item_scorer")[CANDIDATES][2])
+    else:
+        check_bench_candidates(preset(config_name), counts, profile_max=None)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+__all__ = [
+    "MEMORY_SHARE", "attention_bytes", "check_bench_candidates", "check_bench_request", "check_fits",
+    "estimate_bytes", "machine_memory", "parameter_count", "parameter_lower_bound",
+]
