@@ -14,9 +14,7 @@ dying in the allocator.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ConfigError, DataError
@@ -102,35 +100,11 @@ def check_fits(cfg: ASTROConfig, *, users: int, candidates: int, purpose: str, f
         )
 
 
-def check_bench_candidates(cfg: ASTROConfig, counts: Sequence[int], *, profile_max: int | None) -> None:
-    """``bench --candidates``: every count inside the bundle's profile (when timing the bundle's
-    own graphs) and the largest one's naive path (one user, M sequences) inside this machine."""
-    if profile_max is not None:
-        over = [m for m in counts if m > profile_max]
-        if over:
-            raise DataError(f"--candidates {','.join(map(str, over))}: the bundle's profile takes at most "
-                            f"{profile_max} candidates per user; choose counts up to {profile_max} or re-export "
-                            "with a larger --max-candidates")
-    check_fits(cfg, users=1, candidates=max(counts), purpose="bench's naive path", error=DataError)
-
-
-def check_bench_request(bundle: Any, config_name: str, counts: Sequence[int]) -> None:
-    """``bench``'s candidate counts against what it will time: the bundle's own graphs (their
-    profile and this machine) or a preset exported on the fly (this machine)."""
-    from astro_trt.config import preset
-    from astro_trt.contract import CANDIDATES
-
-    if config_name == "bundle":
-        check_bench_candidates(bundle.config, counts, profile_max=bundle.profile("item_scorer")[CANDIDATES][2])
-    else:
-        check_bench_candidates(preset(config_name), counts, profile_max=None)
-
-
 def _gb(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
 __all__ = [
-    "MEMORY_SHARE", "attention_bytes", "check_bench_candidates", "check_bench_request", "check_fits",
+    "MEMORY_SHARE", "attention_bytes", "check_fits",
     "estimate_bytes", "machine_memory", "parameter_count", "parameter_lower_bound",
 ]

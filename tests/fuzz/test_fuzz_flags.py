@@ -3,7 +3,7 @@ before any work starts.
 
 "Before any work" is part of the verdict: each Python case runs the library entry a command
 calls first (``TrainOptions``, ``train_ml100k`` with an empty data cache, ``Gates``, ``Profile``,
-``check_destination``, bench's ``parse_candidates`` and ``check_bench_candidates``), and a refusal
+``check_destination``, bench's ``parse_candidates`` and ``check_counts``), and a refusal
 that does not name the flag (say, a missing dataset: the data was being read) counts against it.
 A sample goes through the CLI, where the bundle and checkpoint named do not even exist: a flag
 checked late would fail on them instead.
@@ -22,10 +22,9 @@ from harness import Tally, cases
 from astro_trt.artifacts import check_destination
 from astro_trt.config import PRESETS
 from astro_trt.engines.build import Profile
-from astro_trt.engines.commands import _precisions
+from astro_trt.engines.export_bundle import parse_precisions as _precisions
 from astro_trt.errors import AstroError
 from astro_trt.model.train import TrainOptions, train_ml100k
-from astro_trt.resources import check_bench_candidates
 from astro_trt.validate.bench import parse_candidates
 from astro_trt.validate.gates import Gates
 
@@ -99,9 +98,11 @@ def test_fuzz_gate_and_profile_flags():
         tally.python(f"export --precision {text!r}", _naming("--precision", lambda t=text: _precisions(t)))
     for text in ("", "a", "0", "-1", "1e3", "64,,x", "10**6", "0x10", "nan", "inf"):
         tally.python(f"bench --candidates {text!r}", _naming("--candidates", lambda t=text: parse_candidates(t)))
+    from astro_trt.validate.bench_bundle import check_counts
+
     for counts in ([5000], [10**6], [1, 1025]):
         tally.python(f"bench --candidates {counts} (profile 1024)", _naming("--candidates", lambda c=counts:
-                     check_bench_candidates(PRESETS["ml100k"], c, profile_max=1024)))
+                     check_counts(c, None)))
     tally.check()
 
 
