@@ -10,18 +10,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from astro_trt import precision as _precision
 from astro_trt.config import ASTROConfig
-from astro_trt.errors import ConfigError
 
 # Symbolic (dynamic) dimensions. Everything else is fixed by the model config.
 BATCH = "batch"
 CANDIDATES = "candidates"
 DYNAMIC_DIMS = (BATCH, CANDIDATES)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-# dtype of the floating tensors that cross an engine boundary for each precision. Logits are
-# always float32: a service compares and sorts them, and the cast is free next to the model.
-_FLOAT_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# The registry in astro_trt/precision.py owns the precisions; this is its list of names.
+PRECISIONS = _precision.names()
 
 USER_ENCODER = "user_encoder"
 ITEM_SCORER = "item_scorer"
@@ -82,10 +80,9 @@ class GraphIO:
 
 
 def float_dtype(precision: str) -> str:
-    try:
-        return _FLOAT_DTYPE[precision]
-    except KeyError:
-        raise ConfigError(f"unknown precision '{precision}'; choose one of {list(PRECISIONS)}") from None
+    """dtype of the floating tensors that cross an engine boundary in ``precision``. Logits are
+    always float32: a service compares and sorts them, and the cast is free next to the model."""
+    return _precision.get(precision).dtype.name
 
 
 def kv_cache_shape(cfg: ASTROConfig) -> tuple[int | str, ...]:
@@ -135,11 +132,8 @@ class KVCacheLayout:
         return out
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
-
-
 def dtype_bytes(dtype: str) -> int:
-    return _DTYPE_BYTES[dtype]
+    return _precision.dtype(dtype).bytes
 
 
 def kv_cache_layout(cfg: ASTROConfig, precision: str) -> KVCacheLayout:

@@ -19,6 +19,7 @@ from typing import Any
 from astro_trt.contract import BATCH, CANDIDATES, GraphIO
 from astro_trt.engines.backend import PORTABLE, Backend
 from astro_trt.errors import BackendError, ConfigError, ExportError
+from astro_trt.precision import by_trt, is_reference
 
 ATTENTION_CHOICES = ("auto", "plugin", "native")
 # Effective lowerings recorded in the manifest. "reference" is the custom op's ONNX function body
@@ -95,7 +96,7 @@ def attention_candidates(backend: Backend | None, requested: str, precision: str
         return [Lowering("native", "native")]
     if plugins:
         return [Lowering("plugin", "plugin")]
-    if precision == "fp32":
+    if is_reference(precision):
         return [Lowering("reference", "plugin")]
     return [Lowering("native", "native"), Lowering("reference", "plugin")]
 
@@ -161,9 +162,8 @@ def _make_monitor(trt: Any, progress: ProgressCallback) -> Any:
 
 def dtype_name(trt_dtype: Any) -> str:
     """tensorrt DataType -> the contract's numpy-style dtype name."""
-    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-             "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
-    return names.get(trt_dtype.name, trt_dtype.name.lower())
+    known = by_trt(trt_dtype.name)
+    return known.name if known else trt_dtype.name.lower()
 
 
 def _network_io(network: Any, shapes: dict[str, tuple]) -> list[dict[str, Any]]:

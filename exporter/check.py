@@ -19,6 +19,7 @@ from astro_trt import contract
 from astro_trt.contract import GraphIO
 from astro_trt.errors import ExportError
 from astro_trt.model.astro import ASTRO, History
+from astro_trt.precision import REFERENCE, get, is_reference
 from astro_trt.tolerances import max_abs_limit
 
 
@@ -134,7 +135,7 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
 
     The scorer is fed the oracle's cache in the graph's dtype, so its error is its own.
     """
-    from astro_trt.exporter.precision import model_in_precision, torch_dtype
+    from astro_trt.exporter.precision import model_in_precision
 
     oracle = copy.deepcopy(model).float().eval()
     with torch.no_grad():
@@ -144,9 +145,9 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
     if broken:
         raise ExportError(f"the PyTorch model itself outputs NaN/inf ({', '.join(broken)}), so no graph can match it: "
                           "the checkpoint's weights are broken; retrain or restore the checkpoint")
-    kv_in = kv_oracle.to(torch_dtype(result.precision))
-    limits = dict.fromkeys(expected, max_abs_limit("fp32"))
-    if result.precision != "fp32":
+    kv_in = kv_oracle.to(get(result.precision).torch())
+    limits = dict.fromkeys(expected, max_abs_limit(REFERENCE))
+    if not is_reference(result.precision):
         own = _outputs(model_in_precision(oracle, result.precision, export_ops=False), history, cand_items, kv_in)
         limits = {name: max_abs_limit(result.precision, _max_abs(own[name], expected[name])) for name in own}
     out = {}

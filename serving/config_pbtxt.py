@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from astro_trt.contract import BATCH, CANDIDATES, ITEM_SCORER, KV_CACHE, USER_ENCODER, GraphIO, TensorSpec
+from astro_trt.precision import dtype as dtype_record
 
 # Model names in the repository.
 GATE = "astro_gate"  # Python: the input gate, passes the checked tensors on
@@ -32,8 +33,6 @@ CHECKED = "checked_"  # prefix of the gate's outputs
 # merge concurrent requests, short next to one scorer call.
 QUEUE_DELAY_US = 100
 
-_TRITON_DTYPE = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
-                 "bfloat16": "TYPE_BF16", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
 
 
 class Enum(str):
@@ -41,7 +40,8 @@ class Enum(str):
 
 
 def triton_dtype(dtype: str) -> Enum:
-    return Enum(_TRITON_DTYPE[dtype])
+    # "bytes" is Triton's variable-length string, which no engine tensor is.
+    return Enum("TYPE_STRING" if dtype == "bytes" else dtype_record(dtype).triton)
 
 
 def _scalar(value: Any) -> str:

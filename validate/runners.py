@@ -24,8 +24,9 @@ from astro_trt.config import ASTROConfig
 from astro_trt.contract import FULL_MODEL, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
 from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history, validate_kv_cache
 from astro_trt.errors import BackendError, BundleError, DataError
-from astro_trt.exporter.precision import model_in_precision, torch_dtype
+from astro_trt.exporter.precision import model_in_precision
 from astro_trt.model.astro import History
+from astro_trt.precision import get, is_reference
 from astro_trt.validate.stats import to_float32
 
 # ONNX Runtime threads: the bench and CI machines give us two cores.
@@ -69,11 +70,11 @@ class TorchRunner:
     runtime = "torch"
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32") -> None:
-        self.dtype = torch_dtype(precision)  # ConfigError naming the precisions for an unknown one
+        self.dtype = get(precision).torch()  # ConfigError naming the precisions for an unknown one
         self.precision = precision
         self.name = f"torch-{precision}"
         # The half copy is prepared exactly as the exporter prepares the graphs it traces.
-        self.model = model if precision == "fp32" else model_in_precision(model, precision, export_ops=False)
+        self.model = model if is_reference(precision) else model_in_precision(model, precision, export_ops=False)
         self.model.eval()
 
         self.cfg: ASTROConfig = self.model.cfg
