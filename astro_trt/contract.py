@@ -21,6 +21,16 @@ DYNAMIC_DIMS = (BATCH, CANDIDATES)
 # The registry in astro_trt/precision.py owns the precisions; this is its list of names.
 PRECISIONS = _precision.names()
 
+# How the astro attention operators reach a graph (docs/attention.md): one vocabulary for the
+# exporter's argument, the bundle's --attention and the manifest's attention.effective.
+PLUGIN = "plugin"  # custom op nodes (TensorRT plugins); each carries its reference body as an ONNX function
+NATIVE = "native"  # ONNX Attention (opset 23), TensorRT's fused IAttention
+REFERENCE_BODY = "reference"  # the plugin graph parsed without plugins: the function bodies inlined
+AUTO_LOWERING = "auto"  # the bundle picks: plugin where the back end has plugins, else native, else reference
+EXPORT_LOWERINGS = (PLUGIN, NATIVE)  # what the exporter writes
+LOWERINGS = (PLUGIN, NATIVE, REFERENCE_BODY)  # what the manifest records as effective
+ATTENTION_CHOICES = (AUTO_LOWERING, *EXPORT_LOWERINGS)  # what --attention of a bundle accepts
+
 USER_ENCODER = "user_encoder"
 ITEM_SCORER = "item_scorer"
 FULL_MODEL = "full_model"

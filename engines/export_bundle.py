@@ -147,7 +147,7 @@ def _export_precision(
                 say(f"{precision}/{graph}: build")
                 built = build_engine(
                     backend, result.paths[graph], io, profile, targets=targets, opt_level=opt_level,
-                    plugins=lowering.effective == "plugin", timing_cache=timing_cache,
+                    plugins=lowering.effective == contract.PLUGIN, timing_cache=timing_cache,
                     progress=lambda phase, g=graph: say(f"{precision}/{g}: {phase}"),
                 )
                 path = stage / engine_relpath(graph, precision)

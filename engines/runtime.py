@@ -17,7 +17,7 @@ from typing import Any
 
 from astro_trt import contract
 from astro_trt.contract import FULL_MODEL, ITEM_SCORER, KV_CACHE, USER_ENCODER
-from astro_trt.engines.backend import BACKENDS
+from astro_trt.engines.backend import BACKENDS, capturing_logger
 from astro_trt.engines.bundle import Bundle, load_bundle
 from astro_trt.engines.inputs import validate_candidates, validate_history
 from astro_trt.errors import BackendError, BundleError
@@ -96,9 +96,7 @@ class Session:
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
         trt = backend.load()
-        from astro_trt.engines.build import _make_logger
-
-        self._runtime = trt.Runtime(_make_logger(trt))
+        self._runtime = trt.Runtime(capturing_logger(trt))
         self.engines: dict[str, _Engine] = {}
         for graph in graphs:
             path = self.bundle.engine_path(graph, precision)

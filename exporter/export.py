@@ -62,7 +62,7 @@ def export_onnx(
     out_dir: Path,
     *,
     precision: str = "fp32",
-    attention: str = "plugin",
+    attention: str = contract.PLUGIN,
     graphs: Sequence[str] = contract.GRAPHS,
 ) -> ExportResult:
     """Write out_dir/<graph>.onnx for each of ``graphs``; all files appear, or none."""
@@ -77,7 +77,7 @@ def export_onnx(
 
     traced_model = model_in_precision(model, precision, export_ops=True)
     opset = TRACE_OPSET
-    if attention == "native":
+    if attention == contract.NATIVE:
         from astro_trt.exporter.native import NATIVE_OPSET, lower_native
 
         opset = NATIVE_OPSET
@@ -86,7 +86,7 @@ def export_onnx(
         staged, domains = {}, {}
         for name in graphs:
             proto = _export_graph(traced_model, name, io[name], staging)
-            if attention == "native":
+            if attention == contract.NATIVE:
                 proto = lower_native(proto)
             domains[name] = sorted({n.domain or "ai.onnx" for n in proto.graph.node})
             staged[name] = _save(proto, staging / f"{name}.onnx")

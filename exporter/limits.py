@@ -18,7 +18,7 @@ from astro_trt.errors import ExportError
 from astro_trt.precision import REGISTRY
 
 MAX_TENSOR_ELEMENTS = 2**31 - 1
-ATTENTIONS = ("plugin", "native")
+ATTENTIONS = contract.EXPORT_LOWERINGS
 
 
 def largest_attention_tensor(cfg: ASTROConfig) -> int:
