@@ -35,6 +35,7 @@ USER_ENCODER = "user_encoder"
 ITEM_SCORER = "item_scorer"
 FULL_MODEL = "full_model"
 GRAPHS = (USER_ENCODER, ITEM_SCORER, FULL_MODEL)
+LOGITS = "logits"
 
 KV_CACHE = "kv_cache"
 # The KV cache is one tensor, batch-major, so that one user's cache is one contiguous slice and
@@ -109,7 +110,7 @@ def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:
     """The I/O of the three graphs, in the positional order of their inputs."""
     hist = {t.name: t for t in history_inputs(cfg)}
     cand = TensorSpec("cand_items", "int64", (BATCH, CANDIDATES))
-    logits = TensorSpec("logits", "float32", (BATCH, CANDIDATES, cfg.num_tasks))
+    logits = TensorSpec(LOGITS, "float32", (BATCH, CANDIDATES, cfg.num_tasks))
     kv = TensorSpec(KV_CACHE, float_dtype(precision), kv_cache_shape(cfg))
     encoder_names = ["hist_items", "hist_behaviors"]
     if cfg.num_layers > 1:
@@ -122,6 +123,26 @@ def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:
         ITEM_SCORER: GraphIO(ITEM_SCORER, (kv, *(hist[n] for n in SCORER_HISTORY_INPUTS), cand), (logits,)),
         FULL_MODEL: GraphIO(FULL_MODEL, (*hist.values(), cand), (logits,)),
     }
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph of a bundle, as every stage sees it: its I/O is ``graph_io(cfg, precision)[name]``,
+    the exporter's builder is ``exporter.graphs.WRAPPERS[name]``, and the runners (validate/runners.py)
+    and the runtime (engines/runtime.py) run it through their method ``call``."""
+
+    name: str
+    call: str  # encode(history) | score(state, history, candidates) | full(history, candidates)
+    output: str  # its one output tensor
+    split: bool  # part of the encoder + scorer pair a service runs (the full model is the baseline)
+
+
+GRAPH_SPECS: dict[str, GraphSpec] = {s.name: s for s in (
+    GraphSpec(USER_ENCODER, "encode", KV_CACHE, split=True),
+    GraphSpec(ITEM_SCORER, "score", LOGITS, split=True),
+    GraphSpec(FULL_MODEL, "full", LOGITS, split=False),
+)}
+SPLIT_GRAPHS = tuple(g for g in GRAPHS if GRAPH_SPECS[g].split)
 
 
 @dataclass(frozen=True)

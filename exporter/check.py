@@ -83,18 +83,18 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def feeds(io: GraphIO, history: History, cand_items: torch.Tensor, kv_cache: torch.Tensor | None = None):
     """Inputs of one contract graph from a request (and, for the scorer, a kv_cache)."""
-    by_name = dict(zip(contract.HISTORY_INPUTS, history.astuple(), strict=True))
-    by_name.update(cand_items=cand_items, **{contract.KV_CACHE: kv_cache})
+    from astro_trt.exporter.graphs import named_tensors
+
+    by_name = named_tensors(history, cand_items, kv_cache)
     return {name: to_numpy(by_name[name]) for name in io.input_names}
 
 
 def _outputs(model: ASTRO, history: History, cand_items: torch.Tensor, kv_in: torch.Tensor) -> dict[str, torch.Tensor]:
+    from astro_trt.exporter.graphs import named_tensors, run
+
+    tensors = named_tensors(history, cand_items, kv_in)
     with torch.no_grad():
-        return {
-            contract.USER_ENCODER: model.encode_user(history).float(),
-            contract.ITEM_SCORER: model.score(kv_in, history, cand_items).float(),
-            contract.FULL_MODEL: model.full(history, cand_items).float(),
-        }
+        return {name: run(model, name, tensors).float() for name in contract.GRAPHS}
 
 
 def _max_abs(a: np.ndarray | torch.Tensor, b: torch.Tensor) -> float:
