@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from astro_trt.contract import BATCH, CANDIDATES, ITEM_SCORER, KV_CACHE, USER_ENCODER, GraphIO, TensorSpec
+from astro_trt.contract import BATCH, CANDIDATES, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER, GraphIO, TensorSpec
 from astro_trt.precision import dtype as dtype_record
 
 # Model names in the repository.
@@ -118,7 +118,7 @@ def request_tensors(io: Mapping[str, GraphIO]) -> list[TensorSpec]:
     """What one scoring request carries: every history input either graph reads, then the
     candidates (the kv_cache is never a request tensor)."""
     seen: dict[str, TensorSpec] = {}
-    for graph in (USER_ENCODER, ITEM_SCORER):
+    for graph in SPLIT_GRAPHS:
         for t in io[graph].inputs:
             if t.name != KV_CACHE and t.name != "cand_items":
                 seen.setdefault(t.name, t)
@@ -132,7 +132,7 @@ def gate_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: 
     return render({
         "name": GATE,
         "backend": "python",
-        "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
+        "max_batch_size": max_batch(profiles, *SPLIT_GRAPHS),
         "input": [tensor(t) for t in request],
         "output": [tensor(t, CHECKED + t.name) for t in request],
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
@@ -162,7 +162,7 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
     return render({
         "name": ENSEMBLE + suffix,
         "platform": "ensemble",
-        "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
+        "max_batch_size": max_batch(profiles, *SPLIT_GRAPHS),
         "input": [tensor(t, reshape=False) for t in request],
         "output": [tensor(t, reshape=False) for t in scorer.outputs],
         "ensemble_scheduling": {"step": steps},
@@ -178,7 +178,7 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
     return render({
         "name": RECOMMEND,
         "backend": "python",
-        "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
+        "max_batch_size": max_batch(profiles, *SPLIT_GRAPHS),
         "input": [tensor(key), *(tensor(t) for t in request)],
         "output": [*(tensor(t) for t in io[ITEM_SCORER].outputs), tensor(encoded)],
         # One instance: the cache lives in the instance, so a second one would encode users twice.

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from astro_trt.choices import comma_list
-from astro_trt.contract import ITEM_SCORER, KV_CACHE, PRECISIONS, USER_ENCODER
+from astro_trt.contract import ITEM_SCORER, KV_CACHE, PRECISIONS, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.errors import BundleError, DataError
 from astro_trt.precision import REFERENCE, REGISTRY, get, is_reference
 
@@ -329,7 +329,7 @@ def bisect_bundle(
         with tempfile.TemporaryDirectory(prefix="astro-bisect-") as tmp:
             got, where = {}, {}
             feeds = gate(cfg, batch.history, batch.cand_items)  # the same input gate as every runner
-            for graph in (USER_ENCODER, ITEM_SCORER):
+            for graph in SPLIT_GRAPHS:
                 stages_here = [s for s in plan if s.graph == graph]
                 marked = Path(tmp) / f"{graph}.onnx"
                 tensors = marked_graph(bundle.onnx_path(graph, precision), stages_here, marked)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import FULL_MODEL, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
+from astro_trt.contract import FULL_MODEL, GRAPHS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
 from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history, validate_kv_cache
 from astro_trt.errors import BackendError, BundleError, DataError
 from astro_trt.exporter.precision import model_in_precision
@@ -115,7 +115,7 @@ class OrtRunner:
 
     def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS,
                  profile_dir: Path | None = None, *, profiles: Mapping[str, Ranges] | None = None):
-        missing = [g for g in (USER_ENCODER, ITEM_SCORER, FULL_MODEL) if g not in graphs]
+        missing = [g for g in GRAPHS if g not in graphs]
         if missing:
             raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
         self.precision = precision
