@@ -47,7 +47,7 @@ def export_bundle(
     *,
     precisions: str | Sequence[str] = ("fp32", "fp16"),
     backend: str = "auto",
-    attention: str = "auto",
+    attention: str = contract.AUTO_LOWERING,
     targets: str | Sequence[str] = "portable",
     max_batch: int = 8,
     max_candidates: int = 1024,
