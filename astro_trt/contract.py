@@ -10,23 +10,32 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from astro_trt import precision as _precision
 from astro_trt.config import ASTROConfig
-from astro_trt.errors import ConfigError
 
 # Symbolic (dynamic) dimensions. Everything else is fixed by the model config.
 BATCH = "batch"
 CANDIDATES = "candidates"
 DYNAMIC_DIMS = (BATCH, CANDIDATES)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-# dtype of the floating tensors that cross an engine boundary for each precision. Logits are
-# always float32: a service compares and sorts them, and the cast is free next to the model.
-_FLOAT_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# The registry in astro_trt/precision.py owns the precisions; this is its list of names.
+PRECISIONS = _precision.names()
+
+# How the astro attention operators reach a graph (docs/attention.md): one vocabulary for the
+# exporter's argument, the bundle's --attention and the manifest's attention.effective.
+PLUGIN = "plugin"  # custom op nodes (TensorRT plugins); each carries its reference body as an ONNX function
+NATIVE = "native"  # ONNX Attention (opset 23), TensorRT's fused IAttention
+REFERENCE_BODY = "reference"  # the plugin graph parsed without plugins: the function bodies inlined
+AUTO_LOWERING = "auto"  # the bundle picks: plugin where the back end has plugins, else native, else reference
+EXPORT_LOWERINGS = (PLUGIN, NATIVE)  # what the exporter writes
+LOWERINGS = (PLUGIN, NATIVE, REFERENCE_BODY)  # what the manifest records as effective
+ATTENTION_CHOICES = (AUTO_LOWERING, *EXPORT_LOWERINGS)  # what --attention of a bundle accepts
 
 USER_ENCODER = "user_encoder"
 ITEM_SCORER = "item_scorer"
 FULL_MODEL = "full_model"
 GRAPHS = (USER_ENCODER, ITEM_SCORER, FULL_MODEL)
+LOGITS = "logits"
 
 KV_CACHE = "kv_cache"
 # The KV cache is one tensor, batch-major, so that one user's cache is one contiguous slice and
@@ -82,10 +91,9 @@ class GraphIO:
 
 
 def float_dtype(precision: str) -> str:
-    try:
-        return _FLOAT_DTYPE[precision]
-    except KeyError:
-        raise ConfigError(f"unknown precision '{precision}'; choose one of {list(PRECISIONS)}") from None
+    """dtype of the floating tensors that cross an engine boundary in ``precision``. Logits are
+    always float32: a service compares and sorts them, and the cast is free next to the model."""
+    return _precision.get(precision).dtype.name
 
 
 def kv_cache_shape(cfg: ASTROConfig) -> tuple[int | str, ...]:
@@ -102,7 +110,7 @@ def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:
     """The I/O of the three graphs, in the positional order of their inputs."""
     hist = {t.name: t for t in history_inputs(cfg)}
     cand = TensorSpec("cand_items", "int64", (BATCH, CANDIDATES))
-    logits = TensorSpec("logits", "float32", (BATCH, CANDIDATES, cfg.num_tasks))
+    logits = TensorSpec(LOGITS, "float32", (BATCH, CANDIDATES, cfg.num_tasks))
     kv = TensorSpec(KV_CACHE, float_dtype(precision), kv_cache_shape(cfg))
     encoder_names = ["hist_items", "hist_behaviors"]
     if cfg.num_layers > 1:
@@ -115,6 +123,26 @@ def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:
         ITEM_SCORER: GraphIO(ITEM_SCORER, (kv, *(hist[n] for n in SCORER_HISTORY_INPUTS), cand), (logits,)),
         FULL_MODEL: GraphIO(FULL_MODEL, (*hist.values(), cand), (logits,)),
     }
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph of a bundle, as every stage sees it: its I/O is ``graph_io(cfg, precision)[name]``,
+    the exporter's builder is ``exporter.graphs.WRAPPERS[name]``, and the runners (validate/runners.py)
+    and the runtime (engines/runtime.py) run it through their method ``call``."""
+
+    name: str
+    call: str  # encode(history) | score(state, history, candidates) | full(history, candidates)
+    output: str  # its one output tensor
+    split: bool  # part of the encoder + scorer pair a service runs (the full model is the baseline)
+
+
+GRAPH_SPECS: dict[str, GraphSpec] = {s.name: s for s in (
+    GraphSpec(USER_ENCODER, "encode", KV_CACHE, split=True),
+    GraphSpec(ITEM_SCORER, "score", LOGITS, split=True),
+    GraphSpec(FULL_MODEL, "full", LOGITS, split=False),
+)}
+SPLIT_GRAPHS = tuple(g for g in GRAPHS if GRAPH_SPECS[g].split)
 
 
 @dataclass(frozen=True)
@@ -135,11 +163,8 @@ class KVCacheLayout:
         return out
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "bool": 1}
-
-
 def dtype_bytes(dtype: str) -> int:
-    return _DTYPE_BYTES[dtype]
+    return _precision.dtype(dtype).bytes
 
 
 def kv_cache_layout(cfg: ASTROConfig, precision: str) -> KVCacheLayout:

@@ -22,7 +22,6 @@ from astro_trt.errors import BundleError
 FORMAT = "astro-trt-bundle"
 FORMAT_VERSION = 1
 FIX = "re-export the bundle with `astro-trt export`"
-ATTENTION_EFFECTIVE = ("plugin", "native", "reference")
 # The dynamic axes each graph's profile needs (the encoder takes no candidates).
 PROFILE_AXES = {USER_ENCODER: (BATCH,), ITEM_SCORER: (BATCH, CANDIDATES), FULL_MODEL: (BATCH, CANDIDATES)}
 MAX_DIM = 2**31 - 1  # a profile bound beyond this is no engine's
@@ -120,7 +119,7 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     attention = s.obj(s.key(m, "attention", ""), "attention")
     effective = s.obj(s.key(attention, "effective", "attention"), "attention.effective")
     for p in precisions:
-        s.text(s.key(effective, p, "attention.effective"), f"attention.effective.{p}", ATTENTION_EFFECTIVE)
+        s.text(s.key(effective, p, "attention.effective"), f"attention.effective.{p}", contract.LOWERINGS)
     _profile(s, s.key(m, "profile", ""))
     files = s.obj(s.key(m, "files", ""), "files")
     for rel, digest in files.items():

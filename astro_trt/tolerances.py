@@ -3,6 +3,8 @@ exporter's own check and, as the defaults of its gates, by the parity report."""
 
 from __future__ import annotations
 
+from astro_trt.precision import get
+
 # fp32: the same float32 arithmetic in another order (matmul blocking, fused softmax). Seen
 # errors are ~1e-6 on logits of magnitude ~1, so 1e-4 leaves 100x headroom and still catches any
 # real difference (a wrong weight, mask or bucket moves logits by > 1e-2).
@@ -15,7 +17,6 @@ HALF_ERROR_RATIO = 2.0
 # PyTorch's error is one sample of rounding; where it rounds luckily, a runtime with a different
 # but equally valid summation order lands a couple of ulps of a logit ~1 away.
 HALF_FLOOR_ULPS = 2.0
-HALF_EPS = {"fp16": 2.0**-10, "bf16": 2.0**-7}
 
 
 def max_abs_limit(
@@ -28,8 +29,9 @@ def max_abs_limit(
 ) -> float:
     """Max abs error allowed against the oracle in ``precision``; ``torch_error`` is PyTorch's own
     max abs error in that precision (needed for fp16/bf16 only)."""
-    if precision == "fp32":
+    record = get(precision)
+    if record.reference:
         return fp32_max_abs
     if torch_error is None:
         raise ValueError(f"the {precision} limit needs PyTorch's own {precision} error")
-    return ratio * torch_error + floor_ulps * HALF_EPS[precision]
+    return ratio * torch_error + floor_ulps * record.eps

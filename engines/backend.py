@@ -13,10 +13,10 @@ import importlib.util
 from dataclasses import dataclass, fields
 from functools import cached_property
 from types import ModuleType
+from typing import Any
 
 from astro_trt.errors import BackendError
 
-BACKEND_CHOICES = ("auto", "tensorrt", "tensorrt-rtx")
 # "portable": no compute-capability call, the back end's default multi-GPU plan.
 PORTABLE = "portable"
 _IDENTITY_FIELDS = ("name", "module_name", "install_hint")
@@ -121,12 +121,33 @@ TENSORRT_RTX = Backend(
 )
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (TENSORRT, TENSORRT_RTX)}
+AUTO = "auto"  # the first importable back end, in BACKENDS order
+BACKEND_CHOICES = (AUTO, *BACKENDS)
 
 
-def resolve_backend(choice: str = "auto") -> Backend:
+def capturing_logger(trt: ModuleType) -> Any:
+    """A logger that keeps warnings and errors for the error message instead of printing them
+    over the progress display."""
+
+    class CapturingLogger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.messages: list[str] = []
+            self.errors: list[str] = []
+
+        def log(self, severity: Any, msg: str) -> None:
+            if int(severity) <= int(trt.ILogger.Severity.WARNING):
+                self.messages.append(msg)
+            if int(severity) <= int(trt.ILogger.Severity.ERROR):
+                self.errors.append(msg)
+
+    return CapturingLogger()
+
+
+def resolve_backend(choice: str = AUTO) -> Backend:
     """--backend value -> Backend. 'auto' takes the first importable (full TensorRT first: it can
     run the plugins); a named back end that is missing fails here, before any work is done."""
-    if choice == "auto":
+    if choice == AUTO:
         for backend in BACKENDS.values():
             if backend.is_available():
                 return backend
@@ -142,4 +163,7 @@ def resolve_backend(choice: str = "auto") -> Backend:
     return backend
 
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "PORTABLE", "Backend", "TENSORRT", "TENSORRT_RTX", "resolve_backend"]
+__all__ = [
+    "AUTO", "BACKENDS", "BACKEND_CHOICES", "PORTABLE", "Backend", "TENSORRT", "TENSORRT_RTX", "capturing_logger",
+    "resolve_backend",
+]

@@ -16,14 +16,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from astro_trt.contract import BATCH, CANDIDATES, GraphIO
-from astro_trt.engines.backend import PORTABLE, Backend
+from astro_trt.contract import (
+    ATTENTION_CHOICES,
+    BATCH,
+    CANDIDATES,
+    LOWERINGS,
+    NATIVE,
+    PLUGIN,
+    REFERENCE_BODY,
+    GraphIO,
+)
+from astro_trt.engines.backend import PORTABLE, Backend, capturing_logger
 from astro_trt.errors import BackendError, ConfigError, ExportError
+from astro_trt.precision import by_trt, is_reference
 
-ATTENTION_CHOICES = ("auto", "plugin", "native")
-# Effective lowerings recorded in the manifest. "reference" is the custom op's ONNX function body
-# (the reference decomposition in standard ops), which a parser without plugins inlines.
-LOWERINGS = ("plugin", "native", "reference")
 OPT_LEVELS = range(0, 6)
 
 ProgressCallback = Callable[[str], None]
@@ -91,21 +97,21 @@ def attention_candidates(backend: Backend | None, requested: str, precision: str
     if requested not in ATTENTION_CHOICES:
         raise ConfigError(f"unknown --attention '{requested}'; choose one of {list(ATTENTION_CHOICES)}")
     plugins = backend is not None and backend.supports_plugins
-    if requested == "plugin":
+    if requested == PLUGIN:
         if backend is not None and not backend.supports_plugins:
             raise BackendError(
                 f"--attention plugin needs custom TensorRT plugins, which back end '{backend.name}' cannot load; "
                 "use --attention native (fused ONNX Attention) or --attention auto (native, else the reference "
                 "decomposition), or --backend tensorrt on a machine with full TensorRT"
             )
-        return [Lowering("plugin", "plugin")]
-    if requested == "native":
-        return [Lowering("native", "native")]
+        return [Lowering(PLUGIN, PLUGIN)]
+    if requested == NATIVE:
+        return [Lowering(NATIVE, NATIVE)]
     if plugins:
-        return [Lowering("plugin", "plugin")]
-    if precision == "fp32":
-        return [Lowering("reference", "plugin")]
-    return [Lowering("native", "native"), Lowering("reference", "plugin")]
+        return [Lowering(PLUGIN, PLUGIN)]
+    if is_reference(precision):
+        return [Lowering(REFERENCE_BODY, PLUGIN)]
+    return [Lowering(NATIVE, NATIVE), Lowering(REFERENCE_BODY, PLUGIN)]
 
 
 def _register_plugins(trt: Any) -> None:
@@ -131,25 +137,6 @@ class BuiltEngine:
     warnings: list[str] = field(default_factory=list)
 
 
-def _make_logger(trt: Any) -> Any:
-    """A logger that keeps warnings and errors for the error message instead of printing them
-    over the progress display."""
-
-    class CapturingLogger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[str] = []
-            self.errors: list[str] = []
-
-        def log(self, severity: Any, msg: str) -> None:
-            if int(severity) <= int(trt.ILogger.Severity.WARNING):
-                self.messages.append(msg)
-            if int(severity) <= int(trt.ILogger.Severity.ERROR):
-                self.errors.append(msg)
-
-    return CapturingLogger()
-
-
 def _make_monitor(trt: Any, progress: ProgressCallback) -> Any:
     class Monitor(trt.IProgressMonitor):
         def __init__(self) -> None:
@@ -169,9 +156,8 @@ def _make_monitor(trt: Any, progress: ProgressCallback) -> Any:
 
 def dtype_name(trt_dtype: Any) -> str:
     """tensorrt DataType -> the contract's numpy-style dtype name."""
-    names = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT64": "int64", "INT32": "int32",
-             "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
-    return names.get(trt_dtype.name, trt_dtype.name.lower())
+    known = by_trt(trt_dtype.name)
+    return known.name if known else trt_dtype.name.lower()
 
 
 def _network_io(network: Any, shapes: dict[str, tuple]) -> list[dict[str, Any]]:
@@ -192,7 +178,7 @@ def read_engine_io(backend: Backend, plan: bytes) -> list[dict[str, Any]] | None
     """I/O read back from the deserialized plan, or None when this machine cannot deserialize it
     (TensorRT-RTX needs a GPU for that)."""
     trt = backend.load()
-    runtime = trt.Runtime(_make_logger(trt))
+    runtime = trt.Runtime(capturing_logger(trt))
     try:
         engine = runtime.deserialize_cuda_engine(plan)
     except Exception:  # a missing driver surfaces as an exception on some versions
@@ -261,7 +247,7 @@ def build_engine(
         if not backend.supports_plugins:
             raise BackendError(f"back end '{backend.name}' cannot load custom plugins; use --attention native or auto")
         _register_plugins(trt)
-    logger = _make_logger(trt)
+    logger = capturing_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(backend.network_flags())
     parser = trt.OnnxParser(network, logger)

@@ -47,7 +47,7 @@ def export_bundle(
     *,
     precisions: str | Sequence[str] = ("fp32", "fp16"),
     backend: str = "auto",
-    attention: str = "auto",
+    attention: str = contract.AUTO_LOWERING,
     targets: str | Sequence[str] = "portable",
     max_batch: int = 8,
     max_candidates: int = 1024,
@@ -142,7 +142,7 @@ def _export_precision(
                 say(f"{precision}/{graph}: build")
                 built = build_engine(
                     backend, result.paths[graph], io, profile, targets=targets, opt_level=opt_level,
-                    plugins=lowering.effective == "plugin", timing_cache=timing_cache,
+                    plugins=lowering.effective == contract.PLUGIN, timing_cache=timing_cache,
                     progress=lambda phase, g=graph: say(f"{precision}/{g}: {phase}"),
                 )
                 path = stage / engine_relpath(graph, precision)

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from astro_trt import contract
-from astro_trt.contract import FULL_MODEL, ITEM_SCORER, KV_CACHE, USER_ENCODER
-from astro_trt.engines.backend import BACKENDS
+from astro_trt.contract import FULL_MODEL, ITEM_SCORER, KV_CACHE, LOGITS, USER_ENCODER
+from astro_trt.engines.backend import BACKENDS, capturing_logger
 from astro_trt.engines.bundle import Bundle, load_bundle
 from astro_trt.engines.inputs import validate_candidates, validate_history
 from astro_trt.errors import BackendError, BundleError
+from astro_trt.precision import dtype
 
 
 @dataclass
@@ -96,9 +97,7 @@ class Session:
         self.device = torch.device(device)
         self.stream = torch.cuda.Stream(self.device)
         trt = backend.load()
-        from astro_trt.engines.build import _make_logger
-
-        self._runtime = trt.Runtime(_make_logger(trt))
+        self._runtime = trt.Runtime(capturing_logger(trt))
         self.engines: dict[str, _Engine] = {}
         for graph in graphs:
             path = self.bundle.engine_path(graph, precision)
@@ -115,8 +114,7 @@ class Session:
         import torch
 
         spec = self.io[graph].tensor(name)
-        # The contract's numpy-style dtype names (float32, float16, bfloat16, int64) are torch's too.
-        return torch.empty(spec.concrete(dims), dtype=getattr(torch, spec.dtype), device=self.device)
+        return torch.empty(spec.concrete(dims), dtype=dtype(spec.dtype).torch(), device=self.device)
 
     def encode(self, history: Any) -> UserState:
         """History (model/astro.py History or a mapping of contract names) -> UserState on the device."""
@@ -140,8 +138,8 @@ class Session:
         dims = {contract.BATCH: state.batch, contract.CANDIDATES: cand.shape[1]}
         with torch.cuda.stream(self.stream):
             inputs = {KV_CACHE: state.kv_cache, **state.history, "cand_items": self._to_device({"c": cand})["c"]}
-            logits = self._output(ITEM_SCORER, "logits", dims)
-            self.engines[ITEM_SCORER].run(inputs, {"logits": logits}, self.stream)
+            logits = self._output(ITEM_SCORER, LOGITS, dims)
+            self.engines[ITEM_SCORER].run(inputs, {LOGITS: logits}, self.stream)
         self.stream.synchronize()
         return logits
 
@@ -155,8 +153,8 @@ class Session:
         dims = {contract.BATCH: batch, contract.CANDIDATES: arrays["cand_items"].shape[1]}
         with torch.cuda.stream(self.stream):
             dev = self._to_device(arrays)
-            logits = self._output(FULL_MODEL, "logits", dims)
-            self.engines[FULL_MODEL].run({n: dev[n] for n in self.io[FULL_MODEL].input_names}, {"logits": logits},
+            logits = self._output(FULL_MODEL, LOGITS, dims)
+            self.engines[FULL_MODEL].run({n: dev[n] for n in self.io[FULL_MODEL].input_names}, {LOGITS: logits},
                                          self.stream)
         self.stream.synchronize()
         return logits

@@ -19,6 +19,7 @@ from astro_trt import contract
 from astro_trt.contract import GraphIO
 from astro_trt.errors import ExportError
 from astro_trt.model.astro import ASTRO, History
+from astro_trt.precision import REFERENCE, get, is_reference
 from astro_trt.tolerances import max_abs_limit
 
 
@@ -82,18 +83,18 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def feeds(io: GraphIO, history: History, cand_items: torch.Tensor, kv_cache: torch.Tensor | None = None):
     """Inputs of one contract graph from a request (and, for the scorer, a kv_cache)."""
-    by_name = dict(zip(contract.HISTORY_INPUTS, history.astuple(), strict=True))
-    by_name.update(cand_items=cand_items, **{contract.KV_CACHE: kv_cache})
+    from astro_trt.exporter.graphs import named_tensors
+
+    by_name = named_tensors(history, cand_items, kv_cache)
     return {name: to_numpy(by_name[name]) for name in io.input_names}
 
 
 def _outputs(model: ASTRO, history: History, cand_items: torch.Tensor, kv_in: torch.Tensor) -> dict[str, torch.Tensor]:
+    from astro_trt.exporter.graphs import named_tensors, run
+
+    tensors = named_tensors(history, cand_items, kv_in)
     with torch.no_grad():
-        return {
-            contract.USER_ENCODER: model.encode_user(history).float(),
-            contract.ITEM_SCORER: model.score(kv_in, history, cand_items).float(),
-            contract.FULL_MODEL: model.full(history, cand_items).float(),
-        }
+        return {name: run(model, name, tensors).float() for name in contract.GRAPHS}
 
 
 def _max_abs(a: np.ndarray | torch.Tensor, b: torch.Tensor) -> float:
@@ -134,7 +135,7 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
 
     The scorer is fed the oracle's cache in the graph's dtype, so its error is its own.
     """
-    from astro_trt.exporter.precision import model_in_precision, torch_dtype
+    from astro_trt.exporter.precision import model_in_precision
 
     oracle = copy.deepcopy(model).float().eval()
     with torch.no_grad():
@@ -144,9 +145,9 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
     if broken:
         raise ExportError(f"the PyTorch model itself outputs NaN/inf ({', '.join(broken)}), so no graph can match it: "
                           "the checkpoint's weights are broken; retrain or restore the checkpoint")
-    kv_in = kv_oracle.to(torch_dtype(result.precision))
-    limits = dict.fromkeys(expected, max_abs_limit("fp32"))
-    if result.precision != "fp32":
+    kv_in = kv_oracle.to(get(result.precision).torch())
+    limits = dict.fromkeys(expected, max_abs_limit(REFERENCE))
+    if not is_reference(result.precision):
         own = _outputs(model_in_precision(oracle, result.precision, export_ops=False), history, cand_items, kv_in)
         limits = {name: max_abs_limit(result.precision, _max_abs(own[name], expected[name])) for name in own}
     out = {}

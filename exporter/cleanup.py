@@ -7,13 +7,7 @@ import onnx
 
 from astro_trt.contract import GraphIO
 from astro_trt.errors import ExportError
-
-ONNX_DTYPE = {
-    "float32": onnx.TensorProto.FLOAT,
-    "float16": onnx.TensorProto.FLOAT16,
-    "bfloat16": onnx.TensorProto.BFLOAT16,
-    "int64": onnx.TensorProto.INT64,
-}
+from astro_trt.precision import dtype
 
 
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -58,5 +52,5 @@ def pin_io(model: onnx.ModelProto, io: GraphIO) -> None:
                           "entry point and astro_trt.contract.graph_io disagree, fix one of them")
     for value in list(model.graph.input) + list(model.graph.output):
         spec = by_name[value.name]
-        elem = ONNX_DTYPE[spec.dtype]
+        elem = dtype(spec.dtype).onnx_type()
         value.CopyFrom(helper.make_tensor_value_info(spec.name, elem, list(spec.shape)))

@@ -62,7 +62,7 @@ def export_onnx(
     out_dir: Path,
     *,
     precision: str = "fp32",
-    attention: str = "plugin",
+    attention: str = contract.PLUGIN,
     graphs: Sequence[str] = contract.GRAPHS,
 ) -> ExportResult:
     """Write out_dir/<graph>.onnx for each of ``graphs``; all files appear, or none."""
@@ -77,7 +77,7 @@ def export_onnx(
 
     traced_model = model_in_precision(model, precision, export_ops=True)
     opset = TRACE_OPSET
-    if attention == "native":
+    if attention == contract.NATIVE:
         from astro_trt.exporter.native import NATIVE_OPSET, lower_native
 
         opset = NATIVE_OPSET
@@ -86,7 +86,7 @@ def export_onnx(
         staged, domains = {}, {}
         for name in graphs:
             proto = _export_graph(traced_model, name, io[name], staging)
-            if attention == "native":
+            if attention == contract.NATIVE:
                 proto = lower_native(proto)
             domains[name] = sorted({n.domain or "ai.onnx" for n in proto.graph.node})
             staged[name] = _save(proto, staging / f"{name}.onnx")
@@ -123,13 +123,14 @@ def example_inputs(model: ASTRO, name: str, batch: int = 2, candidates: int = 3)
     scenario = torch.randint(0, cfg.num_scenarios, (batch,), generator=gen)
     request_time = torch.full((batch,), 1_600_000_000 + length * 3600)
     cand = torch.randint(1, cfg.num_items + 1, (batch, candidates), generator=gen)
-    if name == contract.USER_ENCODER:
-        return items, behaviors, times, lengths, scenario
-    if name == contract.FULL_MODEL:
-        return items, behaviors, times, lengths, scenario, request_time, cand
-    with torch.no_grad():
-        kv = model.encode_user(History(items, behaviors, times, lengths, scenario, request_time))
-    return kv, lengths, times, scenario, request_time, cand
+    from astro_trt.exporter.graphs import named_tensors, run, wrapper_inputs
+
+    tensors = named_tensors(History(items, behaviors, times, lengths, scenario, request_time), cand)
+    wanted = wrapper_inputs(name)
+    if contract.KV_CACHE in wanted:
+        with torch.no_grad():
+            tensors[contract.KV_CACHE] = run(model, contract.USER_ENCODER, tensors)
+    return tuple(tensors[n] for n in wanted)
 
 
 def _export_graph(model: ASTRO, name: str, io: GraphIO, staging: Path):

@@ -171,7 +171,8 @@ def attention_functions() -> list[onnx.FunctionProto]:
     helpers = [(ONNX_DOMAIN, _time_bias.name)]
     holder = onnx.helper.make_model(
         onnx.helper.make_graph([], "holder", [], []),
-        opset_imports=[onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid(ONNX_DOMAIN, ONNX_OPSET_VERSION)],
+        opset_imports=[onnx.helper.make_opsetid("", op.version),
+                       onnx.helper.make_opsetid(ONNX_DOMAIN, ONNX_OPSET_VERSION)],
         functions=function_protos(),
     )
     inlined = onnx.inliner.inline_selected_functions(holder, helpers, exclude=False)

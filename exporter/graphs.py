@@ -1,8 +1,12 @@
 """nn.Module wrappers that give each graph a forward taking the contract's inputs positionally
 (astro_trt.contract.graph_io order) and returning its outputs, so that tracing one wrapper
-yields exactly one contract graph."""
+yields exactly one contract graph. The same wrapper is the PyTorch oracle of its graph
+(``run``), so the exporter traces and the checks compare one definition per graph."""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -51,3 +55,22 @@ WRAPPERS: dict[str, type[nn.Module]] = {
     contract.ITEM_SCORER: ItemScorerGraph,
     contract.FULL_MODEL: FullModelGraph,
 }
+
+
+def wrapper_inputs(name: str) -> tuple[str, ...]:
+    """The contract tensor names the wrapper of graph ``name`` takes, in order. A superset of the
+    graph's inputs where the traced graph drops unused ones (a one-layer encoder reads ids only)."""
+    return tuple(inspect.signature(WRAPPERS[name].forward).parameters)[1:]
+
+
+def named_tensors(history: History, cand_items: torch.Tensor | None = None,
+                  kv_cache: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A request's tensors (and a kv_cache) under their contract names."""
+    tensors = dict(zip(contract.HISTORY_INPUTS, history.astuple(), strict=True))
+    tensors.update(cand_items=cand_items, **{contract.KV_CACHE: kv_cache})
+    return tensors
+
+
+def run(model: ASTRO, name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Graph ``name`` computed by the PyTorch ``model`` from contract-named tensors."""
+    return WRAPPERS[name](model)(*(tensors[n] for n in wrapper_inputs(name)))

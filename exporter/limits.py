@@ -15,9 +15,10 @@ from collections.abc import Sequence
 from astro_trt import contract
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ExportError
+from astro_trt.precision import REGISTRY
 
 MAX_TENSOR_ELEMENTS = 2**31 - 1
-ATTENTIONS = ("plugin", "native")
+ATTENTIONS = contract.EXPORT_LOWERINGS
 
 
 def largest_attention_tensor(cfg: ASTROConfig) -> int:
@@ -28,8 +29,8 @@ def largest_attention_tensor(cfg: ASTROConfig) -> int:
 
 def check_export_request(cfg: ASTROConfig, precision: str, attention: str, graphs: Sequence[str]) -> None:
     """Raise ExportError naming the first limit or option the request breaks."""
-    if precision not in contract.PRECISIONS:
-        raise ExportError(f"unknown precision '{precision}'; choose one of {list(contract.PRECISIONS)}")
+    if precision not in REGISTRY:
+        raise ExportError(f"unknown precision '{precision}'; choose one of {list(REGISTRY)}")
     if attention not in ATTENTIONS:
         raise ExportError(f"unknown attention lowering '{attention}'; choose one of {list(ATTENTIONS)}")
     unknown = [g for g in graphs if g not in contract.GRAPHS]

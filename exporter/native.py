@@ -22,7 +22,7 @@ from onnxscript.values import Opset
 from astro_trt.exporter.functions import time_bias_function
 from astro_trt.plugins.names import CANDIDATE_ONNX_OP, MSA_ONNX_OP, ONNX_DOMAIN, ONNX_OPSET_VERSION
 
-NATIVE_OPSET = 23
+NATIVE_OPSET = op.version  # the onnxscript opset the Attention bodies are written in
 astro = Opset(ONNX_DOMAIN, ONNX_OPSET_VERSION)
 
 

@@ -14,15 +14,9 @@ import types
 import torch
 import torch.nn.functional as F
 
-from astro_trt import contract
 from astro_trt.exporter.custom_ops import ExportOps
 from astro_trt.model.astro import ASTRO, BlockLayer
-
-TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def torch_dtype(precision: str) -> torch.dtype:
-    return TORCH_DTYPE[contract.float_dtype(precision)]
+from astro_trt.precision import get
 
 
 def model_in_precision(model: ASTRO, precision: str, *, export_ops: bool) -> ASTRO:
@@ -30,7 +24,7 @@ def model_in_precision(model: ASTRO, precision: str, *, export_ops: bool) -> AST
     ``export_ops`` routes attention through the astro custom ops (for tracing)."""
     out = copy.deepcopy(model).eval()
     _freeze_temperatures(out)
-    out = out.to(torch_dtype(precision))
+    out = out.to(get(precision).torch())
     if export_ops:
         out.ops = ExportOps()
     return out

@@ -26,6 +26,7 @@ from astro_trt.artifacts import sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import CheckpointError, ConfigError
 from astro_trt.model.astro import ASTRO
+from astro_trt.precision import by_torch
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -331,8 +332,11 @@ def _sniff(prefix: bytes) -> str:
 
 
 def _header_of(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
-    dtype = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
-    return {name: {"dtype": dtype.get(t.dtype, str(t.dtype)), "shape": list(t.shape)} for name, t in tensors.items()}
+    def label(t: torch.Tensor) -> str:
+        known = by_torch(t.dtype)
+        return known.safetensors if known else str(t.dtype)
+
+    return {name: {"dtype": label(t), "shape": list(t.shape)} for name, t in tensors.items()}
 
 
 # ---------------------------------------------------------------------------- config agreement

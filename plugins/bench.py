@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 from astro_trt.config import preset
 from astro_trt.errors import BackendError
+from astro_trt.precision import get
 
 # name fragment -> (dense fp16/bf16 tensor-core FLOP/s, HBM bytes/s), from the vendors' data sheets.
 PEAKS: dict[str, tuple[float, float]] = {
@@ -23,7 +24,6 @@ PEAKS: dict[str, tuple[float, float]] = {
     "H200": (989e12, 4.8e12),
     "A100": (312e12, 2.0e12),
 }
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 INDEX_BYTES = 8  # times, lengths and thresholds are int64
 
 
@@ -71,7 +71,7 @@ def cost(case: Case, dtype: str) -> tuple[float, float]:
     L(L+1)/2 pairs, each candidate L + 1 (its history and itself). Bytes: every activation read once
     and the output written once, plus event times; bias tables and temperatures are negligible.
     """
-    e = DTYPE_BYTES[dtype]
+    e = get(dtype).bytes
     bnh = case.batch * case.blocks * case.heads
     times = case.batch * case.blocks * case.hist * INDEX_BYTES
     if case.op == "msa":
@@ -153,11 +153,10 @@ def run_benchmark(configs: list[str], candidates: list[int], dtype: str = "fp16"
     if getattr(props, "memory_clock_rate", 0) and getattr(props, "memory_bus_width", 0):
         bandwidth = 2 * props.memory_clock_rate * 1e3 * props.memory_bus_width / 8  # DDR: two transfers a clock
     peak = peak_for(props.name, bandwidth)
-    from astro_trt.exporter.precision import torch_dtype
 
     results = []
     for case in cases(configs, candidates, batch):
-        args = make_inputs(case, torch_dtype(dtype))
+        args = make_inputs(case, get(dtype).torch())
         for impl, fn, dense_bytes in implementations(case, args):
             if dense_bytes > dense_mask_limit_gib * 2**30:
                 results.append(make_result(case, impl, None, dtype, peak,

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from astro_trt.contract import ITEM_SCORER, KV_CACHE, SCORER_HISTORY_INPUTS, USER_ENCODER
+from astro_trt.contract import ITEM_SCORER, KV_CACHE, SCORER_HISTORY_INPUTS, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BackendError
 
@@ -36,7 +36,7 @@ class OrtCompute:
 
         self.name = f"onnxruntime-{precision}"
         self.io = bundle.io(precision)
-        self.sessions = {g: onnx_session(bundle.onnx_path(g, precision), threads) for g in (USER_ENCODER, ITEM_SCORER)}
+        self.sessions = {g: onnx_session(bundle.onnx_path(g, precision), threads) for g in SPLIT_GRAPHS}
 
     def encode(self, arrays: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         feeds = {n: arrays[n] for n in self.io[USER_ENCODER].input_names}

@@ -17,7 +17,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from astro_trt.contract import BATCH, CANDIDATES, ITEM_SCORER, KV_CACHE, USER_ENCODER, GraphIO, TensorSpec
+from astro_trt.contract import BATCH, CANDIDATES, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER, GraphIO, TensorSpec
+from astro_trt.precision import dtype as dtype_record
 
 # Model names in the repository.
 GATE = "astro_gate"  # Python: the input gate, passes the checked tensors on
@@ -32,8 +33,6 @@ CHECKED = "checked_"  # prefix of the gate's outputs
 # merge concurrent requests, short next to one scorer call.
 QUEUE_DELAY_US = 100
 
-_TRITON_DTYPE = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "float16": "TYPE_FP16",
-                 "bfloat16": "TYPE_BF16", "bool": "TYPE_BOOL", "bytes": "TYPE_STRING"}
 
 
 class Enum(str):
@@ -41,7 +40,8 @@ class Enum(str):
 
 
 def triton_dtype(dtype: str) -> Enum:
-    return Enum(_TRITON_DTYPE[dtype])
+    # "bytes" is Triton's variable-length string, which no engine tensor is.
+    return Enum("TYPE_STRING" if dtype == "bytes" else dtype_record(dtype).triton)
 
 
 def _scalar(value: Any) -> str:
@@ -118,7 +118,7 @@ def request_tensors(io: Mapping[str, GraphIO]) -> list[TensorSpec]:
     """What one scoring request carries: every history input either graph reads, then the
     candidates (the kv_cache is never a request tensor)."""
     seen: dict[str, TensorSpec] = {}
-    for graph in (USER_ENCODER, ITEM_SCORER):
+    for graph in SPLIT_GRAPHS:
         for t in io[graph].inputs:
             if t.name != KV_CACHE and t.name != "cand_items":
                 seen.setdefault(t.name, t)
@@ -132,7 +132,7 @@ def gate_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: 
     return render({
         "name": GATE,
         "backend": "python",
-        "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
+        "max_batch_size": max_batch(profiles, *SPLIT_GRAPHS),
         "input": [tensor(t) for t in request],
         "output": [tensor(t, CHECKED + t.name) for t in request],
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
@@ -162,7 +162,7 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
     return render({
         "name": ENSEMBLE + suffix,
         "platform": "ensemble",
-        "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
+        "max_batch_size": max_batch(profiles, *SPLIT_GRAPHS),
         "input": [tensor(t, reshape=False) for t in request],
         "output": [tensor(t, reshape=False) for t in scorer.outputs],
         "ensemble_scheduling": {"step": steps},
@@ -178,7 +178,7 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
     return render({
         "name": RECOMMEND,
         "backend": "python",
-        "max_batch_size": max_batch(profiles, USER_ENCODER, ITEM_SCORER),
+        "max_batch_size": max_batch(profiles, *SPLIT_GRAPHS),
         "input": [tensor(key), *(tensor(t) for t in request)],
         "output": [*(tensor(t) for t in io[ITEM_SCORER].outputs), tensor(encoded)],
         # One instance: the cache lives in the instance, so a second one would encode users twice.

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from astro_trt.contract import ITEM_SCORER, USER_ENCODER, GraphIO, TensorSpec
+from astro_trt.contract import ITEM_SCORER, SPLIT_GRAPHS, USER_ENCODER, GraphIO, TensorSpec
 from astro_trt.engines.bundle import Bundle
 from astro_trt.serving import config_pbtxt as pbtxt
 
@@ -26,7 +26,7 @@ def repository_readme(bundle: Bundle, precision: str, io: Mapping[str, GraphIO],
     logits = io[ITEM_SCORER].outputs
     key = TensorSpec(pbtxt.USER_KEY, "bytes", ("batch", 1))
     encoded = TensorSpec(pbtxt.ENCODED, "bool", ("batch", 1))
-    batch = pbtxt.max_batch(profiles, USER_ENCODER, ITEM_SCORER)
+    batch = pbtxt.max_batch(profiles, *SPLIT_GRAPHS)
     cand_lo, _, cand_hi = profiles[ITEM_SCORER]["candidates"]
     rows = [
         (USER_ENCODER, "onnxruntime", _tensors(list(io[USER_ENCODER].inputs)),
@@ -38,7 +38,7 @@ def repository_readme(bundle: Bundle, precision: str, io: Mapping[str, GraphIO],
     ]
     if plans:
         rows += [(name + pbtxt.PLAN_SUFFIX, "tensorrt_plan" if name != pbtxt.ENSEMBLE else "ensemble", "as above",
-                  "as above") for name in (USER_ENCODER, ITEM_SCORER, pbtxt.ENSEMBLE)]
+                  "as above") for name in (*SPLIT_GRAPHS, pbtxt.ENSEMBLE)]
     table = "\n".join(f"| `{n}` | {b} | {i} | {o} |" for n, b, i, o in rows)
     plan_note = ("The `*_plan` models are the bundle's TensorRT plans; they load only on a Triton whose TensorRT "
                  "version built them." if plans else

@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 
 from astro_trt.artifacts import atomic_write, staged_directory
-from astro_trt.contract import ITEM_SCORER, USER_ENCODER
+from astro_trt.contract import SPLIT_GRAPHS
 from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BundleError
 from astro_trt.serving import config_pbtxt as pbtxt
@@ -57,11 +57,11 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
         raise BundleError(f"--out {out} is inside the bundle {bundle.directory}; write the repository elsewhere")
     precision = served_precision(bundle, precision)
     io = bundle.io(precision)
-    profiles = {g: {k: list(v) for k, v in bundle.profile(g).items()} for g in (USER_ENCODER, ITEM_SCORER)}
+    profiles = {g: {k: list(v) for k, v in bundle.profile(g).items()} for g in SPLIT_GRAPHS}
     config = bundle.manifest["config"]
-    plans = bundle.backend == TENSORRT and all(bundle.engine_path(g, precision) for g in (USER_ENCODER, ITEM_SCORER))
+    plans = bundle.backend == TENSORRT and all(bundle.engine_path(g, precision) for g in SPLIT_GRAPHS)
     with staged_directory(out) as stage:
-        for graph in (USER_ENCODER, ITEM_SCORER):
+        for graph in SPLIT_GRAPHS:
             _write(stage / graph / "config.pbtxt",
                    pbtxt.graph_config(io[graph], profiles, name=graph, platform="onnxruntime_onnx"))
             _write(stage / graph / VERSION / "model.onnx", bundle.onnx_path(graph, precision).read_bytes())

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import HISTORY_INPUTS, ITEM_SCORER, USER_ENCODER
+from astro_trt.contract import HISTORY_INPUTS, ITEM_SCORER, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
 from astro_trt.engines.inputs import validate_candidates, validate_history
 from astro_trt.errors import DataError
@@ -52,7 +52,7 @@ class Recommender:
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  compute: str = "auto", threads: int | None = None, engine: Compute | None = None) -> None:
         self.cfg = bundle.config
-        self.profiles = {g: bundle.profile(g) for g in (USER_ENCODER, ITEM_SCORER)}
+        self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}
         self.compute = engine or make_compute(bundle, precision, compute, threads)
         self.cache = UserCache(cache_bytes)
         self.encodes = 0  # users encoded since start

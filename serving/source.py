@@ -7,6 +7,7 @@ from pathlib import Path
 
 from astro_trt.engines.bundle import Bundle, load_bundle
 from astro_trt.errors import BundleError
+from astro_trt.precision import REFERENCE
 
 
 def load_served_bundle(path: str | Path, *, expect_sha256: str | None = None) -> Bundle:
@@ -18,7 +19,7 @@ def served_precision(bundle: Bundle, precision: str | None) -> str:
     """The precision a repository serves: the one asked for, else fp32 when the bundle has it
     (exact logits on every runtime), else the bundle's first."""
     if precision is None:
-        return "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
+        return REFERENCE if REFERENCE in bundle.precisions else bundle.precisions[0]
     if precision not in bundle.precisions:
         raise BundleError(f"{bundle.directory} has no {precision} graphs (it has {bundle.precisions}); "
                           f"choose --precision from those or re-export with --precision {precision}")

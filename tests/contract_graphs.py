@@ -12,9 +12,7 @@ from onnx import TensorProto, helper
 
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import BATCH, CANDIDATES, GraphIO
-
-_ONNX_TYPE = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16, "bfloat16": TensorProto.BFLOAT16,
-              "int64": TensorProto.INT64}
+from astro_trt.precision import dtype
 
 TINY = ASTROConfig(
     name="tiny", num_items=20, num_behaviors=3, num_scenarios=2, d_model=8, num_heads=2, num_layers=1,
@@ -56,10 +54,10 @@ def contract_graph(io: GraphIO) -> onnx.ModelProto:
         ones = const(f"{out.name}_rs", [-1] + [1] * (len(out.shape) - 1))
         nodes.append(helper.make_node("Reshape", ["row", ones], [f"{out.name}_r"]))
         nodes.append(helper.make_node("Expand", [f"{out.name}_r", f"{out.name}_shape"], [f"{out.name}_e"]))
-        nodes.append(helper.make_node("Cast", [f"{out.name}_e"], [out.name], to=_ONNX_TYPE[out.dtype]))
+        nodes.append(helper.make_node("Cast", [f"{out.name}_e"], [out.name], to=dtype(out.dtype).onnx_type()))
 
     def value_info(t):  # noqa: ANN001, ANN202
-        return helper.make_tensor_value_info(t.name, _ONNX_TYPE[t.dtype], list(t.shape))
+        return helper.make_tensor_value_info(t.name, dtype(t.dtype).onnx_type(), list(t.shape))
 
     graph = helper.make_graph(nodes, io.name, [value_info(t) for t in io.inputs],
                               [value_info(t) for t in io.outputs], inits)

@@ -167,3 +167,13 @@ def test_subset_of_graphs(model, tmp_path):
 def test_export_leaves_the_callers_model_alone(model, exported):
     assert next(model.parameters()).dtype == torch.float32
     assert type(model.ops).__name__ == "ReferenceOps"
+
+
+def test_the_trace_and_the_function_bodies_share_one_opset():
+    # The graph is traced in TRACE_OPSET and the astro function bodies are onnxscript in their own
+    # opset module; the model's opset import holds one version, so the two must agree.
+    from astro_trt.exporter import functions
+    from astro_trt.exporter.export import TRACE_OPSET
+
+    assert functions.op.version == TRACE_OPSET
+    assert {o.domain: o.version for o in functions.attention_functions()[0].opset_import}[""] == TRACE_OPSET

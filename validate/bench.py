@@ -446,7 +446,7 @@ def profile_ort(
     separate profiling sessions so that the timed sessions run without the profiler."""
     import tempfile
 
-    from astro_trt.contract import FULL_MODEL, ITEM_SCORER, USER_ENCODER
+    from astro_trt.contract import GRAPHS
     from astro_trt.model.synthetic import synthetic_batch
     from astro_trt.validate.runners import ORT_THREADS, OrtRunner
 
@@ -463,5 +463,5 @@ def profile_ort(
                 runner.full(batch.history, naive_cand)
             traces = runner.end_profiling()
             label = f"M={m}" + (f" (naive on {naive_cand.shape[1]})" if naive_cand.shape[1] < m else "")
-            out[label] = {g: operator_profile(traces[g], runs) for g in (USER_ENCODER, ITEM_SCORER, FULL_MODEL)}
+            out[label] = {g: operator_profile(traces[g], runs) for g in GRAPHS}
     return out

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from astro_trt.errors import DataError
+from astro_trt.precision import REFERENCE
 
 
 @dataclass
@@ -212,7 +213,7 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
     from astro_trt.model.astro import ASTRO
 
     cfg = preset(config)
-    precision = precision or "fp32"
+    precision = precision or REFERENCE
     torch.manual_seed(0)
     say(f"exporting a random {config} model ({precision}, {attention}) to ONNX")
     model = ASTRO(cfg).eval()

@@ -31,8 +31,9 @@ from typing import Any
 import numpy as np
 
 from astro_trt.choices import comma_list
-from astro_trt.contract import ITEM_SCORER, KV_CACHE, PRECISIONS, USER_ENCODER
+from astro_trt.contract import ITEM_SCORER, KV_CACHE, PRECISIONS, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.errors import BundleError, DataError
+from astro_trt.precision import REFERENCE, REGISTRY, get, is_reference
 
 BISECT_REPORT = "bisect"
 USERS, CANDIDATES = 8, 16  # one synthetic batch: every block length, padding and empty blocks occur
@@ -120,7 +121,7 @@ def stage_plan(cfg: Any) -> list[Stage]:
     from astro_trt.contract import graph_io
 
     n = cfg.num_layers
-    logits = graph_io(cfg, "fp32")[ITEM_SCORER].output_names[0]
+    logits = graph_io(cfg, REFERENCE)[ITEM_SCORER].output_names[0]
     plan = [Stage(USER_ENCODER, "encoder.embedding", ("input_of", "model.layers.0.w_k"), "enc.in0")]
     for i in range(n):
         plan.append(Stage(USER_ENCODER, f"encoder.layer{i}.kv", ("output", KV_CACHE), KV_CACHE, "kv", i))
@@ -283,7 +284,7 @@ def bisect_bundle(
     import torch
 
     from astro_trt.engines.bundle import load_bundle
-    from astro_trt.exporter.precision import model_in_precision, torch_dtype
+    from astro_trt.exporter.precision import model_in_precision
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.validate.gates import Gates
     from astro_trt.validate.parity import RUNTIMES
@@ -307,8 +308,9 @@ def bisect_bundle(
     wanted = bundle.precisions if precisions is None else comma_list(precisions, PRECISIONS, "--precision", DataError)
     for p in wanted:
         bundle.onnx_path(USER_ENCODER, p)  # BundleError naming the bundle's precisions
-        if p == "bf16":
-            raise DataError("--bisect: ONNX Runtime has no bfloat16 CPU kernels; bisect fp32 or fp16")
+        if not get(p).ort_cpu:
+            runnable = " or ".join(q.name for q in REGISTRY.values() if q.ort_cpu)
+            raise DataError(f"--bisect: ONNX Runtime has no {get(p).dtype.name} CPU kernels; bisect {runnable}")
     ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)
     if ckpt.sha256 != bundle.checkpoint_sha256:
         raise DataError(f"checkpoint {ckpt.directory} is not the one the bundle was exported from (sha256 "
@@ -323,15 +325,15 @@ def bisect_bundle(
     stages: list[StageError] = []
     for precision in wanted:
         own = None
-        if precision != "fp32":
+        if not is_reference(precision):
             say(f"PyTorch {precision} (the yardstick)")
             own = _Recorder(model_in_precision(ckpt.model, precision, export_ops=False)).run(batch,
-                                                                                          torch_dtype(precision))
+                                                                                          get(precision).torch())
         say(f"ort-{precision}: marking {len(plan)} stage boundaries")
         with tempfile.TemporaryDirectory(prefix="astro-bisect-") as tmp:
             got, where = {}, {}
             feeds = gate(cfg, batch.history, batch.cand_items)  # the same input gate as every runner
-            for graph in (USER_ENCODER, ITEM_SCORER):
+            for graph in SPLIT_GRAPHS:
                 stages_here = [s for s in plan if s.graph == graph]
                 marked = Path(tmp) / f"{graph}.onnx"
                 tensors = marked_graph(bundle.onnx_path(graph, precision), stages_here, marked)

@@ -9,6 +9,7 @@ from typing import Any
 
 from astro_trt import tolerances
 from astro_trt.errors import ConfigError
+from astro_trt.precision import get, is_reference
 
 # Requests hold at most a few thousand candidates; a larger k only ever compares whole lists.
 MAX_TOPK = 100_000
@@ -48,7 +49,7 @@ class Gates:
             raise ConfigError("--half-error-ratio must be > 0 (a multiple of PyTorch's own half-precision error)")
 
     def half_floor(self, precision: str) -> float:
-        return self.half_floor_ulps * tolerances.HALF_EPS[precision]
+        return self.half_floor_ulps * get(precision).eps
 
     def logits_limit(self, precision: str, torch_error: float | None) -> float:
         """Max abs logits error allowed against the oracle for a runtime in ``precision``.
@@ -57,10 +58,10 @@ class Gates:
                                         ratio=self.half_error_ratio, floor_ulps=self.half_floor_ulps)
 
     def auc_limit(self, precision: str) -> float:
-        return self.auc_delta_fp32 if precision == "fp32" else self.auc_delta_half
+        return self.auc_delta_fp32 if is_reference(precision) else self.auc_delta_half
 
     def split_full_limit(self, precision: str, torch_error: float | None) -> float:
-        if precision == "fp32":
+        if is_reference(precision):
             return self.split_full_max_abs
         return 2.0 * self.logits_limit(precision, torch_error)
 

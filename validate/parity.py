@@ -17,6 +17,7 @@ from astro_trt.choices import comma_list
 from astro_trt.errors import DataError
 from astro_trt.model.checkpoint import METRICS_FILE
 from astro_trt.model.train import EVAL_BATCH
+from astro_trt.precision import REFERENCE, is_reference
 from astro_trt.validate.gates import GateResult, Gates
 from astro_trt.validate.stats import abs_errors, error_stats
 
@@ -217,7 +218,7 @@ def validate_bundle(
     batches = load_batches(data, cfg, documents)
     masks = [b.cand_mask.numpy() for b in batches]
     say(f"{len(batches)} batches, {sum(int(m.sum()) for m in masks)} candidates; running the fp32 oracle")
-    oracle = collect(TorchRunner(ckpt.model, "fp32"), batches)
+    oracle = collect(TorchRunner(ckpt.model, REFERENCE), batches)
     oracle_split = oracle.masked("split", masks)
     oracle_metrics = _metrics_of(oracle, batches, tasks)
     trained = reference_metrics(documents) if data == "ml-100k" else None
@@ -233,7 +234,7 @@ def validate_bundle(
         results[precision] = per
         torch_error = None
         runners: list[Any] = []
-        if precision != "fp32":
+        if not is_reference(precision):
             # PyTorch's own error in this precision: the yardstick for every half-precision runtime.
             runners.append(TorchRunner(ckpt.model, precision))
         elif "torch" in runtimes:
@@ -249,7 +250,7 @@ def validate_bundle(
                 runners.append(trt_runner)
         for runner in runners:
             if runner is None:
-                outputs, name, rt = oracle, "torch-fp32", "torch"
+                outputs, name, rt = oracle, f"torch-{REFERENCE}", "torch"
             else:
                 say(f"running {runner.name}")
                 # PyTorch in half precision on the CPU is slow, and only its scorer error is the
@@ -270,7 +271,7 @@ def validate_bundle(
                 entry["split_vs_full"] = error_stats(split, full, name="logits").to_dict()
             entry["auc_delta_vs_oracle"] = {t: abs(entry["metrics"][t]["auc"] - oracle_metrics[t]["auc"])
                                             for t in tasks}
-            if rt == "torch" and precision != "fp32":
+            if rt == "torch" and not is_reference(precision):
                 torch_error = entry["logits"]["max_abs"]
             if torch_error is not None:
                 entry["error_ratio_vs_torch"] = entry["logits"]["max_abs"] / max(torch_error, 1e-30)
@@ -292,7 +293,7 @@ def _gates_for(name: str, runtime: str, precision: str, entry: dict, torch_error
     subject = f"{name}"
     if not is_yardstick:
         limit = gates.logits_limit(precision, torch_error)
-        why = "" if precision == "fp32" else (
+        why = "" if is_reference(precision) else (
             f"{gates.half_error_ratio:g} x PyTorch's own {precision} error {torch_error:.3g} + "
             f"{gates.half_floor(precision):.3g} floor")
         out.append(GateResult("logits_max_abs", subject, entry["logits"]["max_abs"], limit, detail=why))

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import FULL_MODEL, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
+from astro_trt.contract import FULL_MODEL, GRAPHS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
 from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history, validate_kv_cache
 from astro_trt.errors import BackendError, BundleError, DataError
-from astro_trt.exporter.precision import model_in_precision, torch_dtype
+from astro_trt.exporter.precision import model_in_precision
 from astro_trt.model.astro import History
+from astro_trt.precision import get, is_reference
 from astro_trt.validate.stats import to_float32
 
 # ONNX Runtime threads: the bench and CI machines give us two cores.
@@ -69,11 +70,11 @@ class TorchRunner:
     runtime = "torch"
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32") -> None:
-        self.dtype = torch_dtype(precision)  # ConfigError naming the precisions for an unknown one
+        self.dtype = get(precision).torch()  # ConfigError naming the precisions for an unknown one
         self.precision = precision
         self.name = f"torch-{precision}"
         # The half copy is prepared exactly as the exporter prepares the graphs it traces.
-        self.model = model if precision == "fp32" else model_in_precision(model, precision, export_ops=False)
+        self.model = model if is_reference(precision) else model_in_precision(model, precision, export_ops=False)
         self.model.eval()
 
         self.cfg: ASTROConfig = self.model.cfg
@@ -114,7 +115,7 @@ class OrtRunner:
 
     def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS,
                  profile_dir: Path | None = None, *, profiles: Mapping[str, Ranges] | None = None):
-        missing = [g for g in (USER_ENCODER, ITEM_SCORER, FULL_MODEL) if g not in graphs]
+        missing = [g for g in GRAPHS if g not in graphs]
         if missing:
             raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
         self.precision = precision

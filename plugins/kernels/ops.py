@@ -14,8 +14,9 @@ import os
 import torch
 
 from astro_trt.errors import BackendError, DataError
+from astro_trt.precision import float_dtypes
 
-FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_TYPES = tuple(d.torch() for d in float_dtypes())
 
 
 def _kernels():
@@ -76,7 +77,7 @@ def _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_ta
     if q.dim() != 5:
         raise DataError(f"attention input 'q' must be [B, Nb, H, S, dh], got shape {tuple(q.shape)}")
     if q.dtype not in FLOAT_TYPES:
-        raise DataError(f"attention input 'q' has dtype {q.dtype}; the kernels take float32, float16 or bfloat16")
+        raise DataError(f"attention input 'q' has dtype {q.dtype}; the kernels take {[d.name for d in float_dtypes()]}")
     b, nb, h, _, _ = q.shape
     _expect("k", k, tuple(q.shape), (q.dtype,))
     _expect("v", v, tuple(q.shape), (q.dtype,))

@@ -17,6 +17,7 @@ from typing import Any
 from astro_trt.errors import BackendError
 from astro_trt.plugins import names
 from astro_trt.plugins.tensorrt.spec import SPECS, OperatorSpec
+from astro_trt.precision import DTYPES, by_trt
 
 OP_VERSION = 1
 FIELD_OP_VERSION = "op_version"
@@ -47,11 +48,7 @@ class _DeviceBuffer:
 def _torch_view(trt: Any, pointer: int, desc: Any):
     import torch
 
-    dtypes = {
-        trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.BF16: torch.bfloat16,
-        trt.DataType.INT32: torch.int32, trt.DataType.INT64: torch.int64,
-    }
-    dtype = dtypes[desc.type]
+    dtype = by_trt(desc.type.name).torch()
     shape = tuple(desc.dims)
     count = 1
     for extent in shape:
@@ -72,7 +69,7 @@ def plugin_classes(trt: Any, spec: OperatorSpec, creator_name: str) -> tuple[typ
     """
     import numpy as np
 
-    type_names = {getattr(trt.DataType, n): n for n in ("FLOAT", "HALF", "BF16", "INT32", "INT64")}
+    type_names = {getattr(trt.DataType, d.trt): d.trt for d in DTYPES.values() if hasattr(trt.DataType, d.trt)}
 
     class AttentionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, fc: Any = None, phase: Any = None) -> None:

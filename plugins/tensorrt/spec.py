@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 from astro_trt.errors import BackendError
 from astro_trt.plugins import names
+from astro_trt.precision import float_dtypes
 
 # Data types by TensorRT's enum member names, so this module never imports TensorRT.
-ACTIVATION_TYPES = ("FLOAT", "HALF", "BF16")
+ACTIVATION_TYPES = tuple(d.trt for d in float_dtypes())
 INDEX_TYPES = ("INT32", "INT64")
 
 
