@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
+from astro_trt.cli.export import EXPECT_SHA256_HELP
 from astro_trt.config import PRESETS
-from astro_trt.engines.commands import EXPECT_SHA256_HELP
 from astro_trt.exporter.limits import ATTENTIONS
 from astro_trt.validate.parity import DATA_CHOICES, RUNTIMES
 
