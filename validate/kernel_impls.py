@@ -1,6 +1,6 @@
 """The implementations bench-kernels times (GPU only): inputs and one closure per implementation.
 
-Every history slot is valid (the accounting in bench.cost assumes it). SDPA gets its dense additive
+Every history slot is valid (the accounting in kernel_bench.cost assumes it). SDPA gets its dense additive
 mask built once, outside the timed region: its best case; the mask's size is reported so that the
 caller can skip shapes where it would not fit.
 """
@@ -13,8 +13,8 @@ import torch
 
 from astro_trt.model.buckets import bucket_thresholds
 from astro_trt.plugins import reference
-from astro_trt.plugins.bench import Case
 from astro_trt.plugins.kernels import ops
+from astro_trt.validate.kernel_cases import Case
 
 NT, TIME_MAX = 32, 2**26
 
