@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from astro_trt.config import ASTROConfig
-from astro_trt.model.buckets import bucket_thresholds, distance_table
 from astro_trt.plugins import reference
+from astro_trt.plugins.buckets import bucket_thresholds, distance_table
 
 
 class AttentionOps(Protocol):

@@ -187,7 +187,7 @@ def test_synthetic_batch_shapes_and_ranges(name):
 def test_synthetic_times_hit_every_time_bucket():
     import torch
 
-    from astro_trt.model.buckets import bucket_thresholds, bucketize
+    from astro_trt.plugins.buckets import bucket_thresholds, bucketize
 
     cfg = preset("ml100k")
     h = synthetic_batch(cfg, 32, 2, seed=0).history

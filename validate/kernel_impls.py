@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import torch
 
-from astro_trt.model.buckets import bucket_thresholds
 from astro_trt.plugins import reference
+from astro_trt.plugins.buckets import bucket_thresholds
 from astro_trt.plugins.kernels import ops
 from astro_trt.validate.kernel_cases import Case
 

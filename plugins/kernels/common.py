@@ -1,6 +1,6 @@
 """Helpers shared by both attention kernels: the exact time bucket, in Triton.
 
-The bucket of a time difference is "how many thresholds it has reached" (model/buckets.py), an
+The bucket of a time difference is "how many thresholds it has reached" (plugins/buckets.py), an
 integer comparison that every runtime evaluates identically. A float log would disagree with the
 reference at bucket edges and move a score by a whole table entry, so the kernels count too.
 """

@@ -83,7 +83,7 @@ def _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_ta
     _expect("lengths", lengths, (b, nb), (torch.int64, torch.int32))
     if pos_bias.dim() != 3 or tuple(pos_bias.shape[:2]) != (nb, h) or pos_bias.shape[2] < need_pos:
         raise DataError(f"attention input 'pos_bias' has shape {tuple(pos_bias.shape)}, expected [{nb}, {h}, P] "
-                        f"with P >= {need_pos} (one entry per distance; see model.buckets.distance_table)")
+                        f"with P >= {need_pos} (one entry per distance; see plugins.buckets.distance_table)")
     if pos_bias.dtype not in FLOAT_TYPES:
         raise DataError(f"attention input 'pos_bias' has dtype {pos_bias.dtype}; use a float type")
     if time_bias.dim() != 3 or tuple(time_bias.shape[:2]) != (nb, h) or time_bias.dtype not in FLOAT_TYPES:
