@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from astro_trt.errors import AstroError
+from astro_trt.errors import AstroError, GateError
 
 # command name -> (module, attribute, one-line help shown by --help without importing it)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -50,7 +50,8 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback."""
+    """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback; a failed
+    gate (GateError) prints one line and exits 1."""
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except GateError as exc:  # the run worked and its report is printed; what it measured failed
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     except AstroError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

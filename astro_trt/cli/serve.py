@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from astro_trt.errors import BackendError, DataError
+from astro_trt.errors import BackendError, DataError, GateError
 
 _THREADS = click.option("--ort-threads", default=1, show_default=True, type=click.IntRange(0),
                         help="ONNX Runtime intra-op threads of astro_recommend on a CPU (0: one per core).")
@@ -108,7 +108,6 @@ def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, durati
     """N concurrent clients against astro_recommend at URL (host:port of HTTP) for a bounded time:
     requests/s, candidates/s, latency percentiles, errors. Exit 1 when any request failed."""
     import json
-    import sys
     from dataclasses import replace
 
     from astro_trt.config import ASTROConfig
@@ -160,4 +159,4 @@ def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, durati
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
     if report.failed:
-        sys.exit(1)
+        raise GateError(f"loadtest: {report.failed} requests failed; see the errors in {paths['md']}")
