@@ -27,7 +27,7 @@ from onnxscript import FLOAT, INT64, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
-from astro_trt.plugins.names import CANDIDATE_ONNX_OP, MSA_ONNX_OP, ONNX_DOMAIN, ONNX_OPSET_VERSION
+from astro_trt.plugins.names import ONNX_DOMAIN, ONNX_OPSET_VERSION
 
 astro = Opset(ONNX_DOMAIN, ONNX_OPSET_VERSION)
 
@@ -159,8 +159,6 @@ def function_protos() -> list[onnx.FunctionProto]:
     """The model-local functions every exported graph carries (helpers first, callers after)."""
     return [f.to_function_proto() for f in (_time_bias, MultiScaleSelfAttention, CandidateAttention)]
 
-
-OPS = {MSA_ONNX_OP: MultiScaleSelfAttention, CANDIDATE_ONNX_OP: CandidateAttention}
 
 
 def attention_functions() -> list[onnx.FunctionProto]:
