@@ -63,6 +63,11 @@ class Operator:
         return dict(zip(self.input_names, args, strict=True))
 
 
+def _activations(names_: tuple[str, ...], rows: str) -> tuple[Input, ...]:
+    return tuple(Input(name, ACTIVATION, f"[B, Nb, H, {rows}, dh]") for name in names_)
+
+
+# Both operators end with the bias tables, the time thresholds and the temperatures.
 _COMMON_TAIL = (
     Input("pos_bias", TABLE, "[Nb, H, P]"),
     Input("time_bias", TABLE, "[Nb, H, NT]"),
@@ -70,22 +75,13 @@ _COMMON_TAIL = (
     Input("inv_tau", TABLE, "[B, Nb, H]"),
 )
 MSA = Operator("multi_scale_self_attention", names.MSA_ONNX_OP, names.MSA_PLUGIN, (
-    Input("q", ACTIVATION, "[B, Nb, H, S, dh]"),
-    Input("k", ACTIVATION, "[B, Nb, H, S, dh]"),
-    Input("v", ACTIVATION, "[B, Nb, H, S, dh]"),
-    Input("lengths", INDEX, "[B, Nb]"),
-    Input("times", INDEX, "[B, Nb, S]"),
+    *_activations(("q", "k", "v"), "S"),
+    Input("lengths", INDEX, "[B, Nb]"), Input("times", INDEX, "[B, Nb, S]"),
     *_COMMON_TAIL,
 ))
 CANDIDATE = Operator("candidate_attention", names.CANDIDATE_ONNX_OP, names.CANDIDATE_PLUGIN, (
-    Input("q", ACTIVATION, "[B, Nb, H, M, dh]"),
-    Input("k", ACTIVATION, "[B, Nb, H, M, dh]"),
-    Input("v", ACTIVATION, "[B, Nb, H, M, dh]"),
-    Input("k_cache", ACTIVATION, "[B, Nb, H, L, dh]"),
-    Input("v_cache", ACTIVATION, "[B, Nb, H, L, dh]"),
-    Input("lengths", INDEX, "[B, Nb]"),
-    Input("hist_times", INDEX, "[B, Nb, L]"),
-    Input("request_time", INDEX, "[B]"),
+    *_activations(("q", "k", "v"), "M"), *_activations(("k_cache", "v_cache"), "L"),
+    Input("lengths", INDEX, "[B, Nb]"), Input("hist_times", INDEX, "[B, Nb, L]"), Input("request_time", INDEX, "[B]"),
     *_COMMON_TAIL,
 ))
 OPERATORS = (MSA, CANDIDATE)
