@@ -12,9 +12,6 @@ import torch
 from astro_trt.plugins import operators
 from astro_trt.plugins.operators import CANDIDATE, MSA
 
-MSA_TORCH_OP = MSA.torch_op
-CANDIDATE_TORCH_OP = CANDIDATE.torch_op
-
 
 def _register(op: operators.Operator) -> None:
     """``astro::<op.name>`` with the schema of ``op``'s inputs: the reference eagerly, q's shape
