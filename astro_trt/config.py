@@ -149,7 +149,7 @@ LIMITS: dict[str, tuple[int, int]] = {
     "max_len": (1, 16_384),
     "num_tasks": (1, 1_024),
     "ffn_dim": (1, 65_536),
-    # Bucket thresholds are computed exactly with big integers (model/buckets.py): 1024 buckets
+    # Bucket thresholds are computed exactly with big integers (plugins/buckets.py): 1024 buckets
     # up to 2^40 s (35,000 years) take a quarter of a second, 4096 up to 2^62 minutes.
     "num_pos_buckets": (2, 1_024),
     "num_time_buckets": (3, 1_024),

@@ -9,55 +9,21 @@ from __future__ import annotations
 
 import torch
 
-from astro_trt.plugins import reference
-
-MSA_TORCH_OP = "astro::multi_scale_self_attention"
-CANDIDATE_TORCH_OP = "astro::candidate_attention"
+from astro_trt.plugins import operators
+from astro_trt.plugins.operators import CANDIDATE, MSA
 
 
-@torch.library.custom_op(MSA_TORCH_OP, mutates_args=())
-def multi_scale_self_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lengths: torch.Tensor,
-    times: torch.Tensor,
-    pos_bias: torch.Tensor,
-    time_bias: torch.Tensor,
-    time_thresholds: torch.Tensor,
-    inv_tau: torch.Tensor,
-) -> torch.Tensor:
-    return reference.multi_scale_self_attention(q, k, v, lengths, times, pos_bias, time_bias, time_thresholds, inv_tau)
+def _register(op: operators.Operator) -> None:
+    """``astro::<op.name>`` with the schema of ``op``'s inputs: the reference eagerly, q's shape
+    and dtype when traced with fake tensors."""
+    torch.library.define(op.torch_op, op.torch_schema())
+    reference = operators.implementation(op, operators.Impl.REFERENCE)
+    torch.library.impl(op.torch_op, "CompositeExplicitAutograd", reference)
+    torch.library.register_fake(op.torch_op, lambda q, *rest: torch.empty_like(q))
 
 
-@multi_scale_self_attention.register_fake
-def _(q, k, v, lengths, times, pos_bias, time_bias, time_thresholds, inv_tau):
-    return torch.empty_like(q)
-
-
-@torch.library.custom_op(CANDIDATE_TORCH_OP, mutates_args=())
-def candidate_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    lengths: torch.Tensor,
-    hist_times: torch.Tensor,
-    request_time: torch.Tensor,
-    pos_bias: torch.Tensor,
-    time_bias: torch.Tensor,
-    time_thresholds: torch.Tensor,
-    inv_tau: torch.Tensor,
-) -> torch.Tensor:
-    return reference.candidate_attention(
-        q, k, v, k_cache, v_cache, lengths, hist_times, request_time, pos_bias, time_bias, time_thresholds, inv_tau
-    )
-
-
-@candidate_attention.register_fake
-def _(q, k, v, k_cache, v_cache, lengths, hist_times, request_time, pos_bias, time_bias, time_thresholds, inv_tau):
-    return torch.empty_like(q)
+for _op in operators.OPERATORS:
+    _register(_op)
 
 
 class ExportOps:
@@ -65,8 +31,8 @@ class ExportOps:
 
     @staticmethod
     def multi_scale_self_attention(*args: torch.Tensor) -> torch.Tensor:
-        return torch.ops.astro.multi_scale_self_attention(*args)
+        return getattr(torch.ops.astro, MSA.name)(*MSA.bind(args).values())
 
     @staticmethod
     def candidate_attention(*args: torch.Tensor) -> torch.Tensor:
-        return torch.ops.astro.candidate_attention(*args)
+        return getattr(torch.ops.astro, CANDIDATE.name)(*CANDIDATE.bind(args).values())

@@ -148,7 +148,7 @@ def _export_graph(model: ASTRO, name: str, io: GraphIO, staging: Path):
     raw = staging / f"{name}.raw.onnx"
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is chosen on purpose (module docstring); the bucket thresholds
-        # it calls constants are constants (model/buckets.py).
+        # it calls constants are constants (plugins/buckets.py).
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(

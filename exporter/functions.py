@@ -8,7 +8,7 @@ float32 and casts the result back to the dtype of q, which keeps half-precision 
 in the softmax.
 
 What keeps the bodies cheap (every full-size [.., S, S] or [.., M, L] pass is time and memory):
-- time buckets are "number of thresholds <= dt" (model/buckets.py), found by a float guess
+- time buckets are "number of thresholds <= dt" (plugins/buckets.py), found by a float guess
   that integer comparisons against the exact thresholds correct, so every runtime agrees and
   memory stays O(1) per element;
 - the time-bias table is gathered heads-last through one flat Gather whose index has one
@@ -27,7 +27,7 @@ from onnxscript import FLOAT, INT64, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
 
-from astro_trt.plugins.names import CANDIDATE_ONNX_OP, MSA_ONNX_OP, ONNX_DOMAIN, ONNX_OPSET_VERSION
+from astro_trt.plugins.names import ONNX_DOMAIN, ONNX_OPSET_VERSION
 
 astro = Opset(ONNX_DOMAIN, ONNX_OPSET_VERSION)
 
@@ -40,7 +40,7 @@ def time_bias_function(op: Any) -> Any:
     def _time_bias(dt: INT64, visible, time_bias: FLOAT, time_thresholds: INT64) -> FLOAT:
         """dt [B, Nb, *S] int64 (rank 3 or 4), visible (bool, same shape) -> bias [B, Nb, *S, H]
         float32 (heads last), -inf where not visible: the mask rides on the gather for free."""
-        # model/buckets.py bucketize, op for op: a float32 log guess, then one comparison against
+        # plugins/buckets.py bucketize, op for op: a float32 log guess, then one comparison against
         # each exact integer edge of the guessed bucket. O(1) memory per element of dt.
         count = op.Size(time_thresholds)  # n - 1
         xmax = op.Slice(time_thresholds, [-1], [9223372036854775807])  # [1]
@@ -159,8 +159,6 @@ def function_protos() -> list[onnx.FunctionProto]:
     """The model-local functions every exported graph carries (helpers first, callers after)."""
     return [f.to_function_proto() for f in (_time_bias, MultiScaleSelfAttention, CandidateAttention)]
 
-
-OPS = {MSA_ONNX_OP: MultiScaleSelfAttention, CANDIDATE_ONNX_OP: CandidateAttention}
 
 
 def attention_functions() -> list[onnx.FunctionProto]:

@@ -3,8 +3,9 @@ same kind in domain ``astro`` (plugins/names.py), whose body exporter/functions.
 
 from __future__ import annotations
 
-from astro_trt.exporter.custom_ops import CANDIDATE_TORCH_OP, MSA_TORCH_OP
-from astro_trt.plugins.names import CANDIDATE_ONNX_OP, MSA_ONNX_OP, ONNX_DOMAIN
+import astro_trt.exporter.custom_ops  # noqa: F401 - the astro:: torch ops must exist before their symbolics
+from astro_trt.plugins.names import ONNX_DOMAIN
+from astro_trt.plugins.operators import OPERATORS
 
 _registered: set[int] = set()
 
@@ -25,6 +26,6 @@ def register(opset: int) -> None:
         return
     from torch.onnx import register_custom_op_symbolic
 
-    register_custom_op_symbolic(MSA_TORCH_OP, _symbolic(MSA_ONNX_OP), opset)
-    register_custom_op_symbolic(CANDIDATE_TORCH_OP, _symbolic(CANDIDATE_ONNX_OP), opset)
+    for operator in OPERATORS:
+        register_custom_op_symbolic(operator.torch_op, _symbolic(operator.onnx_op), opset)
     _registered.add(opset)

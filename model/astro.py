@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from astro_trt.config import ASTROConfig
-from astro_trt.model.buckets import bucket_thresholds, distance_table
-from astro_trt.plugins import reference
+from astro_trt.plugins.buckets import bucket_thresholds, distance_table
+from astro_trt.plugins.operators import Ops
 
 
 class AttentionOps(Protocol):
@@ -32,9 +32,8 @@ class AttentionOps(Protocol):
     def candidate_attention(self, *args: torch.Tensor) -> torch.Tensor: ...
 
 
-class ReferenceOps:
-    multi_scale_self_attention = staticmethod(reference.multi_scale_self_attention)
-    candidate_attention = staticmethod(reference.candidate_attention)
+class ReferenceOps(Ops):
+    """The PyTorch reference (plugins/operators.py dispatches on Impl.REFERENCE)."""
 
 
 @dataclass

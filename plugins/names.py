@@ -1,7 +1,7 @@
 """The names under which the two attention operators appear in ONNX and in TensorRT.
 
-The exporter emits ONNX nodes ``ONNX_DOMAIN::<op type>`` whose inputs follow the reference
-functions' argument order (INPUTS below) and which have one output. Full TensorRT's ONNX parser
+The exporter emits ONNX nodes ``ONNX_DOMAIN::<op type>`` whose inputs are those of
+plugins/operators.py, in its order, and which have one output. Full TensorRT's ONNX parser
 maps a node to a plugin creator by op type, version PLUGIN_VERSION and namespace (the node's
 domain), so ``plugins.tensorrt.register`` registers each creator twice: under its Astro* plugin
 name and under the ONNX op type, both in namespace PLUGIN_NAMESPACE.
@@ -20,13 +20,3 @@ CANDIDATE_PLUGIN = "AstroCandidateAttention"
 
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = ONNX_DOMAIN
-
-# Inputs in the reference functions' argument order (plugins/reference.py); one output.
-MSA_INPUTS = ("q", "k", "v", "lengths", "times", "pos_bias", "time_bias", "time_thresholds", "inv_tau")
-CANDIDATE_INPUTS = (
-    "q", "k", "v", "k_cache", "v_cache", "lengths", "hist_times", "request_time",
-    "pos_bias", "time_bias", "time_thresholds", "inv_tau",
-)
-
-# plugin name -> ONNX op type, the two names one creator answers to
-PLUGIN_TO_ONNX_OP = {MSA_PLUGIN: MSA_ONNX_OP, CANDIDATE_PLUGIN: CANDIDATE_ONNX_OP}

@@ -9,7 +9,7 @@ Common arguments (Nb blocks, H heads, dh head width, NT time buckets):
     lengths          [B, Nb] int64   valid history slots per block; valid slots are the LAST
                                      ``lengths`` of the sequence (right-aligned, padding first)
     pos_bias         [Nb, H, P] f    bias by position distance d = |pos_i - pos_j|, P > max d
-                                     (already bucketed: model.buckets.distance_table)
+                                     (already bucketed: plugins.buckets.distance_table)
     time_bias        [Nb, H, NT] f   bias by time bucket
     time_thresholds  [NT - 1] int64  bucket(dt) = number of thresholds <= dt
     inv_tau          [B, Nb, H] f    1 / temperature for the request's scenario
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from astro_trt.model.buckets import bucketize
+from astro_trt.plugins.buckets import bucketize
 
 
 def _time_bias(

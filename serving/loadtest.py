@@ -5,15 +5,17 @@ baseline the served throughput is compared with."""
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from astro_trt.errors import DataError
 from astro_trt.serving import client as tc
 from astro_trt.serving.workload import Workload
 
@@ -234,4 +236,59 @@ def write_load_reports(report: LoadReport, out: Path) -> dict[str, Path]:
     return by_kind(write_files(Path(out), files))
 
 
-__all__ = ["LoadReport", "Phase", "inprocess_phase", "served_phase", "write_load_reports"]
+def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http,grpc", clients: int = 8,
+                 duration: float = 60.0, users: int = 32, pages: int = 8, candidates: int = 256,
+                 bundle_dir: Path | None = None, baseline_seconds: float = 20.0, seed: int = 0, note: str = "",
+                 out_dir: Path = Path("loadtest"), progress: Callable[[str], None] = lambda _: None,
+                 ) -> tuple[LoadReport, dict[str, Path]]:
+    """``astro-trt loadtest``: ``clients`` concurrent clients against astro_recommend at ``url``
+    (host:port of HTTP) for ``duration`` seconds per protocol, with an optional in-process baseline
+    on ``bundle_dir`` before and after; the report and the paths of loadtest.{json,md,png}."""
+    from astro_trt.config import ASTROConfig
+    from astro_trt.serving.workload import make_workload
+
+    url = url.removeprefix("http://")
+    protocols = list(dict.fromkeys(p.strip() for p in protocol.split(",") if p.strip()))
+    if not protocols or any(p not in tc.PROTOCOLS for p in protocols):
+        raise DataError(f"--protocol {protocol!r}: choose a comma list of {list(tc.PROTOCOLS)}")
+    if grpc_url is None:
+        host, _, port = url.rpartition(":")
+        if not port.isdigit():
+            raise DataError(f"URL {url!r} must be host:port; pass --grpc-url too")
+        grpc_url = f"{host}:{int(port) + 1}"
+    try:
+        params = tc.served_config(url)
+    except Exception as exc:  # noqa: BLE001 - whatever the client raises, the message is one line
+        raise DataError(f"no astro_recommend model at {url} ({str(exc).splitlines()[0]}); "
+                        "start one with astro-trt serve") from None
+    cfg = ASTROConfig.from_dict(json.loads(params["astro_config"]), source=f"{url} astro_recommend config")
+    workload = make_workload(cfg, users=users, pages=pages, candidates=candidates, seed=seed, tag="in-process")
+    baselines, recommender = [], None
+    if bundle_dir is not None:
+        from astro_trt.serving.service import Recommender
+        from astro_trt.serving.source import load_served_bundle
+
+        bundle = load_served_bundle(bundle_dir)
+        # The same precision and ONNX Runtime threads as the served model, read from its config.
+        threads = int(params["ort_threads"]) if params.get("ort_threads") else None
+        recommender = Recommender(bundle, params["precision"], compute="ort", threads=threads)
+        progress(f"in-process baseline ({baseline_seconds / 2:.0f} s) ...")
+        baselines.append(inprocess_phase(recommender, workload, seconds=baseline_seconds / 2, name="in-process"))
+    phases = []
+    for proto in protocols:
+        progress(f"{proto}: {clients} clients for {duration:.0f} s ...")
+        # Each run's user keys are its own, so no run is served from another's cache.
+        phases.append(served_phase(proto, url if proto == "http" else grpc_url, replace(workload, tag=proto),
+                                   clients=clients, seconds=duration, stats_url=url))
+    if recommender is not None:
+        progress(f"in-process baseline again ({baseline_seconds / 2:.0f} s) ...")
+        baselines.append(inprocess_phase(recommender, replace(workload, tag="in-process-after"),
+                                         seconds=baseline_seconds / 2, name="in-process after"))
+    report = LoadReport("astro_recommend", {"http": url, "grpc": grpc_url},
+                        {"users": users, "pages": pages, "candidates": candidates, "seed": seed,
+                         "precision": params["precision"], "config": cfg.name}, phases, baselines, note)
+    paths = write_load_reports(report, out_dir)
+    return report, paths
+
+
+__all__ = ["LoadReport", "Phase", "inprocess_phase", "run_loadtest", "served_phase", "write_load_reports"]

@@ -20,7 +20,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -241,4 +241,38 @@ class TritonServer:
         self.stop()
 
 
-__all__ = ["HOST", "Endpoints", "TritonInstall", "TritonServer", "find_triton", "free_port", "unavailable_reason"]
+def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
+                 precision: str | None = None, cache_bytes: int = 256 << 20, ort_threads: int | None = 1,
+                 expect_sha256: str | None = None, show: Callable[[str], None] = print,
+                 progress: Callable[[str], None] = lambda _: None) -> None:
+    """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by
+    tritonserver on 127.0.0.1 until SIGINT or SIGTERM; ``show`` gets the endpoints."""
+    from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+    from astro_trt.serving.source import load_served_bundle
+
+    find_triton()  # before any work: say how to install it
+    bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with tempfile.TemporaryDirectory(prefix="astro-repo-") as tmp:
+            repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_bytes,
+                                    ort_threads=ort_threads)
+            server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
+                                  metrics_port=metrics_port, cancel=stop)
+            progress("starting tritonserver ...")
+            with server:
+                for line in server.endpoints.lines():
+                    show(line)
+                progress(f"models   {', '.join(PYTHON_MODELS)} (Ctrl-C stops)")
+                while not stop.wait(0.5):
+                    if not server.alive():
+                        raise BackendError(f"tritonserver exited ({server.last_error()}); see {server.log_path}")
+            progress("stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+__all__ = ["HOST", "Endpoints", "TritonInstall", "TritonServer", "find_triton", "free_port", "serve_bundle",
+           "unavailable_reason"]

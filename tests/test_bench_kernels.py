@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from astro_trt.cli import main
-from astro_trt.plugins.bench import Case, cases, cost, format_table, make_result, peak_for
+from astro_trt.validate.kernel_bench import Case, cases, cost, format_table, make_result, peak_for
 
 
 def test_cost_counts_pairs_and_bytes_by_hand():

@@ -20,7 +20,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from astro_trt.model.buckets import (
+from astro_trt.plugins.buckets import (
     bucket_thresholds,
     bucketize,
     bucketize_counting,

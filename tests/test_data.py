@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from astro_trt.cli.model import data as data_command
 from astro_trt.config import preset
 from astro_trt.errors import DataError
 from astro_trt.model import movielens
-from astro_trt.model.commands import data as data_command
 from astro_trt.model.metrics import ItemAverageBaseline, auc, evaluate, logloss
 from astro_trt.model.requests import PAD_CANDIDATE, Request, batches
 from astro_trt.model.sequences import extract_blocks, strategy
@@ -187,7 +187,7 @@ def test_synthetic_batch_shapes_and_ranges(name):
 def test_synthetic_times_hit_every_time_bucket():
     import torch
 
-    from astro_trt.model.buckets import bucket_thresholds, bucketize
+    from astro_trt.plugins.buckets import bucket_thresholds, bucketize
 
     cfg = preset("ml100k")
     h = synthetic_batch(cfg, 32, 2, seed=0).history

@@ -25,7 +25,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ml100k"
 KERNEL_CHECK = textwrap.dedent(
     """
     import torch
-    from astro_trt.model.buckets import bucket_thresholds
+    from astro_trt.plugins.buckets import bucket_thresholds
     from astro_trt.plugins import reference
     from astro_trt.plugins.kernels import ops
 

@@ -20,8 +20,8 @@ pytest.importorskip("triton")
 from astro_trt.config import ASTROConfig  # noqa: E402
 from astro_trt.errors import DataError  # noqa: E402
 from astro_trt.model.astro import ASTRO, History  # noqa: E402
-from astro_trt.model.buckets import bucket_thresholds  # noqa: E402
 from astro_trt.plugins import reference  # noqa: E402
+from astro_trt.plugins.buckets import bucket_thresholds  # noqa: E402
 from astro_trt.plugins.kernels import candidate_attention as cand_mod  # noqa: E402
 from astro_trt.plugins.kernels import common, ops  # noqa: E402
 from astro_trt.plugins.kernels import multi_scale_self_attention as msa_mod  # noqa: E402

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from astro_trt.model.astro import ASTRO, History, ReferenceOps
-from astro_trt.model.buckets import bucket_thresholds, distance_table
+from astro_trt.plugins.buckets import bucket_thresholds, distance_table
 from astro_trt.plugins.reference import candidate_attention, multi_scale_self_attention
 
 SETTINGS = settings(max_examples=25, deadline=None)

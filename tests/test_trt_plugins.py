@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from astro_trt.errors import BackendError
-from astro_trt.plugins import names
+from astro_trt.plugins import names, operators
 from astro_trt.plugins.tensorrt import plugin as plugin_mod
 from astro_trt.plugins.tensorrt.spec import CANDIDATE, MSA
 
@@ -60,8 +60,8 @@ def _fields(**values):
 
 
 def test_names_match_the_onnx_contract():
-    assert names.MSA_INPUTS == MSA.inputs and len(MSA.inputs) == 9
-    assert names.CANDIDATE_INPUTS == CANDIDATE.inputs and len(CANDIDATE.inputs) == 12
+    assert operators.MSA.input_names == MSA.inputs and len(MSA.inputs) == 9
+    assert operators.CANDIDATE.input_names == CANDIDATE.inputs and len(CANDIDATE.inputs) == 12
     creators = plugin_mod.creators(trt)
     assert sorted((c.name, c.plugin_namespace, c.plugin_version) for c in creators) == sorted(
         (n, "astro", "1") for n in ("AstroMultiScaleSelfAttention", "MultiScaleSelfAttention",

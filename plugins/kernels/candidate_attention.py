@@ -14,7 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from astro_trt.plugins.kernels.common import mma, time_bucket
+from astro_trt.plugins.kernels.common import mma, program_coords, softmax_step, time_bucket
 
 LOG2E = 1.4426950408889634
 
@@ -40,16 +40,7 @@ def candidate_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bnh = tl.program_id(1)
-    h = pid_bnh % H
-    n = (pid_bnh // H) % NB
-    b = pid_bnh // (H * NB)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < M
-    d_ok = offs_d < DH
+    pid_m, b, n, h, offs_m, offs_d, row_ok, d_ok = program_coords(NB, H, M, DH, BLOCK_M, BLOCK_D)
     tile_ok = row_ok[:, None] & d_ok[None, :]
 
     length = tl.load(len_ptr + b * stride_lb + n * stride_ln).to(tl.int32)
@@ -94,15 +85,9 @@ def candidate_fwd_kernel(
         s = tl.where(col_ok[None, :], s, float("-inf"))
         # m_i is finite from the start (the self key), so no -inf guard is needed here.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-
         v = tl.load(vc_base + offs_n[:, None] * stride_wl + offs_d[None, :] * stride_wd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        # Probabilities enter the second product in the input dtype, as in FlashAttention.
-        acc += mma(p.to(v.dtype), v, UPCAST)
+        acc, l_i = softmax_step(acc, m_i, l_i, s, v, m_new, UPCAST)
         m_i = m_new
 
     out = acc / l_i[:, None]

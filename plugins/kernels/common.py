@@ -1,6 +1,7 @@
-"""Helpers shared by both attention kernels: the exact time bucket, in Triton.
+"""Helpers shared by both attention kernels: program coordinates, the exact time bucket, the
+online-softmax step, in Triton.
 
-The bucket of a time difference is "how many thresholds it has reached" (model/buckets.py), an
+The bucket of a time difference is "how many thresholds it has reached" (plugins/buckets.py), an
 integer comparison that every runtime evaluates identically. A float log would disagree with the
 reference at bucket edges and move a score by a whole table entry, so the kernels count too.
 """
@@ -37,3 +38,30 @@ def mma(a, b, UPCAST: tl.constexpr):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def program_coords(NB, H, ROWS, DH, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's (user b, block n, head h), its query rows and head lanes with their masks:
+    the grid is (row tiles, B * Nb * H), as plugins/kernels/ops.py launches it."""
+    pid_m = tl.program_id(0)
+    pid_bnh = tl.program_id(1)
+    h = pid_bnh % H
+    n = (pid_bnh // H) % NB
+    b = pid_bnh // (H * NB)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    return pid_m, b, n, h, offs_m, offs_d, offs_m < ROWS, offs_d < DH
+
+
+@triton.jit
+def softmax_step(acc, m_i, l_i, s, v, m_safe, UPCAST: tl.constexpr):
+    """One key tile of the online softmax: scores ``s`` (log2 units) rescaled from the previous
+    max ``m_i`` to ``m_safe``, the new max (0 where a row has seen no key yet) -> (acc, l_i)."""
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # Probabilities enter the second product in the input dtype, as in FlashAttention.
+    acc += mma(p.to(v.dtype), v, UPCAST)
+    return acc, l_i

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from astro_trt.plugins.kernels.common import mma, time_bucket
+from astro_trt.plugins.kernels.common import mma, program_coords, softmax_step, time_bucket
 
 LOG2E = 1.4426950408889634
 
@@ -36,16 +36,7 @@ def msa_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bnh = tl.program_id(1)
-    h = pid_bnh % H
-    n = (pid_bnh // H) % NB
-    b = pid_bnh // (H * NB)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < S
-    d_ok = offs_d < DH
+    pid_m, b, n, h, offs_m, offs_d, row_ok, d_ok = program_coords(NB, H, S, DH, BLOCK_M, BLOCK_D)
 
     length = tl.load(len_ptr + b * stride_lb + n * stride_ln).to(tl.int32)
     first_valid = S - length
@@ -89,15 +80,9 @@ def msa_fwd_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None]
-        # Probabilities enter the second product in the input dtype, as in FlashAttention.
-        acc += mma(p.to(v.dtype), v, UPCAST)
+        acc, l_i = softmax_step(acc, m_i, l_i, s, v, m_safe, UPCAST)
         m_i = m_new
 
     # Queries that saw no key (padding slots) output zeros, as the reference does.

@@ -14,9 +14,12 @@ import os
 import torch
 
 from astro_trt.errors import BackendError, DataError
+from astro_trt.plugins.operators import ACTIVATION, CANDIDATE, MSA, Impl, Operator, Ops
 from astro_trt.precision import float_dtypes
 
 FLOAT_TYPES = tuple(d.torch() for d in float_dtypes())
+# The inputs both operators check alike (_check_common).
+_COMMON = ("q", "k", "v", "lengths", "pos_bias", "time_bias", "time_thresholds", "inv_tau")
 
 
 def _kernels():
@@ -84,7 +87,7 @@ def _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_ta
     _expect("lengths", lengths, (b, nb), (torch.int64, torch.int32))
     if pos_bias.dim() != 3 or tuple(pos_bias.shape[:2]) != (nb, h) or pos_bias.shape[2] < need_pos:
         raise DataError(f"attention input 'pos_bias' has shape {tuple(pos_bias.shape)}, expected [{nb}, {h}, P] "
-                        f"with P >= {need_pos} (one entry per distance; see model.buckets.distance_table)")
+                        f"with P >= {need_pos} (one entry per distance; see plugins.buckets.distance_table)")
     if pos_bias.dtype not in FLOAT_TYPES:
         raise DataError(f"attention input 'pos_bias' has dtype {pos_bias.dtype}; use a float type")
     if time_bias.dim() != 3 or tuple(time_bias.shape[:2]) != (nb, h) or time_bias.dtype not in FLOAT_TYPES:
@@ -94,95 +97,58 @@ def _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_ta
     _expect("inv_tau", inv_tau, (b, nb, h), FLOAT_TYPES)
 
 
-def multi_scale_self_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    lengths: torch.Tensor,
-    times: torch.Tensor,
-    pos_bias: torch.Tensor,
-    time_bias: torch.Tensor,
-    time_thresholds: torch.Tensor,
-    inv_tau: torch.Tensor,
-    *,
-    block_m: int = 64,
-    block_n: int = 64,
-) -> torch.Tensor:
-    """Triton MultiScaleSelfAttention; arguments and result as in plugins/reference.py."""
-    msa_mod, _ = _kernels()
-    kernel = msa_mod.msa_fwd_kernel
-    _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_tau, need_pos=q.shape[3])
-    b, nb, h, s, dh = q.shape
-    _expect("times", times, (b, nb, s), (torch.int64, torch.int32))
-    _check_device(kernel, q)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+def _launch(op: Operator, kernel, a: dict[str, torch.Tensor], dims: tuple[int, ...], rows: int, cols: int,
+            block_m: int, block_n: int) -> torch.Tensor:
+    """One kernel launch, its arguments in the order of ``op``'s inputs: the activations and the
+    output, the other inputs, every tensor's strides (time_thresholds is read flat), then ``dims``."""
+    _check_device(kernel, a["q"])
+    out = torch.empty_like(a["q"], memory_format=torch.contiguous_format)
     if out.numel() == 0:
         return out
-    block_m = min(block_m, max(16, triton_next_power_of_2(s)))
-    block_n = min(block_n, max(16, triton_next_power_of_2(s)))
-    grid = ((s + block_m - 1) // block_m, b * nb * h)
+    activations = [*(a[n] for n in op.with_role(ACTIVATION)), out]
+    others = [a[n] for n in op.input_names if n not in op.with_role(ACTIVATION)]
+    strided = [*activations, *(a[n] for n in op.input_names if n not in (*op.with_role(ACTIVATION), "time_thresholds"))]
+    block_m = min(block_m, max(16, triton_next_power_of_2(rows)))
+    block_n = min(block_n, max(16, triton_next_power_of_2(max(cols, 1))))
+    b, nb, h, _, dh = a["q"].shape
+    grid = ((rows + block_m - 1) // block_m, b * nb * h)
     kernel[grid](
-        q, k, v, out, lengths, times, pos_bias, time_bias, time_thresholds, inv_tau,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        *lengths.stride(), *times.stride(), *pos_bias.stride(), *time_bias.stride(), *inv_tau.stride(),
-        nb, h, s, dh,
-        NUM_THR=time_thresholds.shape[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_head_block(dh),
-        UPCAST=_upcast(kernel, q.dtype),
+        *activations, *others, *(stride for t in strided for stride in t.stride()), *dims,
+        NUM_THR=a["time_thresholds"].shape[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_head_block(dh),
+        UPCAST=_upcast(kernel, a["q"].dtype),
     )
     return out
 
 
-def candidate_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    lengths: torch.Tensor,
-    hist_times: torch.Tensor,
-    request_time: torch.Tensor,
-    pos_bias: torch.Tensor,
-    time_bias: torch.Tensor,
-    time_thresholds: torch.Tensor,
-    inv_tau: torch.Tensor,
-    *,
-    block_m: int = 64,
-    block_n: int = 64,
-) -> torch.Tensor:
-    """Triton CandidateAttention; arguments and result as in plugins/reference.py."""
+def multi_scale_self_attention(*args: torch.Tensor, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """Triton MultiScaleSelfAttention; arguments (plugins/operators.py MSA) and result as in plugins/reference.py."""
+    msa_mod, _ = _kernels()
+    a = MSA.bind(args)
+    q = a["q"]
+    _check_common(**{n: a[n] for n in _COMMON}, need_pos=q.shape[3])
+    b, nb, h, s, dh = q.shape
+    _expect("times", a["times"], (b, nb, s), (torch.int64, torch.int32))
+    return _launch(MSA, msa_mod.msa_fwd_kernel, a, (nb, h, s, dh), s, s, block_m, block_n)
+
+
+def candidate_attention(*args: torch.Tensor, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """Triton CandidateAttention; arguments (plugins/operators.py CANDIDATE) and result as in plugins/reference.py."""
     _, cand_mod = _kernels()
-    kernel = cand_mod.candidate_fwd_kernel
+    a = CANDIDATE.bind(args)
+    q, k_cache = a["q"], a["k_cache"]
     if k_cache.dim() != 5:
         raise DataError(f"attention input 'k_cache' must be [B, Nb, H, L, dh], got shape {tuple(k_cache.shape)}")
     hist = k_cache.shape[3]
-    _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_tau, need_pos=hist + 1)
+    _check_common(**{n: a[n] for n in _COMMON}, need_pos=hist + 1)
     b, nb, h, m, dh = q.shape
     _expect("k_cache", k_cache, (b, nb, h, hist, dh), (q.dtype,))
-    _expect("v_cache", v_cache, (b, nb, h, hist, dh), (q.dtype,))
-    _expect("hist_times", hist_times, (b, nb, hist), (torch.int64, torch.int32))
-    _expect("request_time", request_time, (b,), (torch.int64, torch.int32))
-    _check_device(kernel, q)
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if out.numel() == 0:
-        return out
-    block_m = min(block_m, max(16, triton_next_power_of_2(m)))
-    block_n = min(block_n, max(16, triton_next_power_of_2(max(hist, 1))))
-    grid = ((m + block_m - 1) // block_m, b * nb * h)
-    kernel[grid](
-        q, k, v, k_cache, v_cache, out, lengths, hist_times, request_time, pos_bias, time_bias,
-        time_thresholds, inv_tau,
-        *q.stride(), *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
-        *lengths.stride(), *hist_times.stride(), *request_time.stride(), *pos_bias.stride(),
-        *time_bias.stride(), *inv_tau.stride(),
-        nb, h, m, hist, dh,
-        NUM_THR=time_thresholds.shape[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_head_block(dh),
-        UPCAST=_upcast(kernel, q.dtype),
-    )
-    return out
+    _expect("v_cache", a["v_cache"], (b, nb, h, hist, dh), (q.dtype,))
+    _expect("hist_times", a["hist_times"], (b, nb, hist), (torch.int64, torch.int32))
+    _expect("request_time", a["request_time"], (b,), (torch.int64, torch.int32))
+    return _launch(CANDIDATE, cand_mod.candidate_fwd_kernel, a, (nb, h, m, hist, dh), m, hist, block_m, block_n)
 
 
-class TritonOps:
+class TritonOps(Ops):
     """model/astro.py's AttentionOps backed by the Triton kernels."""
 
-    multi_scale_self_attention = staticmethod(multi_scale_self_attention)
-    candidate_attention = staticmethod(candidate_attention)
+    impl = Impl.TRITON

@@ -143,13 +143,13 @@ def plugin_classes(trt: Any, spec: OperatorSpec, creator_name: str) -> tuple[typ
                     workspace: int, stream: int) -> None:
             import torch
 
-            from astro_trt.plugins.kernels import ops
+            from astro_trt.plugins import operators
 
             args = [_torch_view(trt, ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
             out = _torch_view(trt, outputs[0], output_desc[0])
-            function = ops.multi_scale_self_attention if spec.onnx_op == names.MSA_ONNX_OP else ops.candidate_attention
+            op = operators.BY_ONNX_OP[spec.onnx_op]
             with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                out.copy_(function(*args))
+                out.copy_(operators.dispatch(op, tuple(args), operators.Impl.TRITON))
 
         def attach_to_context(self, context: Any) -> Any:
             return self.clone()

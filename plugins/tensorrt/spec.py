@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from astro_trt.errors import BackendError
-from astro_trt.plugins import names
+from astro_trt.plugins import operators
 from astro_trt.precision import float_dtypes
 
 # Data types by TensorRT's enum member names, so this module never imports TensorRT.
@@ -25,7 +25,7 @@ class OperatorSpec:
     # q, k, v (and the caches): one activation type, which the output takes too.
     activations: tuple[str, ...]
     # bias tables and inverse temperatures: any float type (the kernel reads them as float32).
-    tables: tuple[str, ...] = ("pos_bias", "time_bias", "inv_tau")
+    tables: tuple[str, ...]
 
     @property
     def num_inputs(self) -> int:
@@ -65,9 +65,11 @@ class OperatorSpec:
         return input_types[0]
 
 
-MSA = OperatorSpec(names.MSA_PLUGIN, names.MSA_ONNX_OP, names.MSA_INPUTS, activations=("q", "k", "v"))
-CANDIDATE = OperatorSpec(
-    names.CANDIDATE_PLUGIN, names.CANDIDATE_ONNX_OP, names.CANDIDATE_INPUTS,
-    activations=("q", "k", "v", "k_cache", "v_cache"),
-)
+def _spec(op: operators.Operator) -> OperatorSpec:
+    return OperatorSpec(op.plugin, op.onnx_op, op.input_names, activations=op.with_role(operators.ACTIVATION),
+                        tables=op.with_role(operators.TABLE))
+
+
+MSA = _spec(operators.MSA)
+CANDIDATE = _spec(operators.CANDIDATE)
 SPECS = (MSA, CANDIDATE)

@@ -1,4 +1,4 @@
-"""The `data` and `train` commands (registered in astro_trt/cli.py)."""
+"""The `data` and `train` commands (registered in astro_trt/cli/__init__.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The implementations bench-kernels times (GPU only): inputs and one closure per implementation.
 
-Every history slot is valid (the accounting in bench.cost assumes it). SDPA gets its dense additive
+Every history slot is valid (the accounting in kernel_bench.cost assumes it). SDPA gets its dense additive
 mask built once, outside the timed region: its best case; the mask's size is reported so that the
 caller can skip shapes where it would not fit.
 """
@@ -11,10 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from astro_trt.model.buckets import bucket_thresholds
-from astro_trt.plugins import reference
-from astro_trt.plugins.bench import Case
-from astro_trt.plugins.kernels import ops
+from astro_trt.plugins import operators
+from astro_trt.plugins.buckets import bucket_thresholds
+from astro_trt.validate.kernel_cases import Case
 
 NT, TIME_MAX = 32, 2**26
 
@@ -37,12 +36,13 @@ def make_inputs(case: Case, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def _args(case: Case, x: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    if case.op == "msa":
-        keys = ("q", "k", "v", "lengths", "times", "pos_bias", "time_bias", "time_thresholds", "inv_tau")
-    else:
-        keys = ("q", "k", "v", "k_cache", "v_cache", "lengths", "times", "request_time", "pos_bias",
-                "time_bias", "time_thresholds", "inv_tau")
-    return tuple(x[k] for k in keys)
+    """The operator's inputs in its order (plugins/operators.py)."""
+    aliases = {"hist_times": "times"}  # a candidate's history times are the case's times
+    return tuple(x[aliases.get(name, name)] for name in _operator(case).input_names)
+
+
+def _operator(case: Case) -> operators.Operator:
+    return operators.MSA if case.op == "msa" else operators.CANDIDATE
 
 
 def _keys_and_bias(case: Case, x: dict[str, torch.Tensor]):
@@ -123,10 +123,9 @@ def _flex(case: Case, x: dict[str, torch.Tensor]) -> Callable[[], object]:
 def implementations(case: Case, x: dict[str, torch.Tensor]) -> list[tuple[str, Callable[[], object], int]]:
     """(name, closure, dense-mask bytes) for every implementation of ``case``'s operator."""
     args = _args(case, x)
-    if case.op == "msa":
-        triton_fn, ref_fn = ops.multi_scale_self_attention, reference.multi_scale_self_attention
-    else:
-        triton_fn, ref_fn = ops.candidate_attention, reference.candidate_attention
+    op = _operator(case)
+    triton_fn = operators.implementation(op, operators.Impl.TRITON)
+    ref_fn = operators.implementation(op, operators.Impl.REFERENCE)
     sdpa, mask_bytes = _sdpa(case, x)
     return [
         ("triton", lambda: triton_fn(*args), 0),

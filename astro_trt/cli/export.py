@@ -11,8 +11,10 @@ from typing import Any
 
 import click
 
+from astro_trt.cli.gates import gate_failure
 from astro_trt.engines.backend import BACKEND_CHOICES
 from astro_trt.engines.build import ATTENTION_CHOICES
+from astro_trt.errors import GateError
 
 EXPECT_SHA256_HELP = ("Refuse the bundle unless its manifest.json has this sha256 (printed by export and inspect): "
                       "pins the approved bundle.")
@@ -99,7 +101,7 @@ def export(
 
     click.echo(pin_line(result.directory))
     if report is not None and not report.passed:
-        raise SystemExit(1)
+        raise GateError(gate_failure(report.summary()))
 
 
 @click.command("inspect")

@@ -3,13 +3,14 @@ bench` (split against naive throughput): argument parsing, one library call, pri
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
+from astro_trt.cli.export import EXPECT_SHA256_HELP
+from astro_trt.cli.gates import gate_failure
 from astro_trt.config import PRESETS
-from astro_trt.engines.commands import EXPECT_SHA256_HELP
+from astro_trt.errors import GateError
 from astro_trt.exporter.limits import ATTENTIONS
 from astro_trt.validate.parity import DATA_CHOICES, RUNTIMES
 
@@ -67,7 +68,7 @@ def validate(bundle_dir: Path, data: str, runtime: str, checkpoint: Path | None,
 
         click.echo(pin_line(bundle_dir))
     if not result.passed:
-        sys.exit(1)
+        raise GateError(gate_failure(result.summary()))
 
 
 def _print_bisect(result) -> None:

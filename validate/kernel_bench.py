@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from astro_trt.config import preset
 from astro_trt.errors import BackendError
 from astro_trt.precision import get
+from astro_trt.validate.kernel_cases import Case
 
 # name fragment -> (dense fp16/bf16 tensor-core FLOP/s, HBM bytes/s), from the vendors' data sheets.
 PEAKS: dict[str, tuple[float, float]] = {
@@ -25,20 +26,6 @@ PEAKS: dict[str, tuple[float, float]] = {
     "A100": (312e12, 2.0e12),
 }
 INDEX_BYTES = 8  # times, lengths and thresholds are int64
-
-
-@dataclass(frozen=True)
-class Case:
-    """One benchmark shape: ``op`` is 'msa' (history self-attention) or 'candidate'."""
-
-    config: str
-    op: str
-    batch: int
-    blocks: int
-    heads: int
-    hist: int
-    head_dim: int
-    cands: int = 0
 
 
 @dataclass(frozen=True)
@@ -146,7 +133,7 @@ def run_benchmark(configs: list[str], candidates: list[int], dtype: str = "fp16"
     if not torch.cuda.is_available():
         raise BackendError("bench-kernels times CUDA kernels and needs an NVIDIA GPU; none is visible here "
                            "(run it on a machine with a GPU)")
-    from astro_trt.plugins.bench_impls import implementations, make_inputs
+    from astro_trt.validate.kernel_impls import implementations, make_inputs
 
     props = torch.cuda.get_device_properties(0)
     bandwidth = None

@@ -1,7 +1,7 @@
 """The astro-trt command line.
 
-Each stage owns its commands in ``<stage>/commands.py``; this group only names them and imports
-a stage when its command runs, so ``astro-trt --help`` never pays for torch or TensorRT.
+Each stage's commands live in ``astro_trt/cli/<module>.py``; this group only names them and imports
+a module when its command runs, so ``astro-trt --help`` never pays for torch or TensorRT.
 """
 
 from __future__ import annotations
@@ -16,20 +16,20 @@ import click
 
 # Imported here, not in the handler: a signal can arrive while a module is half imported.
 from astro_trt.artifacts import abandon_staged_writes
-from astro_trt.errors import AstroError
+from astro_trt.errors import AstroError, GateError
 
 # command name -> (module, attribute, one-line help shown by --help without importing it)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "data": ("astro_trt.model.commands", "data", "Fetch and prepare a dataset (offline-friendly)."),
-    "train": ("astro_trt.model.commands", "train", "Train an ASTRO model on the CPU and write a checkpoint."),
-    "export": ("astro_trt.engines.commands", "export", "Export a checkpoint to ONNX and TensorRT engines (a bundle)."),
-    "inspect": ("astro_trt.engines.commands", "inspect", "Show what is inside a bundle."),
-    "validate": ("astro_trt.validate.commands", "validate", "Parity report of a bundle against PyTorch."),
-    "bench": ("astro_trt.validate.commands", "bench", "Throughput of the split against the full model."),
-    "bench-kernels": ("astro_trt.plugins.commands", "bench_kernels", "Time the attention kernels (GPU)."),
-    "triton": ("astro_trt.serving.commands", "triton", "Write a Triton Inference Server model repository."),
-    "serve": ("astro_trt.serving.commands", "serve", "Serve a bundle with Triton on 127.0.0.1."),
-    "loadtest": ("astro_trt.serving.commands", "loadtest", "Load-test a served model over HTTP and gRPC."),
+    "data": ("astro_trt.cli.model", "data", "Fetch and prepare a dataset (offline-friendly)."),
+    "train": ("astro_trt.cli.model", "train", "Train an ASTRO model on the CPU and write a checkpoint."),
+    "export": ("astro_trt.cli.export", "export", "Export a checkpoint to ONNX and TensorRT engines (a bundle)."),
+    "inspect": ("astro_trt.cli.export", "inspect", "Show what is inside a bundle."),
+    "validate": ("astro_trt.cli.validate", "validate", "Parity report of a bundle against PyTorch."),
+    "bench": ("astro_trt.cli.validate", "bench", "Throughput of the split against the full model."),
+    "bench-kernels": ("astro_trt.cli.kernels", "bench_kernels", "Time the attention kernels (GPU)."),
+    "triton": ("astro_trt.cli.serve", "triton", "Write a Triton Inference Server model repository."),
+    "serve": ("astro_trt.cli.serve", "serve", "Serve a bundle with Triton on 127.0.0.1."),
+    "loadtest": ("astro_trt.cli.serve", "loadtest", "Load-test a served model over HTTP and gRPC."),
 }
 
 
@@ -73,8 +73,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback;
-    Ctrl-C exits 130 and SIGTERM 143 (128 + signal), both after removing staged output."""
+    """Entry point: expected failures (AstroError) print one line and exit 2, not a traceback; a
+    failed gate (GateError) prints one line and exits 1; Ctrl-C exits 130 and SIGTERM 143
+    (128 + signal), both after removing staged output."""
     # Signal handlers can only be set from the main thread; the previous one is restored after,
     # so calling main() inside another program (a test) leaves its handling as it was.
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
@@ -97,10 +98,10 @@ def _run(argv: list[str] | None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("aborted", err=True)
         sys.exit(130)
+    except GateError as exc:  # the run worked and its report is printed; what it measured failed
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
     except AstroError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
 
-
-if __name__ == "__main__":
-    main()

@@ -22,8 +22,8 @@ from astro_trt.contract import PRECISIONS
 def bench_kernels(configs: str, candidates: str, dtype: str, batch: int, repeat: int, json_out: Path | None) -> None:
     """Time both attention kernels against the reference, SDPA with a dense mask and FlexAttention."""
     from astro_trt.config import preset
-    from astro_trt.plugins.bench import format_table, results_json, run_benchmark
     from astro_trt.validate.bench import parse_candidates
+    from astro_trt.validate.kernel_bench import format_table, results_json, run_benchmark
 
     names = [name.strip() for name in configs.split(",") if name.strip()]
     for name in names:
