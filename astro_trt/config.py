@@ -137,7 +137,7 @@ class ASTROConfig:
 # largest preset uses at most a tenth of each) and keep a config from asking for what no machine
 # has: a time_bucket_max of 2^70 does not fit the int64 times, num_layers 10^6 builds a model for
 # minutes before anything checks memory. What a config may allocate as a whole is bounded by the
-# machine (astro_trt/resources.py).
+# machine (model/resources.py).
 LIMITS: dict[str, tuple[int, int]] = {
     "num_items": (1, 100_000_000),
     "num_behaviors": (2, 100_000),

@@ -137,7 +137,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             message = f"{config_path}: {message}"
         raise ConfigError(message) from None
 
-    from astro_trt.resources import check_fits
+    from astro_trt.model.resources import check_fits
 
     header, metadata = _read_header(weights)
     _check_against_config(header, cfg, weights)

@@ -186,7 +186,7 @@ def train_ml100k(
     from astro_trt.artifacts import check_destination
     from astro_trt.model import movielens
     from astro_trt.model.checkpoint import save_checkpoint
-    from astro_trt.resources import check_fits
+    from astro_trt.model.resources import check_fits
 
     # Everything that can be refused is refused before the data is read.
     options.validate()

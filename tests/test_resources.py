@@ -1,4 +1,4 @@
-"""What a config and a request shape may ask of the machine (astro_trt/resources.py)."""
+"""What a config and a request shape may ask of the machine (model/resources.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from astro_trt.config import PRESETS
 from astro_trt.errors import ConfigError, DataError
-from astro_trt.resources import (
+from astro_trt.model.resources import (
     check_fits,
     estimate_bytes,
     machine_memory,

@@ -25,7 +25,7 @@ from harness import Tally, cases
 
 from astro_trt.config import LIMITS, PRESETS, ASTROConfig
 from astro_trt.errors import ConfigError
-from astro_trt.resources import check_fits
+from astro_trt.model.resources import check_fits
 
 pytestmark = pytest.mark.fuzz
 
