@@ -195,7 +195,6 @@ def report_markdown(report: LoadReport, plot: str) -> str:
 
 
 def plot_load(report: LoadReport) -> bytes:
-    import io
 
     import matplotlib
 
@@ -220,12 +219,9 @@ def plot_load(report: LoadReport) -> bytes:
     cdf.set_title("latency")
     cdf.grid(alpha=0.3)
     cdf.legend()
-    buffer = io.BytesIO()
-    try:
-        fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return buffer.getvalue()
+    from astro_trt.validate.report import png_bytes
+
+    return png_bytes(fig)
 
 
 def write_load_reports(report: LoadReport, out: Path) -> dict[str, Path]:
