@@ -93,17 +93,17 @@ def MultiScaleSelfAttention(q, k, v, lengths, times, pos_bias, time_bias, time_t
     pos_i = op.Unsqueeze(pos, [1])
     pos_j = op.Unsqueeze(pos, [0])
     dist = op.Abs(op.Sub(pos_i, pos_j))  # [S, S]
-    dt = op.Abs(op.Sub(op.Unsqueeze(times, [-1]), op.Unsqueeze(times, [-2])))  # [B, Nb, S, S]
 
-    # One additive bias carries the mask too (-inf where hidden, from the time-bias gather), and
-    # 1 / tau scales the sum: the score tensor sees one Add, one Mul and the fused Softmax.
+    # The time bias carries the mask too (-inf where hidden, from its gather); it and the position
+    # bias (one [Nb, H, S, S] table, broadcast over B) are added into q . k, and 1 / tau scales the
+    # sum: no separate full-size bias tensor, and dt's int64 chain starts only after q . k.
     valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(seq, lengths), [-1]))  # [B, Nb, S]
+    scores = op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 2, 4, 3]))  # [B, Nb, H, S, S]
+    dt = op.Abs(op.Sub(op.Unsqueeze(times, [-1]), op.Unsqueeze(times, [-2])))  # [B, Nb, S, S]
     visible = op.And(op.Unsqueeze(valid, [2]), op.LessOrEqual(pos_j, pos_i))  # [B, Nb, S, S]
-    bias = op.Add(
-        op.Transpose(_time_bias(dt, visible, time_bias, time_thresholds), perm=[0, 1, 4, 2, 3]),
-        op.Unsqueeze(op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2), [0]),
-    )  # [B, Nb, H, S, S]
-    scores = op.Mul(op.Add(op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 2, 4, 3])), bias), tau)
+    scores = op.Add(scores, op.Transpose(_time_bias(dt, visible, time_bias, time_thresholds), perm=[0, 1, 4, 2, 3]))
+    scores = op.Add(scores, op.Gather(op.Cast(pos_bias, to=onnx.TensorProto.FLOAT), dist, axis=2))  # [Nb, H, S, S]
+    scores = op.Mul(scores, tau)
     out = op.MatMul(op.Softmax(scores, axis=-1), vf)
     # Valid slots are a suffix, so a query sees some key iff its own slot is valid; the others
     # (all -inf, Softmax NaN) output zeros like the reference.
