@@ -24,6 +24,14 @@ from astro_trt.errors import ArtifactError
 _log = logging.getLogger("astro_trt")
 
 
+def as_path(value: object, what: str, error: type[Exception] = ArtifactError) -> Path:
+    """A str or os.PathLike as a Path; anything else (None, a number, an object) is ``error`` in one line."""
+    if isinstance(value, str) and value.strip() or isinstance(value, os.PathLike):
+        return Path(value)
+    raise error(f"{what}: expected a path (str or pathlib.Path), got {type(value).__name__} {str(value)[:60]!r}; "
+                "pass the directory's path")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -45,11 +45,14 @@ class Runner(Protocol):
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray: ...
 
 
-def gate(cfg: ASTROConfig, history: Any, cand_items: Any = None,
+_NO_CANDIDATES: Any = object()  # encode passes no candidates; score(..., None) must still be refused
+
+
+def gate(cfg: ASTROConfig, history: Any, cand_items: Any = _NO_CANDIDATES,
          profile: Ranges | None = None) -> dict[str, np.ndarray]:
     """The history (and candidates) through the input gate: contract name -> int64 array."""
     arrays = validate_history(cfg, history, profile)
-    if cand_items is not None:
+    if cand_items is not _NO_CANDIDATES:
         arrays["cand_items"] = validate_candidates(cfg, cand_items, arrays["hist_items"].shape[0], profile)
     return arrays
 
@@ -70,6 +73,9 @@ class TorchRunner:
     runtime = "torch"
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32") -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "cfg"):
+            raise DataError(f"TorchRunner needs the ASTRO model (load_checkpoint(DIR).model), got "
+                            f"{type(model).__name__}")
         self.dtype = get(precision).torch()  # ConfigError naming the precisions for an unknown one
         self.precision = precision
         self.name = f"torch-{precision}"
@@ -115,6 +121,8 @@ class OrtRunner:
 
     def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS,
                  profile_dir: Path | None = None, *, profiles: Mapping[str, Ranges] | None = None):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise DataError(f"OrtRunner: threads must be an int >= 0 (0: one per core), got {threads!r}")
         missing = [g for g in GRAPHS if g not in graphs]
         if missing:
             raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
@@ -142,7 +150,11 @@ class OrtRunner:
 
     @classmethod
     def from_bundle(cls, bundle: Any, precision: str = "fp32", threads: int = ORT_THREADS) -> OrtRunner:
-        """The bundle's ONNX graphs of ``precision`` (a loaded engines.bundle.Bundle)."""
+        """The bundle's ONNX graphs of ``precision`` (a loaded engines.bundle.Bundle, or its directory)."""
+        if not hasattr(bundle, "onnx_path"):
+            from astro_trt.engines.bundle import load_bundle
+
+            bundle = load_bundle(bundle)  # a path, or a one-line BundleError for anything else
         return cls({g: bundle.onnx_path(g, precision) for g in bundle.io(precision)}, bundle.config, precision,
                    threads)
 

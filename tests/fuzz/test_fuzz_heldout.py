@@ -1,0 +1,76 @@
+"""Fuzz category "held-out API": bad arguments to the public Python API that the other categories
+do not try (argument types and values a user may pass by mistake: None, a number or an object
+where a path goes, a missing candidates array, a meta tensor, a float batch size, a model that is
+not one). Each must be a one-line AstroError; any other exception is a traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from harness import Tally  # noqa: E402
+from tiny_bundle import pristine_bundle  # noqa: E402
+
+import astro_trt  # noqa: E402
+from astro_trt.contract import HISTORY_INPUTS  # noqa: E402
+
+pytestmark = pytest.mark.fuzz
+
+
+@pytest.fixture(scope="module")
+def api():
+    bundle = astro_trt.load_bundle(pristine_bundle())
+    ort = astro_trt.OrtRunner.from_bundle(bundle, "fp32")
+    torch_runner = astro_trt.TorchRunner(astro_trt.load_checkpoint(bundle.checkpoint_dir).model)
+    batch = astro_trt.synthetic_batch(bundle.config, 2, 5, seed=3)
+    history = {n: t.numpy().copy() for n, t in zip(HISTORY_INPUTS, batch.history.astuple(), strict=True)}
+    return bundle, {"ort": ort, "torch": torch_runner}, history, batch.cand_items.numpy().copy()
+
+
+def test_heldout_runner_arguments(api) -> None:
+    bundle, runners, history, cand = api
+    tally = Tally("heldout-runners")
+    for name, runner in runners.items():
+        kv = runner.encode(history)
+        meta = torch.as_tensor(np.asarray(kv)).to("meta")
+        tally.python(f"{name} full cand None", lambda r=runner: r.full(history, None))
+        tally.python(f"{name} score cand None", lambda r=runner, kv=kv: r.score(kv, history, None))
+        tally.python(f"{name} score meta kv", lambda r=runner, m=meta: r.score(m, history, cand))
+    for model in (None, "model", bundle):
+        tally.python(f"TorchRunner({type(model).__name__})", lambda m=model: astro_trt.TorchRunner(m))
+    for bad in (None, 3, object()):
+        tally.python(f"OrtRunner.from_bundle({bad!r})", lambda b=bad: astro_trt.OrtRunner.from_bundle(b, "fp32"))
+    for threads in ("2", -1, 1.5, True):
+        tally.python(f"OrtRunner threads={threads!r}",
+                     lambda t=threads: astro_trt.OrtRunner.from_bundle(bundle, "fp32", threads=t))
+    tally.check()
+
+
+def test_heldout_paths_and_batches(api) -> None:
+    bundle, _, _, _ = api
+    cfg = bundle.config
+    tally = Tally("heldout-api")
+    for bad in (None, 5, 2.5, "", b"\x00", ["a"]):
+        tally.python(f"load_bundle({bad!r})", lambda b=bad: astro_trt.load_bundle(b))
+        tally.python(f"describe_bundle({bad!r})", lambda b=bad: astro_trt.describe_bundle(b))
+        tally.python(f"load_checkpoint({bad!r})", lambda b=bad: astro_trt.load_checkpoint(b))
+        tally.python(f"Session({bad!r})", lambda b=bad: astro_trt.Session(b))
+    tally.python("Session(cpu)", lambda: astro_trt.Session(bundle.directory, "fp32", device="cpu"))
+    for args, kw in (((2.5, 5), {}), (("2", 5), {}), ((True, 5), {}), ((2, None), {}), ((2, 5), {"seed": -1}),
+                     ((2, 5), {"seed": "x"}), ((2, 5), {"seed": 1.0}), ((10**12, 5), {}), ((2, 10**12), {}),
+                     ((2, 5), {"empty_block_prob": float("nan")}), ((2, 5), {"empty_block_prob": "0.1"})):
+        kw = {"seed": 1, **kw}
+        tally.python(f"synthetic_batch{args} {kw}", lambda a=args, k=kw: astro_trt.synthetic_batch(cfg, *a, **k))
+    for bad_cfg in (None, {}, bundle):
+        tally.python(f"synthetic_batch(cfg={type(bad_cfg).__name__})",
+                     lambda c=bad_cfg: astro_trt.synthetic_batch(c, 2, 5, seed=1))
+    tally.check()
+    # What the gate must keep accepting: a Bundle for describe, a path for OrtRunner.from_bundle.
+    assert "manifest sha256" in astro_trt.describe_bundle(bundle)
+    assert astro_trt.OrtRunner.from_bundle(str(bundle.directory), "fp32").precision == "fp32"
