@@ -74,3 +74,19 @@ def test_heldout_paths_and_batches(api) -> None:
     # What the gate must keep accepting: a Bundle for describe, a path for OrtRunner.from_bundle.
     assert "manifest sha256" in astro_trt.describe_bundle(bundle)
     assert astro_trt.OrtRunner.from_bundle(str(bundle.directory), "fp32").precision == "fp32"
+
+
+def test_heldout_cli_flags(tmp_path) -> None:
+    """Flags refused before any work (each run is a short subprocess; nothing here starts a server)."""
+    tally = Tally("heldout-cli")
+    bundle = tmp_path  # the ports are refused before the bundle is read
+    for url in ("127.0.0.1:99999", "127.0.0.1:0", ":8000"):
+        tally.cli(f"loadtest {url}", ["loadtest", url, "--duration", "0.5", "--protocol", "http"], timeout=60)
+    tally.cli("loadtest --grpc-url bad", ["loadtest", "127.0.0.1:8000", "--grpc-url", "bad:url:x",
+                                          "--duration", "0.5"], timeout=60)
+    tally.cli("serve same ports", ["serve", bundle, "--http-port", "8000", "--grpc-port", "8000"], timeout=60)
+    (tmp_path / "file").write_text("x")
+    for cache in ("/proc/astro-x", str(tmp_path / "file" / "sub")):
+        tally.cli(f"data --cache-dir {cache}", ["data", "ml-100k", "--cache-dir", cache, "--source", "/etc/passwd"],
+                  timeout=60)
+    tally.check()
