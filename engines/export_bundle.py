@@ -61,7 +61,7 @@ def export_bundle(
     engines (unless ``engines=False``), the checkpoint copy the validator uses as its oracle, and
     the manifest. ``progress`` receives one short status line per step. Raises an AstroError
     subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
-    from astro_trt.artifacts import check_destination
+    from astro_trt.artifacts import check_destination, check_replaceable
     from astro_trt.engines.backend import resolve_backend
     from astro_trt.engines.build import OPT_LEVELS, Profile, attention_candidates
     from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
@@ -82,8 +82,13 @@ def export_bundle(
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force (force=True) to replace it")
     check_destination(out)
+    check_replaceable(out)
     cache = Path(timing_cache) if timing_cache is not None else None
     ckpt = load_checkpoint(checkpoint)
+    source, target = ckpt.directory.resolve(), out.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise BundleError(f"--out {out} overlaps the checkpoint {ckpt.directory} it exports; "
+                          "write the bundle to a folder outside the checkpoint")
 
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:

@@ -90,3 +90,21 @@ def test_heldout_cli_flags(tmp_path) -> None:
         tally.cli(f"data --cache-dir {cache}", ["data", "ml-100k", "--cache-dir", cache, "--source", "/etc/passwd"],
                   timeout=60)
     tally.check()
+
+
+def test_heldout_outputs_that_would_delete_inputs(tmp_path, monkeypatch) -> None:
+    """--out (with --force) that is the checkpoint being exported, holds it or lies inside it, or is the
+    current folder: replacing it would delete the source or the folder the user stands in."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pristine_bundle() / "checkpoint", ckpt)
+    before = sorted(p.name for p in ckpt.iterdir())
+    tally = Tally("heldout-outputs")
+    monkeypatch.chdir(ckpt)
+    for out in (ckpt, ckpt / "sub", tmp_path, Path(".")):
+        tally.python(f"export_bundle(out={out})",
+                     lambda o=out: astro_trt.export_bundle(ckpt, o, precisions="fp32", engines=False, force=True))
+    tally.cli("triton --out . --force", ["triton", pristine_bundle(), "--out", ".", "--force"], timeout=60)
+    tally.check()
+    assert sorted(p.name for p in ckpt.iterdir()) == before  # the checkpoint is untouched
