@@ -108,3 +108,27 @@ def test_heldout_outputs_that_would_delete_inputs(tmp_path, monkeypatch) -> None
     tally.cli("triton --out . --force", ["triton", pristine_bundle(), "--out", ".", "--force"], timeout=60)
     tally.check()
     assert sorted(p.name for p in ckpt.iterdir()) == before  # the checkpoint is untouched
+
+
+def test_heldout_serving_and_out_arguments(api, tmp_path) -> None:
+    from serving_fixture import request  # tests/ is on the path (tiny_bundle puts it there)
+
+    from astro_trt.serving.service import Recommender
+
+    bundle, _, _, _ = api
+    tally = Tally("heldout-serving")
+    recommender = Recommender(bundle, "fp32", compute="ort", cache_bytes=1 << 20)
+    good = request(bundle.config, candidates=4, seed=0)
+    batch = good["cand_items"].shape[0]
+    for name, key in (("None", None), ("nan", float("nan")), ("object", object())):
+        keys = np.array([[key]] * batch, dtype=object)
+        tally.python(f"user_key {name}", lambda k=keys: recommender.page(k, good))
+    tally.python("cache_bytes -1", lambda: Recommender(bundle, "fp32", compute="ort", cache_bytes=-1))
+    tally.python("bisect_bundle(out=5)", lambda: astro_trt.bisect_bundle(bundle.directory, out=5))
+    tally.python("bench(out=5)", lambda: astro_trt.bench(bundle.directory, out=5))
+    ckpt = bundle.checkpoint_dir
+    tally.python("export_bundle(out=None)", lambda: astro_trt.export_bundle(ckpt, None, engines=False))
+    tally.python("export_bundle(timing_cache=5)",
+                 lambda: astro_trt.export_bundle(ckpt, tmp_path / "b", engines=False, timing_cache=5))
+    tally.check()
+    assert not (tmp_path / "b").exists()
