@@ -67,6 +67,17 @@ def as_float32(array: Any) -> np.ndarray:
     return to_float32(getattr(array, "kv_cache", array))
 
 
+def scored(logits: Any) -> np.ndarray:
+    """Scorer logits as float32, refused when not finite: a finite but absurd kv_cache (one no
+    encoder produced, e.g. 3e38 everywhere) passes the input gate and turns into NaN here."""
+    out = as_float32(logits)
+    if not np.isfinite(out).all():
+        at = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
+        raise DataError(f"logits: non-finite value at {list(at)} from this kv_cache; pass the cache the user "
+                        "encoder returned for this history (re-encode the user)")
+    return out
+
+
 class TorchRunner:
     """The PyTorch model in ``precision`` (a cast copy, the caller's model is left alone)."""
 
@@ -94,7 +105,7 @@ class TorchRunner:
         arrays = gate(self.cfg, history, cand_items)
         kv = validate_kv_cache(self.cfg, kv_cache, self.precision, arrays["hist_items"].shape[0])
         kv = kv if isinstance(kv, torch.Tensor) else torch.from_numpy(kv)
-        return as_float32(self.model.score(kv, gated_history(arrays), torch.from_numpy(arrays["cand_items"])))
+        return scored(self.model.score(kv, gated_history(arrays), torch.from_numpy(arrays["cand_items"])))
 
     @torch.no_grad()
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
@@ -169,7 +180,7 @@ class OrtRunner:
         feeds = gate(self.cfg, history, cand_items, self.profiles.get(ITEM_SCORER))
         feeds[KV_CACHE] = validate_kv_cache(self.cfg, kv_cache, self.precision, feeds["hist_items"].shape[0],
                                             host=True)
-        return as_float32(self._run(ITEM_SCORER, feeds))
+        return scored(self._run(ITEM_SCORER, feeds))
 
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
         return as_float32(self._run(FULL_MODEL, gate(self.cfg, history, cand_items, self.profiles.get(FULL_MODEL))))
@@ -202,10 +213,13 @@ class TrtRunner:
     def score(self, state: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
         # The state already holds this history's device inputs; only the candidates travel.
         arrays = gate(self.session.cfg, history)
+        if not hasattr(state, "batch"):
+            raise DataError(f"state is a {type(state).__name__}, not what this runner's encode() returned; "
+                            "pass the result of encode(history)")
         if arrays["hist_items"].shape[0] != state.batch:
             raise DataError(f"history: batch {arrays['hist_items'].shape[0]} but the encoded state holds "
                             f"{state.batch} users; score with the history that was encoded")
-        return as_float32(self.session.score(state, cand_items))
+        return scored(self.session.score(state, cand_items))
 
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
         arrays = gate(self.session.cfg, history, cand_items)

@@ -132,3 +132,16 @@ def test_heldout_serving_and_out_arguments(api, tmp_path) -> None:
                  lambda: astro_trt.export_bundle(ckpt, tmp_path / "b", engines=False, timing_cache=5))
     tally.check()
     assert not (tmp_path / "b").exists()
+
+
+def test_heldout_absurd_finite_cache(api) -> None:
+    """A finite cache no encoder produced (3e38 everywhere) passes the input gate; its NaN logits must not."""
+    _, runners, history, cand = api
+    tally = Tally("heldout-cache")
+    for name, runner in runners.items():
+        kv = np.asarray(runner.encode(history), dtype=np.float32)
+        for value in (3e38, -3e38):
+            absurd = np.full(kv.shape, value, np.float32)
+            tally.python(f"{name} kv={value}", lambda r=runner, a=absurd: r.score(a, history, cand))
+        assert np.isfinite(runner.score(kv, history, cand)).all()  # the real cache still scores
+    tally.check()
