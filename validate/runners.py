@@ -29,8 +29,16 @@ from astro_trt.model.astro import History
 from astro_trt.precision import get, is_reference
 from astro_trt.validate.stats import to_float32
 
+
 # ONNX Runtime threads: the bench and CI machines give us two cores.
-ORT_THREADS = int(os.environ.get("ASTRO_ORT_THREADS", "2"))
+def _env_threads() -> int:
+    raw = os.environ.get("ASTRO_ORT_THREADS") or "2"  # empty is unset
+    if not raw.strip().isdigit():
+        raise DataError(f"ASTRO_ORT_THREADS={raw!r} is not a thread count; unset it or set an integer >= 0")
+    return int(raw)
+
+
+ORT_THREADS = _env_threads()
 
 
 class Runner(Protocol):

@@ -89,6 +89,9 @@ def test_heldout_cli_flags(tmp_path) -> None:
     for cache in ("/proc/astro-x", str(tmp_path / "file" / "sub")):
         tally.cli(f"data --cache-dir {cache}", ["data", "ml-100k", "--cache-dir", cache, "--source", "/etc/passwd"],
                   timeout=60)
+    for threads in ("abc", "-1", "2.5"):
+        tally.cli(f"ASTRO_ORT_THREADS={threads}", ["validate", pristine_bundle(), "--data", "synthetic"],
+                  env={"ASTRO_ORT_THREADS": threads}, timeout=60)
     tally.check()
 
 
