@@ -24,6 +24,14 @@ from astro_trt.errors import ArtifactError
 _log = logging.getLogger("astro_trt")
 
 
+def as_path(value: object, what: str, error: type[Exception] = ArtifactError) -> Path:
+    """A str or os.PathLike as a Path; anything else (None, a number, an object) is ``error`` in one line."""
+    if isinstance(value, str) and value.strip() or isinstance(value, os.PathLike):
+        return Path(value)
+    raise error(f"{what}: expected a path (str or pathlib.Path), got {type(value).__name__} {str(value)[:60]!r}; "
+                "pass the directory's path")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -172,6 +180,7 @@ def staged_directory(out: str | Path) -> Iterator[Path]:
     replacing an existing ``out`` is allowed."""
     out = Path(out).resolve()
     check_destination(out)
+    check_replaceable(out)
     state = _Staging(out, [])
     _ACTIVE.append(state)
     lock = None
@@ -217,6 +226,14 @@ def check_destination(out: str | Path, what: str = "--out") -> None:
                             "choose another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ArtifactError(f"{what} {out}: {ancestor} is not writable by this user; choose a writable folder")
+
+
+def check_replaceable(out: str | Path, what: str = "--out") -> None:
+    """Refuse an output that replacing would delete the folder this process (and the user's
+    shell) stands in: the current folder or one above it, ``/`` included."""
+    out, here = Path(out).resolve(), Path.cwd().resolve()
+    if out == here or out in here.parents:
+        raise ArtifactError(f"{what} {out} is the current folder or one above it; choose a new folder for the output")
 
 
 def _usual_modes(stage: Path) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from astro_trt.artifacts import atomic_write, sha256_file, staged_directory
+from astro_trt.artifacts import as_path, atomic_write, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GraphIO, TensorSpec
 from astro_trt.errors import BundleError, ConfigError
@@ -105,7 +105,7 @@ def load_bundle(path: str | Path, *, verify: bool = True, expect_sha256: str | N
     ``expect_sha256`` (the manifest digest ``export`` and ``inspect`` print) refuse every bundle
     but that one. The manifest is schema-checked and every path in it must resolve inside the
     bundle, verified or not."""
-    directory = Path(path).resolve()
+    directory = as_path(path, "bundle", BundleError).resolve()
     manifest, digest = read_manifest_digest(directory, expect_sha256=expect_sha256)
     where = f"{directory}/manifest.json"
     try:

@@ -26,6 +26,7 @@ def describe_bundle(directory: str | Path, *, verify: bool = True, expect_sha256
     with ``expect_sha256`` only the bundle whose manifest has that digest is described."""
     from astro_trt.engines.bundle import load_bundle
 
+    directory = getattr(directory, "directory", directory)  # a loaded Bundle describes its folder
     bundle = load_bundle(directory, verify=verify, expect_sha256=expect_sha256)
     m = bundle.manifest
     backend = m.get("backend")

@@ -61,7 +61,7 @@ def export_bundle(
     engines (unless ``engines=False``), the checkpoint copy the validator uses as its oracle, and
     the manifest. ``progress`` receives one short status line per step. Raises an AstroError
     subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
-    from astro_trt.artifacts import check_destination
+    from astro_trt.artifacts import as_path, check_destination, check_replaceable
     from astro_trt.engines.backend import resolve_backend
     from astro_trt.engines.build import OPT_LEVELS, Profile, attention_candidates
     from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
@@ -78,12 +78,17 @@ def export_bundle(
     chosen = resolve_backend(backend) if engines else None
     target_list = chosen.parse_targets(targets) if chosen else []
     lowerings = {p: attention_candidates(chosen, attention, p) for p in wanted}
-    out = Path(out)
+    out = as_path(out, "out")
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force (force=True) to replace it")
     check_destination(out)
-    cache = Path(timing_cache) if timing_cache is not None else None
+    check_replaceable(out)
+    cache = as_path(timing_cache, "timing_cache") if timing_cache is not None else None
     ckpt = load_checkpoint(checkpoint)
+    source, target = ckpt.directory.resolve(), out.resolve()
+    if target == source or target in source.parents or source in target.parents:
+        raise BundleError(f"--out {out} overlaps the checkpoint {ckpt.directory} it exports; "
+                          "write the bundle to a folder outside the checkpoint")
 
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:

@@ -183,6 +183,8 @@ def validate_history(cfg: ASTROConfig, history: Any, profile: Ranges | None = No
 
 def validate_candidates(cfg: ASTROConfig, cand_items: Any, batch: int, profile: Ranges | None = None) -> np.ndarray:
     """cand_items [batch, M] int64 with ids 1..num_items and M inside the profile."""
+    if cand_items is None:
+        raise DataError("cand_items: none given; pass a [batch, candidates] array of item ids")
     cand = _as_int64("cand_items", cand_items)
     if cand.ndim != 2 or cand.shape[0] != batch:
         raise DataError(f"cand_items: shape {cand.shape}, expected [{batch}, candidates] for batch {batch}; "
@@ -214,6 +216,8 @@ def validate_kv_cache(cfg: ASTROConfig, kv_cache: Any, precision: str, batch: in
     expected_dtype = float_dtype(precision)
     expected = tuple(batch if d == BATCH else d for d in kv_cache_shape(cfg))
     is_torch = hasattr(kv_cache, "detach")
+    if is_torch and getattr(kv_cache, "is_meta", False):
+        raise DataError(f"{KV_CACHE}: a meta tensor holds no values; pass the cache the user encoder returned")
     if not is_torch:
         kv_cache = _host(KV_CACHE, kv_cache)
     shape = tuple(kv_cache.shape)

@@ -20,7 +20,7 @@ from astro_trt.contract import FULL_MODEL, ITEM_SCORER, KV_CACHE, LOGITS, USER_E
 from astro_trt.engines.backend import BACKENDS, capturing_logger
 from astro_trt.engines.bundle import Bundle, load_bundle
 from astro_trt.engines.inputs import validate_candidates, validate_history
-from astro_trt.errors import BackendError, BundleError
+from astro_trt.errors import BackendError, BundleError, DataError
 from astro_trt.precision import dtype
 
 
@@ -94,7 +94,12 @@ class Session:
         self.cfg = self.bundle.config
         self.precision = precision
         self.io = self.bundle.io(precision)
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise BackendError(f"device {device!r} is not a device ({exc}); pass 'cuda' or 'cuda:N'") from None
+        if self.device.type != "cuda":
+            raise BackendError(f"device {device!r}: TensorRT engines run on a CUDA device; pass 'cuda' or 'cuda:N'")
         self.stream = torch.cuda.Stream(self.device)
         trt = backend.load()
         self._runtime = trt.Runtime(capturing_logger(trt))
@@ -134,6 +139,9 @@ class Session:
         scorer reads ``state.kv_cache`` in place: its device pointer is bound as the input."""
         import torch
 
+        if not isinstance(state, UserState):
+            raise DataError(f"Session.score: state is a {type(state).__name__}, not the UserState this session's "
+                            "encode() returned; call encode(history) first and pass its result")
         cand = validate_candidates(self.cfg, cand_items, state.batch, self.bundle.profile(ITEM_SCORER))
         dims = {contract.BATCH: state.batch, contract.CANDIDATES: cand.shape[1]}
         with torch.cuda.stream(self.stream):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from astro_trt import __version__
-from astro_trt.artifacts import sha256_file, staged_directory
+from astro_trt.artifacts import as_path, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import CheckpointError, ConfigError
 from astro_trt.model.astro import ASTRO
@@ -190,7 +190,7 @@ def checkpoint_sha256(path: str | Path) -> str:
 
 def _resolve(path: str | Path) -> tuple[Path, Path]:
     """-> (checkpoint directory, its weights file), or a CheckpointError naming what is missing."""
-    path = Path(path)
+    path = as_path(path, "checkpoint", CheckpointError)
     weights = path / WEIGHTS_FILE if path.is_dir() else path
     if weights.is_symlink():
         raise CheckpointError(f"{weights}: is a symbolic link; a checkpoint holds its weights file itself "

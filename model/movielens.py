@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from astro_trt.artifacts import sha256_file, staged_directory
+from astro_trt.artifacts import check_destination, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
 from astro_trt.model.requests import Request
@@ -118,6 +118,7 @@ def fetch_ml100k(cache_dir: str | Path | None = None, *, source: str | Path | No
     target = dataset_dir(cache_dir) / DATASET
     if (target / INTER).is_file() and not force and source is None:
         return target
+    check_destination(target.parent, "--cache-dir")  # /proc, a file, a read-only folder: one line, not OSError
     target.parent.mkdir(parents=True, exist_ok=True)
     # The download lands in its own temporary folder; the dataset folder replaces the cache's
     # through the project's one atomic mechanism.

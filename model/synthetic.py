@@ -20,6 +20,7 @@ from astro_trt.model.requests import PAD_CANDIDATE, RequestBatch
 _BASE_TIME = 1_000_000_000
 # Log-uniform gaps between consecutive events: 1 s .. ~1 year.
 _MAX_GAP_LOG = np.log(3.2e7)
+_MAX_BYTES = 4 << 30
 
 
 def _lengths(rng: np.random.Generator, shape: tuple[int, int], max_len: int, empty_block_prob: float) -> np.ndarray:
@@ -34,9 +35,21 @@ def synthetic_batch(
 ) -> RequestBatch:
     """A RequestBatch of ``batch`` users and ``candidates`` candidate slots each (shapes of
     ``cfg``), fully determined by ``seed``."""
+    if not isinstance(cfg, ASTROConfig):
+        raise DataError(f"synthetic_batch needs an ASTROConfig (e.g. load_bundle(DIR).config), "
+                        f"got {type(cfg).__name__}")
+    for name, value in (("batch", batch), ("candidates", candidates), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise DataError(f"synthetic_batch: {name} must be an int, got {type(value).__name__} {value!r}")
+    if seed < 0:
+        raise DataError(f"synthetic_batch: seed must be >= 0, got {seed}")
+    # Five int64 arrays of [batch, Nb, L] plus the candidates: refuse what would not fit in memory.
+    if batch * (5 * cfg.num_blocks * cfg.max_len + 2 * candidates) * 8 > _MAX_BYTES:
+        raise DataError(f"synthetic_batch: {batch} users x {candidates} candidates needs more than "
+                        f"{_MAX_BYTES >> 30} GiB; generate it in smaller batches")
     if batch < 1 or candidates < 1:
         raise DataError(f"synthetic_batch needs batch >= 1 and candidates >= 1, got {batch} and {candidates}")
-    if not 0.0 <= empty_block_prob <= 1.0:
+    if not isinstance(empty_block_prob, (int, float)) or not 0.0 <= empty_block_prob <= 1.0:
         raise DataError(f"empty_block_prob must be in [0, 1], got {empty_block_prob}")
     rng = np.random.default_rng(seed)
     nb, length = cfg.num_blocks, cfg.max_len

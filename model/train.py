@@ -183,7 +183,7 @@ def train_ml100k(
 ) -> dict:
     """Train on ml-100k, evaluate the best model and the item-average baseline on test, and
     write the checkpoint (config, weights, metrics.json, data.json). Returns the metrics."""
-    from astro_trt.artifacts import check_destination
+    from astro_trt.artifacts import check_destination, check_replaceable
     from astro_trt.model import movielens
     from astro_trt.model.checkpoint import save_checkpoint
     from astro_trt.model.resources import check_fits
@@ -195,6 +195,7 @@ def train_ml100k(
         raise AstroError(f"--candidates must be an integer in [1, {MAX_CANDIDATES}], got {candidates!r}")
     spec.validate()
     check_destination(out_dir)
+    check_replaceable(out_dir)
     check_fits(cfg, users=options.batch_size, candidates=candidates, purpose="training", full=False, training=True)
     interactions = movielens.load_ml100k(cache_dir)
     splits = {s: movielens.build_requests(interactions, cfg, s, spec) for s in movielens.SPLITS}

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.errors import DataError
+
 
 def fingerprint(arrays: Mapping[str, np.ndarray], names: Sequence[str], row: int) -> bytes:
     """A digest of one user's history tensors (row ``row`` of each of ``names``)."""
@@ -40,7 +42,7 @@ class CacheStats:
 class UserCache:
     def __init__(self, capacity_bytes: int) -> None:
         if capacity_bytes < 0:
-            raise ValueError(f"cache capacity must be >= 0 bytes, got {capacity_bytes}")
+            raise DataError(f"cache capacity must be >= 0 bytes, got {capacity_bytes}; pass 0 (no cache) or more")
         self.capacity = capacity_bytes
         self._entries: OrderedDict[bytes, tuple[bytes, Any, int]] = OrderedDict()
         self.stats = CacheStats()

@@ -252,6 +252,11 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
         if not port.isdigit():
             raise DataError(f"URL {url!r} must be host:port; pass --grpc-url too")
         grpc_url = f"{host}:{int(port) + 1}"
+    for what, value in (("URL", url), ("--grpc-url", grpc_url)):
+        # A client built on a bad port fails in its destructor too: refuse before making one.
+        host, _, port = value.removeprefix("http://").rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise DataError(f"{what} {value!r} must be host:port with a port in 1..65535; pass the server's address")
     try:
         params = tc.served_config(url)
     except Exception as exc:  # noqa: BLE001 - whatever the client raises, the message is one line

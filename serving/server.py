@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from astro_trt.errors import BackendError
+from astro_trt.errors import BackendError, DataError
 
 HOST = "127.0.0.1"
 _INSTALL = "pip install 'astro-trt[serve]' (nvidia-pytriton ships tritonserver)"
@@ -250,6 +250,10 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     from astro_trt.serving.repository import PYTHON_MODELS, write_repository
     from astro_trt.serving.source import load_served_bundle
 
+    ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+    if len(set(ports.values())) < len(ports):
+        raise DataError(f"{', '.join(f'{k} {v}' for k, v in ports.items())}: each endpoint needs its own port; "
+                        "choose three different ports")
     find_triton()  # before any work: say how to install it
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     stop = threading.Event()

@@ -79,6 +79,10 @@ def _keys(user_keys: np.ndarray, batch: int) -> list[bytes]:
     flat = np.asarray(user_keys, dtype=object).reshape(-1)
     if flat.size != batch:
         raise DataError(f"user_key: {flat.size} keys for a batch of {batch} users; send one key per user")
+    if any(not isinstance(k, (bytes, str, int, np.integer)) for k in flat):
+        # None or NaN would become the text "None"/"nan": one key shared by unrelated users.
+        raise DataError(f"user_key: {next(k for k in flat if not isinstance(k, (bytes, str, int, np.integer)))!r} "
+                        "is not a key; send one non-empty bytes key per user")
     keys = [k if isinstance(k, bytes) else str(k).encode() for k in flat]
     if any(not k for k in keys):
         raise DataError("user_key: empty key; send a non-empty key per user")

@@ -49,7 +49,7 @@ def bench_bundle(
     ``profile`` adds ONNX Runtime's per-operator breakdown; every runtime gets ``threads``
     intra-op threads. The report goes to BUNDLE/reports/bench/ (recorded in the manifest) or to
     ``out``. With ``expect_sha256`` only the bundle whose manifest has that digest is timed."""
-    from astro_trt.artifacts import check_destination
+    from astro_trt.artifacts import as_path, check_destination
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.validate.bench import (
         parse_candidates,
@@ -65,7 +65,7 @@ def bench_bundle(
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
         raise DataError(f"--threads {threads!r}: must be an integer >= 1")
     if out is not None:
-        check_destination(Path(out))
+        check_destination(as_path(out, "out"))
     say = progress or (lambda _msg: None)
     bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     check_counts(counts, bundle if config == "bundle" else None)

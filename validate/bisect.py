@@ -301,9 +301,9 @@ def bisect_bundle(
             raise DataError(f"bisect {name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
                             f"got {value!r}")
     if out is not None:
-        from astro_trt.artifacts import check_destination
+        from astro_trt.artifacts import as_path, check_destination
 
-        check_destination(Path(out))
+        check_destination(as_path(out, "out"))
     bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     wanted = bundle.precisions if precisions is None else comma_list(precisions, PRECISIONS, "--precision", DataError)
     for p in wanted:

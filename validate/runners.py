@@ -29,8 +29,16 @@ from astro_trt.model.astro import History
 from astro_trt.precision import get, is_reference
 from astro_trt.validate.stats import to_float32
 
+
 # ONNX Runtime threads: the bench and CI machines give us two cores.
-ORT_THREADS = int(os.environ.get("ASTRO_ORT_THREADS", "2"))
+def _env_threads() -> int:
+    raw = os.environ.get("ASTRO_ORT_THREADS") or "2"  # empty is unset
+    if not raw.strip().isdigit():
+        raise DataError(f"ASTRO_ORT_THREADS={raw!r} is not a thread count; unset it or set an integer >= 0")
+    return int(raw)
+
+
+ORT_THREADS = _env_threads()
 
 
 class Runner(Protocol):
@@ -45,11 +53,14 @@ class Runner(Protocol):
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray: ...
 
 
-def gate(cfg: ASTROConfig, history: Any, cand_items: Any = None,
+_NO_CANDIDATES: Any = object()  # encode passes no candidates; score(..., None) must still be refused
+
+
+def gate(cfg: ASTROConfig, history: Any, cand_items: Any = _NO_CANDIDATES,
          profile: Ranges | None = None) -> dict[str, np.ndarray]:
     """The history (and candidates) through the input gate: contract name -> int64 array."""
     arrays = validate_history(cfg, history, profile)
-    if cand_items is not None:
+    if cand_items is not _NO_CANDIDATES:
         arrays["cand_items"] = validate_candidates(cfg, cand_items, arrays["hist_items"].shape[0], profile)
     return arrays
 
@@ -64,12 +75,26 @@ def as_float32(array: Any) -> np.ndarray:
     return to_float32(getattr(array, "kv_cache", array))
 
 
+def scored(logits: Any) -> np.ndarray:
+    """Scorer logits as float32, refused when not finite: a finite but absurd kv_cache (one no
+    encoder produced, e.g. 3e38 everywhere) passes the input gate and turns into NaN here."""
+    out = as_float32(logits)
+    if not np.isfinite(out).all():
+        at = tuple(int(i) for i in np.argwhere(~np.isfinite(out))[0])
+        raise DataError(f"logits: non-finite value at {list(at)} from this kv_cache; pass the cache the user "
+                        "encoder returned for this history (re-encode the user)")
+    return out
+
+
 class TorchRunner:
     """The PyTorch model in ``precision`` (a cast copy, the caller's model is left alone)."""
 
     runtime = "torch"
 
     def __init__(self, model: torch.nn.Module, precision: str = "fp32") -> None:
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "cfg"):
+            raise DataError(f"TorchRunner needs the ASTRO model (load_checkpoint(DIR).model), got "
+                            f"{type(model).__name__}")
         self.dtype = get(precision).torch()  # ConfigError naming the precisions for an unknown one
         self.precision = precision
         self.name = f"torch-{precision}"
@@ -88,7 +113,7 @@ class TorchRunner:
         arrays = gate(self.cfg, history, cand_items)
         kv = validate_kv_cache(self.cfg, kv_cache, self.precision, arrays["hist_items"].shape[0])
         kv = kv if isinstance(kv, torch.Tensor) else torch.from_numpy(kv)
-        return as_float32(self.model.score(kv, gated_history(arrays), torch.from_numpy(arrays["cand_items"])))
+        return scored(self.model.score(kv, gated_history(arrays), torch.from_numpy(arrays["cand_items"])))
 
     @torch.no_grad()
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
@@ -115,6 +140,8 @@ class OrtRunner:
 
     def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS,
                  profile_dir: Path | None = None, *, profiles: Mapping[str, Ranges] | None = None):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise DataError(f"OrtRunner: threads must be an int >= 0 (0: one per core), got {threads!r}")
         missing = [g for g in GRAPHS if g not in graphs]
         if missing:
             raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
@@ -142,7 +169,11 @@ class OrtRunner:
 
     @classmethod
     def from_bundle(cls, bundle: Any, precision: str = "fp32", threads: int = ORT_THREADS) -> OrtRunner:
-        """The bundle's ONNX graphs of ``precision`` (a loaded engines.bundle.Bundle)."""
+        """The bundle's ONNX graphs of ``precision`` (a loaded engines.bundle.Bundle, or its directory)."""
+        if not hasattr(bundle, "onnx_path"):
+            from astro_trt.engines.bundle import load_bundle
+
+            bundle = load_bundle(bundle)  # a path, or a one-line BundleError for anything else
         return cls({g: bundle.onnx_path(g, precision) for g in bundle.io(precision)}, bundle.config, precision,
                    threads)
 
@@ -157,7 +188,7 @@ class OrtRunner:
         feeds = gate(self.cfg, history, cand_items, self.profiles.get(ITEM_SCORER))
         feeds[KV_CACHE] = validate_kv_cache(self.cfg, kv_cache, self.precision, feeds["hist_items"].shape[0],
                                             host=True)
-        return as_float32(self._run(ITEM_SCORER, feeds))
+        return scored(self._run(ITEM_SCORER, feeds))
 
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
         return as_float32(self._run(FULL_MODEL, gate(self.cfg, history, cand_items, self.profiles.get(FULL_MODEL))))
@@ -190,10 +221,13 @@ class TrtRunner:
     def score(self, state: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
         # The state already holds this history's device inputs; only the candidates travel.
         arrays = gate(self.session.cfg, history)
+        if not hasattr(state, "batch"):
+            raise DataError(f"state is a {type(state).__name__}, not what this runner's encode() returned; "
+                            "pass the result of encode(history)")
         if arrays["hist_items"].shape[0] != state.batch:
             raise DataError(f"history: batch {arrays['hist_items'].shape[0]} but the encoded state holds "
                             f"{state.batch} users; score with the history that was encoded")
-        return as_float32(self.session.score(state, cand_items))
+        return scored(self.session.score(state, cand_items))
 
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
         arrays = gate(self.session.cfg, history, cand_items)
