@@ -51,6 +51,17 @@ def random_history(
     )
 
 
+def cli_status(argv: list[str]) -> int:
+    """``astro-trt ARGV`` through the CLI's entry point in this process: its exit status."""
+    from astro_trt.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
 def random_model(cfg: ASTROConfig, seed: int) -> ASTRO:
     """An eval-mode ASTRO with random weights, bias tables and temperatures.
 

@@ -140,21 +140,14 @@ def test_gain_with_the_fusion_head_is_the_lower_ceiling():
 def test_bench_cli_on_a_tiny_bundle(tmp_path):
     """`astro-trt bench` end to end on an exported bundle: users, the PyTorch peer (the bundle's
     own checkpoint), the per-operator profile and the machine header all reach the report."""
+    from conftest import cli_status as run
     from conftest import small_config
 
-    from astro_trt.cli import main
     from astro_trt.model.checkpoint import save_checkpoint
 
     cfg = small_config()
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "ckpt", ASTRO(cfg), cfg)
-
-    def run(argv: list[str]) -> int:
-        try:
-            main(argv)
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
 
     assert run(["export", str(ckpt), "--out",
                 str(tmp_path / "bundle"), "--no-engines", "--precision", "fp32"]) == 0

@@ -8,9 +8,8 @@ import json
 
 import pytest
 import torch
-from conftest import small_config
+from conftest import cli_status, small_config
 
-from astro_trt.cli import main
 from astro_trt.contract import GRAPHS, graph_io
 from astro_trt.engines.backend import TENSORRT_RTX
 from astro_trt.engines.build import Profile, compare_io
@@ -20,14 +19,7 @@ from astro_trt.model.checkpoint import save_checkpoint
 
 needs_rtx = pytest.mark.skipif(not TENSORRT_RTX.is_available(), reason="tensorrt_rtx is not installed")
 SMALL = ["--max-batch", "2", "--max-candidates", "8", "--opt-level", "0"]
-
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+run = cli_status
 
 
 @pytest.fixture(scope="module")
