@@ -49,6 +49,16 @@ class Case:
         self.kv: object = kv.copy()
         self.profile_only = False  # invalid only against a profile (ORT with the bundle's, the gate with it)
 
+    def field(self, name: str) -> object:
+        """A history field or, for "cand_items", the candidates."""
+        return self.history[name] if name != "cand_items" else self.cand
+
+    def set_field(self, name: str, value: object) -> None:
+        if name == "cand_items":
+            self.cand = value
+        else:
+            self.history[name] = value
+
 
 def _event_slots(h: dict, want_events: bool) -> np.ndarray:
     length = h["hist_items"].shape[-1]
@@ -114,20 +124,17 @@ def mutate(case: Case, cfg, profiles, rng: np.random.Generator) -> str:
     if kind == "dtype":
         name = rng.choice([*HISTORY_INPUTS, "cand_items"])
         target = rng.choice(["float32", "float64", "bool", "complex", "str", "object", "float16"])
-        value = h[name] if name in h else case.cand
+        value = case.field(name)
         with np.errstate(over="ignore"):  # large times do not fit float16: inf is as wrong a dtype as any
             converted = value.astype(target) if target not in ("str", "object") else value.astype(
                 {"str": "U8", "object": object}[target])
         if target == "object":
             converted.flat[0] = "x"
-        if name in h:
-            h[name] = converted
-        else:
-            case.cand = converted
+        case.set_field(name, converted)
         return f"{name} as {target}"
     if kind == "shape":
         name = rng.choice([*HISTORY_INPUTS, "cand_items"])
-        value = h[name] if name in h else case.cand
+        value = case.field(name)
         how = rng.choice(["drop-axis", "add-axis", "batch+1", "batch-1", "axis-1"])
         if how == "drop-axis" and value.ndim > 1:
             value = value[..., 0]
@@ -143,10 +150,7 @@ def mutate(case: Case, cfg, profiles, rng: np.random.Generator) -> str:
                 value = value[:1]  # M - 1 alone is valid: break the batch too
         else:
             value = value[:0] if name != "hist_items" else value[..., :-1]
-        if name in h:
-            h[name] = value
-        else:
-            case.cand = value
+        case.set_field(name, value)
         return f"{name} {how} -> {np.shape(value)}"
     if kind == "empty-batch":
         for name in HISTORY_INPUTS:
@@ -170,12 +174,9 @@ def mutate(case: Case, cfg, profiles, rng: np.random.Generator) -> str:
         return f"history container {how}"
     if kind == "unsigned":
         name = rng.choice(["hist_items", "cand_items"])
-        value = (h[name] if name in h else case.cand).astype(np.uint64)
+        value = case.field(name).astype(np.uint64)
         value.flat[rng.integers(value.size)] = np.uint64(2**64 - int(rng.integers(1, 4)))
-        if name in h:
-            h[name] = value
-        else:
-            case.cand = value
+        case.set_field(name, value)
         return f"{name} uint64 beyond int64"
     if kind == "candidates":
         cand = case.cand
