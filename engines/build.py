@@ -20,7 +20,6 @@ from astro_trt.contract import (
     ATTENTION_CHOICES,
     BATCH,
     CANDIDATES,
-    LOWERINGS,
     NATIVE,
     PLUGIN,
     REFERENCE_BODY,
@@ -298,6 +297,6 @@ def build_engine(
 
 
 __all__ = [
-    "ATTENTION_CHOICES", "BuiltEngine", "LOWERINGS", "Lowering", "Profile", "attention_candidates",
+    "BuiltEngine", "Lowering", "Profile", "attention_candidates",
     "build_engine", "compare_io", "dtype_name", "read_engine_io",
 ]

@@ -18,7 +18,6 @@ from astro_trt.errors import ExportError
 from astro_trt.precision import REGISTRY
 
 MAX_TENSOR_ELEMENTS = 2**31 - 1
-ATTENTIONS = contract.EXPORT_LOWERINGS
 
 
 def largest_attention_tensor(cfg: ASTROConfig) -> int:
@@ -31,8 +30,8 @@ def check_export_request(cfg: ASTROConfig, precision: str, attention: str, graph
     """Raise ExportError naming the first limit or option the request breaks."""
     if precision not in REGISTRY:
         raise ExportError(f"unknown precision '{precision}'; choose one of {list(REGISTRY)}")
-    if attention not in ATTENTIONS:
-        raise ExportError(f"unknown attention lowering '{attention}'; choose one of {list(ATTENTIONS)}")
+    if attention not in contract.EXPORT_LOWERINGS:
+        raise ExportError(f"unknown attention lowering '{attention}'; choose one of {list(contract.EXPORT_LOWERINGS)}")
     unknown = [g for g in graphs if g not in contract.GRAPHS]
     if unknown or not graphs:
         raise ExportError(f"unknown graphs {unknown or '(none given)'}; choose from {list(contract.GRAPHS)}")

@@ -74,3 +74,19 @@ def test_the_checker_flags_both_rules() -> None:
 def test_no_library_module_imports_click_or_a_later_stage() -> None:
     found = [v for folder, rel in _modules() for v in violations(folder, rel, (ROOT / rel).read_text())]
     assert not found, "\n".join(found)
+
+
+def test_command_modules_load_no_heavy_module() -> None:
+    """`astro-trt COMMAND --help` imports only the command's module: none may pull in torch, onnx
+    or onnxruntime at import time (the library they call imports them when the command runs)."""
+    import subprocess
+    import sys
+
+    from astro_trt.cli import COMMANDS
+
+    modules = sorted({module for module, _attr, _help in COMMANDS.values()})
+    code = ("import importlib, sys\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n"
+            "print([m for m in ('torch', 'onnx', 'onnxruntime', 'tensorrt_rtx', 'triton') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", (modules, out.stdout)

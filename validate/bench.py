@@ -193,24 +193,23 @@ def time_interleaved(
     return seconds
 
 
-def parse_candidates(text: str) -> list[int]:
+def parse_counts(text: str, option: str = "--candidates", example: str = "64,256,1024") -> list[int]:
+    """A comma list of positive counts (``--candidates``, ``--users``), or a one-line DataError."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise DataError(f"--candidates '{text}': expected comma-separated integers such as 64,256,1024") from None
+        raise DataError(f"{option} '{text}': expected comma-separated integers such as {example}") from None
     if not values or any(v < 1 for v in values):
-        raise DataError(f"--candidates '{text}': every count must be a positive integer")
+        raise DataError(f"{option} '{text}': every count must be a positive integer")
     return values
+
+
+def parse_candidates(text: str) -> list[int]:
+    return parse_counts(text)
 
 
 def parse_users(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DataError(f"--users '{text}': expected comma-separated integers such as 1,8,32") from None
-    if not values or any(v < 1 for v in values):
-        raise DataError(f"--users '{text}': every count must be a positive integer")
-    return values
+    return parse_counts(text, "--users", "1,8,32")
 
 
 def run_bench(

@@ -86,14 +86,11 @@ def bench_bundle(
     return BenchRun(result, paths)
 
 
-DEFAULT_USERS = (1, 8, 32)
-
-
 def _users(users: Any, bundle: Any) -> list[int]:
     """Users per request: given, or 1, 8, 32 up to the profile's max batch; refused beyond it."""
     from astro_trt.contract import BATCH, FULL_MODEL
     from astro_trt.engines.inputs import check_profile
-    from astro_trt.validate.bench import parse_users
+    from astro_trt.validate.bench import DEFAULT_USERS, parse_users
 
     if users is None:
         top = _bench_profiles(bundle)[FULL_MODEL][BATCH][2] if bundle is not None else max(DEFAULT_USERS)
@@ -171,12 +168,11 @@ def _check_choices(*, runtime: Any, config: Any, precision: Any, attention: Any,
                    warmup: Any) -> None:
     """Refuse a bad option before the bundle is read or a model exported."""
     from astro_trt.config import PRESETS
-    from astro_trt.contract import PRECISIONS
-    from astro_trt.exporter.limits import ATTENTIONS
+    from astro_trt.contract import EXPORT_LOWERINGS, PRECISIONS
 
     for option, value, choices in (("--runtime", runtime, ("ort", "trt")), ("--config", config, ("bundle", *PRESETS)),
                                    ("--precision", precision, (None, *PRECISIONS)),
-                                   ("--attention", attention, ATTENTIONS)):
+                                   ("--attention", attention, EXPORT_LOWERINGS)):
         if not (value is None or isinstance(value, str)) or value not in choices:
             raise DataError(f"{option} {value!r}: choose one of {[c for c in choices if c is not None]}")
     for option, value, least in (("--repetitions", repetitions, 1), ("--warmup", warmup, 0)):

@@ -287,12 +287,12 @@ def bisect_bundle(
     from astro_trt.exporter.precision import model_in_precision
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.validate.gates import Gates
-    from astro_trt.validate.parity import RUNTIMES
+    from astro_trt.validate.parity import parse_runtimes
     from astro_trt.validate.runners import gate, ort_session
 
     gates = gates or Gates()
     say = progress or (lambda _msg: None)
-    asked = comma_list(runtime, RUNTIMES, "--runtime", DataError)
+    asked = parse_runtimes(runtime)
     if [r for r in asked if r != "torch"] != ["ort"]:  # torch is the oracle itself
         raise DataError(f"--bisect runs on ONNX Runtime only (got --runtime {','.join(asked)}); a TensorRT engine "
                         "keeps no intermediate tensors, so use --runtime ort")

@@ -18,11 +18,10 @@ from astro_trt.errors import DataError
 from astro_trt.model.checkpoint import METRICS_FILE
 from astro_trt.model.train import EVAL_BATCH
 from astro_trt.precision import REFERENCE, is_reference
+from astro_trt.validate.choices import DATA_CHOICES, RUNTIMES
 from astro_trt.validate.gates import GateResult, Gates
 from astro_trt.validate.stats import abs_errors, error_stats
 
-RUNTIMES = ("torch", "ort", "trt")
-DATA_CHOICES = ("ml-100k", "synthetic")
 # Users whose kv_cache is compared element by element: the cache is ~100x the logits per user,
 # and a few hundred users already exercise every block length and time bucket.
 KV_USERS = 256

@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from astro_trt.cli.gates import gate_failure
+from astro_trt.contract import ATTENTION_CHOICES
 from astro_trt.engines.backend import BACKEND_CHOICES
-from astro_trt.engines.build import ATTENTION_CHOICES
 from astro_trt.errors import GateError
 
 EXPECT_SHA256_HELP = ("Refuse the bundle unless its manifest.json has this sha256 (printed by export and inspect): "

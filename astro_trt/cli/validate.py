@@ -10,9 +10,9 @@ import click
 from astro_trt.cli.export import EXPECT_SHA256_HELP
 from astro_trt.cli.gates import gate_failure
 from astro_trt.config import PRESETS
+from astro_trt.contract import EXPORT_LOWERINGS
 from astro_trt.errors import GateError
-from astro_trt.exporter.limits import ATTENTIONS
-from astro_trt.validate.parity import DATA_CHOICES, RUNTIMES
+from astro_trt.validate.choices import DATA_CHOICES, RUNTIMES
 
 
 @click.command("validate")
@@ -109,7 +109,7 @@ def _print_gates(report) -> None:
               help="Graphs to time: the bundle's own, or a randomly initialised preset exported on the fly.")
 @click.option("--precision", default=None,
               help="Precision of the graphs (default: the bundle's first; fp32 for presets).")
-@click.option("--attention", default="plugin", show_default=True, type=click.Choice(ATTENTIONS),
+@click.option("--attention", default="plugin", show_default=True, type=click.Choice(EXPORT_LOWERINGS),
               help="Lowering of preset graphs (plugin = reference function bodies, what ORT runs fastest here).")
 @click.option("--peer/--no-peer", default=True, show_default=True,
               help="Time the same split in PyTorch eager (and torch.compile with --compile) alongside.")
