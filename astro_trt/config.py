@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from astro_trt.errors import ConfigError
+from astro_trt.errors import ConfigError, one_line
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,7 @@ def read_config_json(path: str | Path, *, follow_symlinks: bool = True) -> Any:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); write config.json as UTF-8 JSON") from None
     try:
-        data = json.loads(text, parse_constant=_no_constant)
+        data = json.loads(text, parse_constant=reject_json_constant)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); fix or regenerate it"
@@ -241,19 +241,15 @@ def read_config_json(path: str | Path, *, follow_symlinks: bool = True) -> Any:
     except RecursionError:
         data = _TOO_DEEP
     except ValueError as exc:
-        raise ConfigError(f"{path}: not a usable config JSON ({_one_line(exc)}); fix or regenerate it") from None
+        raise ConfigError(f"{path}: not a usable config JSON ({one_line(exc)}); fix or regenerate it") from None
     if data is _TOO_DEEP or _depth(data, _MAX_NESTING) > _MAX_NESTING - 1:
         raise ConfigError(f"{path}: JSON nested deeper than a config ever is; fix or regenerate it")
     return data
 
 
-def _no_constant(token: str) -> None:
+def reject_json_constant(token: str) -> None:
+    """``json.loads(parse_constant=...)``: NaN and Infinity are not JSON numbers."""
     raise ValueError(f"{token} is not a JSON number")
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:200] or type(exc).__name__
 
 
 # The reference configurations of docs/model.md §7. Item and behaviour vocabularies of the two

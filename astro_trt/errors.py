@@ -2,6 +2,13 @@
 prints it as one line and exits non-zero instead of a traceback."""
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's text on one line, at most ``limit`` characters (its type when it has none),
+    for quoting a library's error inside a project message."""
+    text = " ".join(str(exc).split())
+    return text[:limit] or type(exc).__name__
+
+
 class AstroError(Exception):
     """Base class: an expected failure with a message meant for the user."""
 

@@ -29,8 +29,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from astro_trt.artifacts import atomic_write, sha256_file
-from astro_trt.errors import BundleError
+from astro_trt.artifacts import atomic_write, read_regular_file, sha256_file
+from astro_trt.config import reject_json_constant
+from astro_trt.errors import ArtifactError, BundleError
 from astro_trt.manifest_schema import FIX as _FIX
 from astro_trt.manifest_schema import FORMAT, FORMAT_VERSION, check_manifest
 
@@ -97,10 +98,11 @@ def inside(directory: str | Path, rel: str) -> Path:
 
 
 def _read(directory: Path, name: str) -> bytes:
-    path = inside(directory, name)
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{directory}: {name} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest; {_FIX}")
-    return path.read_bytes()
+    try:
+        return read_regular_file(inside(directory, name), max_bytes=MAX_MANIFEST_BYTES)
+    except ArtifactError:
+        raise BundleError(f"{directory}: {name} is larger than {MAX_MANIFEST_BYTES >> 20} MiB or not a regular file, "
+                          f"not a manifest; {_FIX}") from None
 
 
 def check_digest(value: str) -> str:
@@ -124,10 +126,6 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any], *, hash_all:
     return manifest
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
 def read_manifest_digest(directory: str | Path, *, expect_sha256: str | None = None) -> tuple[dict[str, Any], str]:
     """Read, self-check and schema-check the manifest (not the files; see verify_files); with
     ``expect_sha256`` refuse any manifest but that one. Returns (manifest, its sha256)."""
@@ -148,7 +146,7 @@ def read_manifest_digest(directory: str | Path, *, expect_sha256: str | None = N
     if _read(directory, MANIFEST_HASH) != f"{digest}  {MANIFEST}\n".encode():
         raise BundleError(f"{directory}: {MANIFEST} (or {MANIFEST_HASH}) changed since it was written; {_FIX}")
     try:
-        manifest = json.loads(body, parse_constant=_reject_constant)
+        manifest = json.loads(body, parse_constant=reject_json_constant)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, NaN, deep nesting
         raise BundleError(f"{directory / MANIFEST}: not valid JSON ({str(exc)[:120]}); {_FIX}") from None
     return check_manifest(manifest, str(directory / MANIFEST)), digest

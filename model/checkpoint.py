@@ -24,7 +24,7 @@ import torch
 from astro_trt import __version__
 from astro_trt.artifacts import as_path, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
-from astro_trt.errors import CheckpointError, ConfigError
+from astro_trt.errors import CheckpointError, ConfigError, one_line
 from astro_trt.model.astro import ASTRO
 from astro_trt.precision import by_torch
 
@@ -153,7 +153,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: safetensors could not read it ({_one_line(exc)}); "
+        raise CheckpointError(f"{weights}: safetensors could not read it ({one_line(exc)}); "
                               "re-copy or re-save the checkpoint") from None
     recorded = metadata.get(_META_DIGEST)
     if recorded is None and (_META_CONFIG in metadata or _META_DOCUMENTS in metadata):
@@ -270,7 +270,7 @@ def _check_recorded_config(metadata: dict[str, str], cfg: ASTROConfig, config_pa
         recorded = ASTROConfig.from_dict(json.loads(metadata[_META_CONFIG]), source="recorded config")
     except (ValueError, RecursionError, ConfigError) as exc:
         raise CheckpointError(f"{weights}: the training config recorded in its metadata is unusable "
-                              f"({_one_line(exc)[:200]}); re-save the checkpoint") from None
+                              f"({one_line(exc)}); re-save the checkpoint") from None
     trained, given = recorded.to_dict(), cfg.to_dict()
     differ = [key for key in trained if trained[key] != given[key]]
     if differ:
@@ -404,10 +404,6 @@ def _likely_field(cfg: ASTROConfig, got: tuple[int, ...], want: tuple[int, ...])
                   for field, (size, offset) in sizes.items() if size == w]
         notes.append(f"axis {axis}: likely {' or '.join(fields)}" if fields else f"axis {axis}")
     return f" ({'; '.join(notes)})"
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 __all__ = [

@@ -61,8 +61,12 @@ def attention_bytes(cfg: ASTROConfig, sequences: int, length: int) -> int:
     """Peak bytes of one attention over ``sequences`` sequences of ``length`` tokens: per block
     and token pair the time-bucket comparison (one byte per bucket), the int64 distances and
     buckets, and about 16 float32 tensors per head (scores, biases, mask, softmax and copies)."""
-    per_pair = cfg.num_time_buckets + 24 + 64 * cfg.num_heads
-    return sequences * cfg.num_blocks * length * length * per_pair
+    return sequences * cfg.num_blocks * length * length * _pair_bytes(cfg)
+
+
+def _pair_bytes(cfg: ASTROConfig) -> int:
+    """Bytes per (query, key) pair of one block (see attention_bytes)."""
+    return cfg.num_time_buckets + 24 + 64 * cfg.num_heads
 
 
 def estimate_bytes(cfg: ASTROConfig, *, users: int, candidates: int, full: bool = True,
@@ -77,7 +81,7 @@ def _estimate(cfg: ASTROConfig, parameters: int, *, users: int, candidates: int,
     weights = 4 * parameters * (_TRAINING_COPIES if training else 1)
     layers = cfg.num_layers if training else 1
     encoder = attention_bytes(cfg, users, cfg.max_len) * layers
-    scorer = users * candidates * cfg.num_blocks * (cfg.max_len + 1) * (cfg.num_time_buckets + 24 + 64 * cfg.num_heads)
+    scorer = users * candidates * cfg.num_blocks * (cfg.max_len + 1) * _pair_bytes(cfg)
     naive = attention_bytes(cfg, users * candidates, cfg.max_len + 1) * layers if full else 0
     return weights + max(encoder, scorer * layers, naive)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.choices import comma_list
 from astro_trt.errors import DataError
 from astro_trt.serving import client as tc
 from astro_trt.serving.workload import Workload
@@ -244,9 +245,7 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     from astro_trt.serving.workload import make_workload
 
     url = url.removeprefix("http://")
-    protocols = list(dict.fromkeys(p.strip() for p in protocol.split(",") if p.strip()))
-    if not protocols or any(p not in tc.PROTOCOLS for p in protocols):
-        raise DataError(f"--protocol {protocol!r}: choose a comma list of {list(tc.PROTOCOLS)}")
+    protocols = comma_list(protocol, tc.PROTOCOLS, "--protocol", DataError)
     if grpc_url is None:
         host, _, port = url.rpartition(":")
         if not port.isdigit():

@@ -22,18 +22,18 @@ from pathlib import Path
 
 from astro_trt.artifacts import atomic_write, staged_directory
 from astro_trt.contract import SPLIT_GRAPHS
+from astro_trt.engines.backend import TENSORRT
 from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BundleError
 from astro_trt.serving import config_pbtxt as pbtxt
+from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 from astro_trt.serving.readme import repository_readme
-from astro_trt.serving.service import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 from astro_trt.serving.source import served_precision
 
 VERSION = "1"
 # Models that run on the server nvidia-pytriton ships (it has only the Python backend).
 PYTHON_MODELS = (pbtxt.RECOMMEND, pbtxt.GATE)
 # The full TensorRT back end's name in the manifest; only its plans can be Triton tensorrt_plan models.
-TENSORRT = "tensorrt"
 
 
 def _write(path: Path, text: str | bytes) -> None:
@@ -59,7 +59,7 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
     io = bundle.io(precision)
     profiles = {g: {k: list(v) for k, v in bundle.profile(g).items()} for g in SPLIT_GRAPHS}
     config = bundle.manifest["config"]
-    plans = bundle.backend == TENSORRT and all(bundle.engine_path(g, precision) for g in SPLIT_GRAPHS)
+    plans = bundle.backend == TENSORRT.name and all(bundle.engine_path(g, precision) for g in SPLIT_GRAPHS)
     with staged_directory(out) as stage:
         for graph in SPLIT_GRAPHS:
             _write(stage / graph / "config.pbtxt",

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astro_trt.errors import BackendError, DataError
+from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 
 HOST = "127.0.0.1"
 _INSTALL = "pip install 'astro-trt[serve]' (nvidia-pytriton ships tritonserver)"
@@ -242,7 +243,8 @@ class TritonServer:
 
 
 def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 precision: str | None = None, cache_bytes: int = 256 << 20, ort_threads: int | None = 1,
+                 precision: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 ort_threads: int | None = DEFAULT_ORT_THREADS,
                  expect_sha256: str | None = None, show: Callable[[str], None] = print,
                  progress: Callable[[str], None] = lambda _: None) -> None:
     """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by

@@ -17,14 +17,10 @@ from astro_trt.engines.inputs import validate_candidates, validate_history
 from astro_trt.errors import DataError
 from astro_trt.serving.cache import UserCache, fingerprint
 from astro_trt.serving.compute import Compute, make_compute
+from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES
 
 # What identifies an encoded history: everything but the request time, which only the scorer reads.
 FINGERPRINT_INPUTS = tuple(n for n in HISTORY_INPUTS if n != "request_time")
-DEFAULT_CACHE_BYTES = 256 << 20
-# One ONNX Runtime thread per scorer call: the server's own threads (HTTP, gRPC, the stub) need a
-# core too, and spinning intra-op threads lose badly on a shared machine (measured on 2 cores:
-# 6.0 ms per 256-candidate page with 1 thread, 16.5 ms with 2 while other work ran).
-DEFAULT_ORT_THREADS = 1
 
 
 def check_request(cfg: ASTROConfig, tensors: Mapping[str, np.ndarray],
@@ -89,4 +85,4 @@ def _keys(user_keys: np.ndarray, batch: int) -> list[bytes]:
     return keys
 
 
-__all__ = ["DEFAULT_CACHE_BYTES", "FINGERPRINT_INPUTS", "Page", "Recommender", "check_request"]
+__all__ = ["FINGERPRINT_INPUTS", "Page", "Recommender", "check_request"]

@@ -8,13 +8,16 @@ from pathlib import Path
 import click
 
 from astro_trt.errors import GateError
+from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 
-_THREADS = click.option("--ort-threads", default=1, show_default=True, type=click.IntRange(0),
+_THREADS = click.option("--ort-threads", default=DEFAULT_ORT_THREADS, show_default=True,
+                        type=click.IntRange(0),
                         help="ONNX Runtime intra-op threads of astro_recommend on a CPU (0: one per core).")
 _SHA = click.option("--expect-sha256", default=None,
                     help="Refuse the bundle unless its manifest has this sha256 (pins what is served).")
 _PRECISION = click.option("--precision", default=None, help="Graphs to serve (default: fp32 when the bundle has it).")
-_CACHE = click.option("--cache-mib", default=256, show_default=True, type=click.IntRange(0),
+_CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_default=True,
+                      type=click.IntRange(0),
                       help="astro_recommend's per-user cache of encoded state, in MiB.")
 
 
