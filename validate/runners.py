@@ -216,7 +216,7 @@ class TrtRunner:
         self.name = f"trt-{precision}"
 
     def encode(self, history: History) -> Any:
-        return self.session.encode(gate(self.session.cfg, history))  # a runtime.UserState, cache on the device
+        return self.session.encode(history)  # a runtime.UserState, cache on the device; the session gates it
 
     def score(self, state: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
         # The state already holds this history's device inputs; only the candidates travel.
@@ -230,8 +230,7 @@ class TrtRunner:
         return scored(self.session.score(state, cand_items))
 
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
-        arrays = gate(self.session.cfg, history, cand_items)
-        return as_float32(self.session.full(arrays, arrays["cand_items"]))
+        return as_float32(self.session.full(history, cand_items))  # the session gates both
 
 
 def make_trt_runner(bundle: Any, precision: str) -> tuple[TrtRunner | None, str]:
