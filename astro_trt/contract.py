@@ -76,6 +76,12 @@ class GraphIO:
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
 
+    @property
+    def dynamic_dims(self) -> tuple[str, ...]:
+        """The DYNAMIC_DIMS this graph's inputs use (the encoder has no candidates), in their order."""
+        used = {d for t in self.inputs for d in t.shape if isinstance(d, str)}
+        return tuple(d for d in DYNAMIC_DIMS if d in used)
+
     def tensor(self, name: str) -> TensorSpec:
         for t in self.inputs + self.outputs:
             if t.name == name:

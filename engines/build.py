@@ -69,8 +69,7 @@ class Profile:
 
     def for_graph(self, io: GraphIO) -> dict[str, tuple[int, int, int]]:
         """The ranges of the dynamic axes this graph actually has (the encoder has no candidates)."""
-        used = {d for t in io.inputs for d in t.shape if isinstance(d, str)}
-        return {name: r for name, r in self.ranges().items() if name in used}
+        return {name: r for name, r in self.ranges().items() if name in io.dynamic_dims}
 
     def shapes(self, io: GraphIO) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """Per input tensor: (min, opt, max) concrete shapes."""

@@ -146,6 +146,10 @@ def _check_consistent(manifest: dict[str, Any], config: ASTROConfig, where: str)
             if entry["io"] != io[graph].to_dict():
                 raise BundleError(f"{where}: the I/O of onnx.{precision}.{graph} is not the contract of its config "
                                   f"'{config.name}'; re-export the bundle")
+        for graph, spec in io.items():
+            if not set(spec.dynamic_dims) <= set(manifest["profile"][graph]):
+                raise BundleError(f"{where}: profile.{graph} has axes {sorted(manifest['profile'][graph])}, but the "
+                                  f"graph needs {list(spec.dynamic_dims)}; re-export the bundle")
         if manifest["kv_cache"][precision] != kv_cache_layout(config, precision).to_dict():
             raise BundleError(f"{where}: kv_cache.{precision} is not the layout of its config '{config.name}'; "
                               "re-export the bundle")

@@ -137,6 +137,10 @@ def _delete(m, *keys):
         (lambda m: {**m, "attention": {"effective": {"fp32": 3}}}, r"'attention.effective.fp32' must be a string"),
         (lambda m: {**m, "profile": {**m["profile"], "full_model": {"batch": [1, 9, 8], "candidates": [1, 1, 1]}}},
          r"'profile.full_model.batch' = \[1, 9, 8\] is not ordered"),
+        (lambda m: {**m, "profile": {**m["profile"], "item_scorer": {"batch": [1, 4, 8]}}},
+         r"profile.item_scorer has axes \['batch'\], but the graph needs \['batch', 'candidates'\]"),
+        (lambda m: {**m, "profile": {**m["profile"], "user_encoder": {"users": [1, 4, 8]}}},
+         r"'profile.user_encoder' has axes \['users'\], expected some of"),
         (lambda m: {**m, "format_version": 2}, r"bundle format version 2, this astro-trt reads version 1"),
         (lambda m: {**m, "format_version": "1"}, r"bundle format version '1'"),
         (lambda m: {**m, "format_version": True}, r"bundle format version True"),
@@ -146,7 +150,7 @@ def _delete(m, *keys):
          r"back end 'evil' is not one this astro-trt knows"),
     ],
     ids=["top-list", "precisions-str", "files-list", "no-profile", "no-path", "no-sha", "attention-int",
-         "profile-order", "version-2", "version-str", "version-bool", "config-vs-io", "config-type", "backend"],
+         "profile-order", "profile-missing-axis", "profile-unknown-axis", "version-2", "version-str", "version-bool", "config-vs-io", "config-type", "backend"],
 )
 def test_structurally_wrong_manifests_with_recomputed_hash_are_bundle_errors(bundle, tmp_path, edit, message):
     rewrite(bundle, edit(manifest_of(bundle)))
