@@ -150,7 +150,8 @@ def _delete(m, *keys):
          r"back end 'evil' is not one this astro-trt knows"),
     ],
     ids=["top-list", "precisions-str", "files-list", "no-profile", "no-path", "no-sha", "attention-int",
-         "profile-order", "profile-missing-axis", "profile-unknown-axis", "version-2", "version-str", "version-bool", "config-vs-io", "config-type", "backend"],
+         "profile-order", "profile-missing-axis", "profile-unknown-axis",
+         "version-2", "version-str", "version-bool", "config-vs-io", "config-type", "backend"],
 )
 def test_structurally_wrong_manifests_with_recomputed_hash_are_bundle_errors(bundle, tmp_path, edit, message):
     rewrite(bundle, edit(manifest_of(bundle)))
