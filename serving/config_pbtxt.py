@@ -27,6 +27,8 @@ RECOMMEND = "astro_recommend"  # Python: encode once per user and history, score
 PLAN_SUFFIX = "_plan"  # tensorrt_plan twins of the encoder, scorer and ensemble (full TensorRT bundles)
 USER_KEY = "user_key"  # astro_recommend: who the history belongs to (any bytes), the cache key
 ENCODED = "encoded"  # astro_recommend: whether this request encoded the user (False: served from cache)
+USER_KEY_SPEC = TensorSpec(USER_KEY, "bytes", (BATCH, 1))
+ENCODED_SPEC = TensorSpec(ENCODED, "bool", (BATCH, 1))
 CHECKED = "checked_"  # prefix of the gate's outputs
 
 # Dynamic batching waits at most this long for more requests of the same shape: long enough to
@@ -173,8 +175,7 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
                      precision: str, cache_bytes: int, ort_threads: int | None) -> str:
     """The Python model that keeps a per-user cache of encoded state across requests."""
     request = request_tensors(io)
-    key = TensorSpec(USER_KEY, "bytes", (BATCH, 1))
-    encoded = TensorSpec(ENCODED, "bool", (BATCH, 1))
+    key, encoded = USER_KEY_SPEC, ENCODED_SPEC
     return render({
         "name": RECOMMEND,
         "backend": "python",

@@ -24,8 +24,7 @@ def repository_readme(bundle: Bundle, precision: str, io: Mapping[str, GraphIO],
     cfg = bundle.config
     request = pbtxt.request_tensors(io)
     logits = io[ITEM_SCORER].outputs
-    key = TensorSpec(pbtxt.USER_KEY, "bytes", ("batch", 1))
-    encoded = TensorSpec(pbtxt.ENCODED, "bool", ("batch", 1))
+    key, encoded = pbtxt.USER_KEY_SPEC, pbtxt.ENCODED_SPEC
     batch = pbtxt.max_batch(profiles, *SPLIT_GRAPHS)
     cand_lo, _, cand_hi = profiles[ITEM_SCORER]["candidates"]
     rows = [
