@@ -36,6 +36,7 @@ ITEM_SCORER = "item_scorer"
 FULL_MODEL = "full_model"
 GRAPHS = (USER_ENCODER, ITEM_SCORER, FULL_MODEL)
 LOGITS = "logits"
+CAND_ITEMS = "cand_items"
 
 KV_CACHE = "kv_cache"
 # The KV cache is one tensor, batch-major, so that one user's cache is one contiguous slice and
@@ -115,7 +116,7 @@ def history_inputs(cfg: ASTROConfig) -> tuple[TensorSpec, ...]:
 def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:
     """The I/O of the three graphs, in the positional order of their inputs."""
     hist = {t.name: t for t in history_inputs(cfg)}
-    cand = TensorSpec("cand_items", "int64", (BATCH, CANDIDATES))
+    cand = TensorSpec(CAND_ITEMS, "int64", (BATCH, CANDIDATES))
     logits = TensorSpec(LOGITS, "float32", (BATCH, CANDIDATES, cfg.num_tasks))
     kv = TensorSpec(KV_CACHE, float_dtype(precision), kv_cache_shape(cfg))
     encoder_names = ["hist_items", "hist_behaviors"]

@@ -158,6 +158,22 @@ def dtype_name(trt_dtype: Any) -> str:
     return known.name if known else trt_dtype.name.lower()
 
 
+def _parse(parser: Any, onnx_path: Path) -> bool:
+    """Parse ``onnx_path``; a chunked full model is parsed as the plain graph inside its Loop
+    (exporter/pair_chunks.py: engines run every pair at once), its weights found beside the file."""
+    import onnx
+
+    from astro_trt.exporter.pair_chunks import is_chunked, unchunk
+
+    try:
+        model = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:  # not an ONNX model at all: TensorRT's parser says so in its own words
+        return parser.parse_from_file(str(onnx_path))
+    if not is_chunked(model):
+        return parser.parse_from_file(str(onnx_path))
+    return parser.parse(unchunk(model).SerializeToString(), str(onnx_path))
+
+
 def _network_io(network: Any, shapes: dict[str, tuple]) -> list[dict[str, Any]]:
     records = []
     for i in range(network.num_inputs):
@@ -249,7 +265,7 @@ def build_engine(
     builder = trt.Builder(logger)
     network = builder.create_network(backend.network_flags())
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
+    if not _parse(parser, onnx_path):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ExportError(f"{onnx_path}: TensorRT ({backend.name}) cannot parse the graph: {'; '.join(errors)}")
 

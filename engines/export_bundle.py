@@ -165,7 +165,7 @@ def _export_precision(
             continue
         exported = result.to_manifest()  # the exporter's own account of its graphs
         onnx = {graph: {"path": onnx_relpath(graph, precision), "io": entry["io"], "opset": exported["opset"],
-                        "op_domains": entry["op_domains"]}
+                        **{k: entry[k] for k in ("op_domains", "pairs_per_chunk") if k in entry}}
                 for graph, entry in exported["graphs"].items()}
         return {"effective": lowering.effective, "failures": failures, "onnx": onnx, "engines": engines,
                 "parity": {g: float(e) for g, e in parity.items()}, "kv_cache": exported["kv_cache"]}

@@ -24,7 +24,8 @@ from astro_trt.tolerances import max_abs_limit
 
 
 def onnx_session(
-    path: Path | str, threads: int | None = None, profile_prefix: str | None = None, *, memory_pattern: bool = True
+    path: Path | str | bytes, threads: int | None = None, profile_prefix: str | None = None, *,
+    memory_pattern: bool = True,
 ):
     """An ONNX Runtime CPU session, the one place sessions are made. ``threads`` caps the intra-op
     threads (one inter-op thread then); None keeps ONNX Runtime's default of one per core.
@@ -43,7 +44,8 @@ def onnx_session(
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    source = path if isinstance(path, bytes) else str(path)  # bytes: a serialized model
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def runner_for(path: Path | str) -> str:

@@ -23,7 +23,9 @@ import torch
 from astro_trt import contract
 from astro_trt.contract import GraphIO, KVCacheLayout
 from astro_trt.exporter.limits import check_export_request
+from astro_trt.exporter.pair_chunks import chunk_pairs, initializers, walk_nodes
 from astro_trt.model.astro import ASTRO, History
+from astro_trt.model.resources import full_model_pairs_per_chunk
 from astro_trt.plugins.names import ONNX_DOMAIN, ONNX_OPSET_VERSION
 
 TRACE_OPSET = 18  # every op of the model and the reference bodies exists in 18; TensorRT parses it
@@ -39,6 +41,7 @@ class ExportResult:
     opset: int
     kv_cache: KVCacheLayout
     op_domains: dict[str, list[str]] = field(default_factory=dict)
+    pairs_per_chunk: int | None = None  # the full model's Loop chunk (exporter/pair_chunks.py)
 
     def to_manifest(self) -> dict[str, Any]:
         return {
@@ -51,6 +54,7 @@ class ExportResult:
                     "file": path.name,
                     "io": self.io[name].to_dict(),
                     "op_domains": self.op_domains.get(name, []),
+                    **({"pairs_per_chunk": self.pairs_per_chunk} if name == contract.FULL_MODEL else {}),
                 }
                 for name, path in self.paths.items()
             },
@@ -81,6 +85,7 @@ def export_onnx(
         from astro_trt.exporter.native import NATIVE_OPSET, lower_native
 
         opset = NATIVE_OPSET
+    pairs_per_chunk = full_model_pairs_per_chunk(cfg)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
         staged, domains = {}, {}
@@ -88,7 +93,9 @@ def export_onnx(
             proto = _export_graph(traced_model, name, io[name], staging)
             if attention == contract.NATIVE:
                 proto = lower_native(proto)
-            domains[name] = sorted({n.domain or "ai.onnx" for n in proto.graph.node})
+            if name == contract.FULL_MODEL:
+                proto = chunk_pairs(proto, pairs_per_chunk)
+            domains[name] = sorted({n.domain or "ai.onnx" for n in walk_nodes(proto.graph)})
             staged[name] = _save(proto, staging / f"{name}.onnx")
         paths = {}
         for name, files in staged.items():
@@ -105,6 +112,7 @@ def export_onnx(
         opset=opset,
         kv_cache=contract.kv_cache_layout(cfg, precision),
         op_domains=domains,
+        pairs_per_chunk=pairs_per_chunk if contract.FULL_MODEL in graphs else None,
     )
 
 
@@ -180,7 +188,7 @@ def _save(proto, path: Path) -> list[Path]:
     import onnx
 
     onnx.checker.check_model(proto, full_check=True)
-    weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)
+    weight_bytes = sum(len(t.raw_data) for t in initializers(proto.graph))
     if weight_bytes > EXTERNAL_DATA_BYTES:
         data = path.with_suffix(".onnx.data")
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)

@@ -454,7 +454,8 @@ def profile_ort(
     for m in candidates:
         batch = synthetic_batch(cfg, 1, m, seed=seed + m, empty_block_prob=0.0)
         with tempfile.TemporaryDirectory(prefix="astro-profile-") as tmp:
-            runner = OrtRunner(graphs, cfg, precision, threads or ORT_THREADS, profile_dir=Path(tmp))
+            runner = OrtRunner(graphs, cfg, precision, threads or ORT_THREADS, profile_dir=Path(tmp),
+                               unchunked_full=True)
             naive_cand = batch.cand_items[:, :min(m, limit)]
             for _ in range(runs):
                 kv = runner.encode(batch.history)

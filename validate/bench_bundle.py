@@ -198,7 +198,8 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
                 raise DataError(f"cannot bench TensorRT: {why}")
             return runner, bundle.config, f"bundle {bundle.directory} (engines)", model, None
         graphs = {g: bundle.onnx_path(g, precision) for g in GRAPHS}
-        return (OrtRunner(graphs, bundle.config, precision, threads, profiles=_bench_profiles(bundle)),
+        return (OrtRunner(graphs, bundle.config, precision, threads, profiles=_bench_profiles(bundle),
+                          unchunked_full=True),
                 bundle.config, f"bundle {bundle.directory}", model, graphs)
     if runtime == "trt":
         raise DataError("--runtime trt times the bundle's engines; use --config bundle (presets are exported to "
@@ -216,7 +217,7 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
     result = export_onnx(model, tmp, precision=precision, attention=attention)
     # A preset has no engines: its graphs take as many users per request as asked.
     profiles = dict.fromkeys(GRAPHS, Profile(max_batch=max(max_users, Profile().max_batch)).ranges())
-    runner = OrtRunner(result.paths, cfg, precision, threads, profiles=profiles)
+    runner = OrtRunner(result.paths, cfg, precision, threads, profiles=profiles, unchunked_full=True)
     return runner, cfg, f"random {config} ({attention} lowering)", model, dict(result.paths)
 
 

@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("astro_trt.cli.export", "inspect", "Show what is inside a bundle."),
     "validate": ("astro_trt.cli.validate", "validate", "Parity report of a bundle against PyTorch."),
     "bench": ("astro_trt.cli.validate", "bench", "Throughput of the split against the full model."),
+    "bench-memory": ("astro_trt.cli.validate", "bench_memory",
+                     "Peak memory of ONNX Runtime running the full model (fresh process)."),
     "bench-kernels": ("astro_trt.cli.kernels", "bench_kernels", "Time the attention kernels (GPU)."),
     "triton": ("astro_trt.cli.serve", "triton", "Write a Triton Inference Server model repository."),
     "serve": ("astro_trt.cli.serve", "serve", "Serve a bundle with Triton on 127.0.0.1."),

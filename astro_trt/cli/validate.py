@@ -162,3 +162,53 @@ def _print_bench(result) -> None:
                       *(f"{p.peers[n].p50:.2f}" if n in p.peers else "" for n in peers),
                       *(f"{p.speedup_over(n):.2f}x" if n in p.peers else "" for n in peers))
     Console(width=160).print(table)  # pipes default to 80 columns, which truncates the figures
+
+
+@click.command("bench-memory")
+@click.option("--config", "config_name", default="climber", show_default=True, type=click.Choice(list(PRESETS)),
+              help="Preset of the randomly initialised model whose full model is measured.")
+@click.option("--users", default=1, show_default=True, type=click.IntRange(1, 64), help="Users per request (B).")
+@click.option("--candidates", default=1024, show_default=True, type=click.IntRange(1, 16384),
+              help="Candidates per user (M).")
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 100), help="Calls per probe.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256), help="Intra-op threads.")
+@click.option("--plain/--no-plain", default=True, show_default=True,
+              help="Also measure the unchunked graph (every pair at once) for comparison.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the figures as JSON here.")
+def bench_memory(config_name: str, users: int, candidates: int, runs: int, threads: int, plain: bool,
+                 json_out: Path | None) -> None:
+    """Peak resident memory of ONNX Runtime running the exported full model (fp32), each figure
+    from a fresh process that imports only numpy and onnxruntime."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from astro_trt.artifacts import check_destination
+    from astro_trt.config import preset
+    from astro_trt.validate.peak_memory import full_model_memory, to_json
+
+    if json_out is not None:
+        if json_out.is_dir():
+            raise click.BadParameter(f"{json_out} is a directory; name a file", param_hint="--json")
+        check_destination(json_out.parent, "--json")
+    cfg = preset(config_name)
+    console = Console(stderr=True)
+    points = full_model_memory(cfg, users=users, candidates=candidates, runs=runs, threads=threads, plain=plain,
+                               progress=lambda msg: console.print(f"  {msg}"))
+    report = to_json(cfg, users, candidates, points)
+    table = Table(title=f"{cfg.name} full model on ONNX Runtime (fp32), {users} user(s) x {candidates} candidates, "
+                        f"{report['pairs_per_chunk']} pairs per chunk")
+    for column in ("graph", "memory pattern", "peak RSS GB", "after load GB", "median ms", "max |err| vs torch"):
+        table.add_column(column, justify="right")
+    for p in points:
+        table.add_row(p.graph, "on" if p.memory_pattern else "off", f"{p.peak_rss_bytes / 1e9:.3f}",
+                      f"{p.loaded_rss_bytes / 1e9:.3f}", f"{p.median_ms:.0f}", f"{p.max_abs_vs_torch:.2e}")
+    Console(width=140).print(table)
+    if json_out is not None:
+        from astro_trt.artifacts import atomic_write
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(json_out, json.dumps(report, indent=2).encode())
+        click.echo(f"figures: {json_out}")

@@ -1,0 +1,185 @@
+"""The full model in bounded memory: its graph wrapped in an ONNX Loop over chunks of pairs.
+
+The full model (the baseline) runs one sequence of L + 1 tokens per (user, candidate) pair, and
+every attention materialises [pairs, Nb, H, L + 1, L + 1] scores and biases: ONNX Runtime's peak
+grew with B x M (climber, 1 user x 1024 candidates: 1.1 GB; 2.1 GB with its memory pattern on;
+the max profile of 8 x 1024 needed 9.7 GB). Nothing in a pair depends on another pair, so the
+exported ``full_model.onnx`` runs the traced graph once per chunk of at most ``pairs_per_chunk``
+pairs inside one Loop: each iteration gathers its pairs' users' history rows and candidate ids,
+runs the unchanged graph on them as ``batch = chunk, candidates = 1``, and the Loop stacks the
+logits. Every pair is still computed from scratch; only how many are in flight at once is bounded,
+so peak memory no longer grows with B x M.
+
+Chunks are equal-sized (the Loop's scan output needs one shape per iteration): ``trips =
+ceil(B*M / pairs_per_chunk)`` and ``chunk = ceil(B*M / trips)``; the last chunk repeats the last
+pair for at most ``trips - 1`` padding slots, which are sliced off.
+
+TensorRT engines are built from ``unchunk(model)``, the traced graph as it was: a GPU has the
+memory, and a loop of small chunks would serialise work the GPU runs in parallel.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper
+
+from astro_trt import contract
+
+LOOP_NAME = "astro_pair_chunks"  # the Loop node that marks a chunked graph
+PREFIX = "pair_chunks/"  # every value and node this module adds, and the body's renamed ones
+_INPUTS = (*contract.HISTORY_INPUTS, contract.CAND_ITEMS)
+
+
+def walk_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs (a Loop's body included), outer first."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from walk_nodes(attribute.g)
+            for sub in attribute.graphs:
+                yield from walk_nodes(sub)
+
+
+def initializers(graph: onnx.GraphProto):
+    """Every initializer of ``graph`` and of its subgraphs (a chunked model keeps its weights in
+    the Loop's body)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from initializers(attribute.g)
+            for sub in attribute.graphs:
+                yield from initializers(sub)
+
+
+def is_chunked(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "Loop" and n.name == LOOP_NAME for n in model.graph.node)
+
+
+def _const(name: str, value: int | list[int]) -> onnx.NodeProto:
+    dims = [len(value)] if isinstance(value, list) else []
+    values = value if isinstance(value, list) else [value]
+    return helper.make_node("Constant", [], [PREFIX + name], name=PREFIX + name,
+                            value=helper.make_tensor(PREFIX + name, TensorProto.INT64, dims, values))
+
+
+def _node(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
+    """A node of this module: its inputs and output prefixed, except the graph's own inputs."""
+    def full(name: str) -> str:
+        return name if name in _INPUTS else PREFIX + name
+
+    return helper.make_node(op, [full(i) for i in inputs], [PREFIX + output], name=PREFIX + output, **attrs)
+
+
+def chunk_pairs(model: onnx.ModelProto, pairs_per_chunk: int) -> onnx.ModelProto:
+    """``model`` (a traced full_model, I/O as the contract) as one Loop over chunks of at most
+    ``pairs_per_chunk`` (user, candidate) pairs; same inputs, outputs and logits."""
+    if pairs_per_chunk < 1:
+        raise ValueError(f"pairs_per_chunk must be >= 1, got {pairs_per_chunk}")
+    graph = model.graph
+    names = [v.name for v in graph.input]
+    if names != list(_INPUTS) or [v.name for v in graph.output] != [contract.LOGITS]:
+        raise ValueError(f"chunk_pairs takes the full model's graph ({list(_INPUTS)} -> logits), got {names}")
+    logits_type = graph.output[0].type.tensor_type.elem_type
+
+    # Outside the loop: B, M, the trip count and the (equal) chunk size, all int64 scalars.
+    outer = [
+        _const("zero", 0), _const("one", 1), _const("pairs", pairs_per_chunk),
+        _const("flat", [-1]), _const("first", [0]), _const("unsqueeze_axis", [1]),
+        _const("tasks_from", [-1]), _const("tasks_to", [2**63 - 1]),
+        helper.make_node("Constant", [], [PREFIX + "true"], name=PREFIX + "true",
+                         value=helper.make_tensor(PREFIX + "true", TensorProto.BOOL, [], [True])),
+        _node("Shape", [contract.CAND_ITEMS], "shape"),
+        _node("Gather", ["shape", "zero"], "users"),
+        _node("Gather", ["shape", "one"], "candidates"),
+        _node("Mul", ["users", "candidates"], "total"),
+        _node("Sub", ["total", "one"], "last"),
+        _node("Sub", ["pairs", "one"], "pairs_minus_one"),
+        _node("Add", ["total", "pairs_minus_one"], "trips_numerator"),
+        _node("Div", ["trips_numerator", "pairs"], "trips"),  # ceil(B*M / pairs)
+        _node("Sub", ["trips", "one"], "trips_minus_one"),
+        _node("Add", ["total", "trips_minus_one"], "chunk_numerator"),
+        _node("Div", ["chunk_numerator", "trips"], "chunk"),  # ceil(B*M / trips) <= pairs
+        _node("Reshape", [contract.CAND_ITEMS, "flat"], "flat_candidates"),
+    ]
+
+    # The body: this chunk's pair indices, their users' history rows and their candidates, then
+    # the traced graph unchanged on [chunk] users x 1 candidate.
+    body = [
+        _node("Mul", ["iteration", "chunk"], "start"),
+        _node("Add", ["start", "chunk"], "stop"),
+        _node("Range", ["start", "stop", "one"], "span"),
+        _node("Min", ["span", "last"], "pair"),  # the last chunk's padding slots repeat the last pair
+        _node("Div", ["pair", "candidates"], "user"),
+        *(_node("Gather", [name, "user"], "chunk/" + name, axis=0) for name in contract.HISTORY_INPUTS),
+        _node("Gather", ["flat_candidates", "pair"], "chunk/flat_candidates", axis=0),
+        _node("Unsqueeze", ["chunk/flat_candidates", "unsqueeze_axis"], "chunk/" + contract.CAND_ITEMS),
+    ]
+    renamed = {name: f"{PREFIX}chunk/{name}" for name in _INPUTS}
+    renamed[contract.LOGITS] = PREFIX + contract.LOGITS
+    for node in graph.node:
+        traced = onnx.NodeProto()
+        traced.CopyFrom(node)
+        traced.input[:] = [renamed.get(i, i) for i in traced.input]
+        traced.output[:] = [renamed.get(o, o) for o in traced.output]
+        body.append(traced)
+    body.append(_node("Identity", ["condition"], "condition_out"))
+    body_graph = helper.make_graph(
+        body, LOOP_NAME + "_body",
+        [helper.make_tensor_value_info(PREFIX + "iteration", TensorProto.INT64, []),
+         helper.make_tensor_value_info(PREFIX + "condition", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info(PREFIX + "condition_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info(PREFIX + contract.LOGITS, logits_type, None)],
+        initializer=list(graph.initializer), value_info=list(graph.value_info),
+    )
+
+    # After the loop: [trips, chunk, 1, T] -> [trips * chunk, T] -> the first B * M rows -> [B, M, T].
+    # T is read from the last axis: onnx.reference concatenates the scan output to [trips * chunk,
+    # 1, T] where ONNX Runtime stacks it, and both flatten to the same rows.
+    after = [
+        # The condition stays true (the body passes it through): the trip count alone ends the loop.
+        # It is an input all the same because TensorRT's ONNX parser refuses a Loop without one.
+        helper.make_node("Loop", [PREFIX + "trips", PREFIX + "true"], [PREFIX + "stacked"], name=LOOP_NAME,
+                         body=body_graph),
+        _node("Shape", ["stacked"], "stacked_shape"),
+        _node("Slice", ["stacked_shape", "tasks_from", "tasks_to"], "tasks"),
+        _node("Concat", ["flat", "tasks"], "rows_shape", axis=0),
+        _node("Reshape", ["stacked", "rows_shape"], "rows"),
+        _node("Unsqueeze", ["total", "first"], "total_1d"),
+        _node("Slice", ["rows", "first", "total_1d", "first"], "pair_rows"),
+        _node("Concat", ["shape", "tasks"], "out_shape", axis=0),
+        helper.make_node("Reshape", [PREFIX + "pair_rows", PREFIX + "out_shape"], [contract.LOGITS],
+                         name=PREFIX + "logits"),
+    ]
+
+    chunked = onnx.ModelProto()
+    chunked.CopyFrom(model)
+    del chunked.graph.node[:], chunked.graph.initializer[:], chunked.graph.value_info[:]
+    chunked.graph.node.extend(outer + after)
+    return chunked
+
+
+def unchunk(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The traced graph inside a chunked full model, as a plain graph with the same I/O; a graph
+    that is not chunked comes back as it is."""
+    if not is_chunked(model):
+        return model
+    loop = next(n for n in model.graph.node if n.name == LOOP_NAME)
+    body = loop.attribute[0].g
+    original = {f"{PREFIX}chunk/{name}": name for name in _INPUTS}
+    original[PREFIX + contract.LOGITS] = contract.LOGITS
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    del plain.graph.node[:]
+    for node in body.node:
+        if node.name.startswith(PREFIX):
+            continue
+        traced = onnx.NodeProto()
+        traced.CopyFrom(node)
+        traced.input[:] = [original.get(i, i) for i in traced.input]
+        traced.output[:] = [original.get(o, o) for o in traced.output]
+        plain.graph.node.append(traced)
+    plain.graph.initializer.extend(body.initializer)
+    plain.graph.value_info.extend(body.value_info)
+    return plain

@@ -1,0 +1,146 @@
+"""Peak resident memory of ONNX Runtime running the full model, measured where nothing else lives.
+
+Each figure comes from a fresh child process (``python -m astro_trt.validate.peak_memory``) that
+imports only numpy and onnxruntime, makes one CPU session, runs the graph ``runs`` times and
+reports its own peak RSS: VmHWM of /proc/self/status, the high-water mark of the address space
+exec made, which is what ``/usr/bin/time -v`` calls "Maximum resident set size" of a small parent.
+(``getrusage`` would not do: Linux carries the forking parent's peak over into the child's, so the
+figure would be the parent's torch and model.) torch, the exporter and the parent's arrays never
+count. Two graphs are compared in one
+run: the exported full model (a Loop over chunks of pairs, exporter/pair_chunks.py) and its plain
+graph (every pair at once), each with ONNX Runtime's memory pattern on (its default) and off
+(what OrtRunner uses for the full model).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from astro_trt.config import ASTROConfig
+from astro_trt.errors import DataError
+
+
+@dataclass(frozen=True)
+class MemoryPoint:
+    graph: str  # "chunked" (as exported) | "plain"
+    memory_pattern: bool
+    peak_rss_bytes: int
+    loaded_rss_bytes: int  # after the session is made, before the first run
+    median_ms: float
+    max_abs_vs_torch: float
+
+
+def measure(graph: Path | str, feeds: Path, *, runs: int, threads: int, memory_pattern: bool,
+            timeout: float = 1800.0) -> dict[str, Any]:
+    """One child process over ``graph`` and the arrays in ``feeds`` (.npz, 'reference' = the
+    PyTorch logits); its JSON line."""
+    cmd = [sys.executable, "-m", "astro_trt.validate.peak_memory", str(graph), str(feeds), str(runs), str(threads),
+           "1" if memory_pattern else "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise DataError(f"the memory probe failed (exit {done.returncode}): {done.stderr.strip()[-400:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: int = 5, threads: int = 1,
+                      plain: bool = True, seed: int = 0,
+                      progress: Callable[[str], None] | None = None) -> list[MemoryPoint]:
+    """Export a random ``cfg`` model's full model (fp32) and measure it on ``users`` x
+    ``candidates``; ``plain`` adds its unchunked graph (refused up front where the estimate says
+    it cannot fit this machine)."""
+    import numpy as np
+    import onnx
+    import torch
+
+    from astro_trt import contract
+    from astro_trt.exporter.export import export_onnx
+    from astro_trt.exporter.pair_chunks import unchunk
+    from astro_trt.model.astro import ASTRO
+    from astro_trt.model.resources import check_fits
+    from astro_trt.model.synthetic import synthetic_batch
+
+    say = progress or (lambda _msg: None)
+    check_fits(cfg, users=users, candidates=candidates, purpose="the memory probe", full=False, error=DataError)
+    if plain:
+        check_fits(cfg, users=users, candidates=candidates, purpose="the plain full model (pass --no-plain)",
+                   error=DataError)
+    torch.manual_seed(seed)
+    model = ASTRO(cfg).eval()
+    batch = synthetic_batch(cfg, users, candidates, seed=seed)
+    with torch.no_grad():
+        reference = model.full(batch.history, batch.cand_items).numpy()
+    with tempfile.TemporaryDirectory(prefix="astro-memory-") as tmp:
+        say(f"exporting a random {cfg.name} full model")
+        path = export_onnx(model, Path(tmp), graphs=(contract.FULL_MODEL,)).paths[contract.FULL_MODEL]
+        graphs = {"chunked": path}
+        if plain:
+            graphs["plain"] = Path(tmp) / "plain.onnx"
+            onnx.save(unchunk(onnx.load(str(path))), str(graphs["plain"]))
+        feeds = Path(tmp) / "feeds.npz"
+        arrays = dict(zip(contract.HISTORY_INPUTS, (t.numpy() for t in batch.history.astuple()), strict=True))
+        np.savez(feeds, reference=reference, **arrays, **{contract.CAND_ITEMS: batch.cand_items.numpy()})
+        points = []
+        for name, graph in graphs.items():
+            for pattern in (True, False):
+                say(f"{name} graph, memory pattern {'on' if pattern else 'off'}: {runs} runs in a fresh process")
+                got = measure(graph, feeds, runs=runs, threads=threads, memory_pattern=pattern)
+                points.append(MemoryPoint(name, pattern, got["peak_rss_bytes"], got["loaded_rss_bytes"],
+                                          got["median_ms"], got["max_abs_vs_torch"]))
+    return points
+
+
+def to_json(cfg: ASTROConfig, users: int, candidates: int, points: Sequence[MemoryPoint]) -> dict[str, Any]:
+    from astro_trt.model.resources import full_model_pairs_per_chunk
+    from astro_trt.validate.bench import machine_info
+
+    return {"config": cfg.name, "users": users, "candidates": candidates,
+            "pairs_per_chunk": full_model_pairs_per_chunk(cfg), "machine": machine_info(1),
+            "points": [asdict(p) for p in points]}
+
+
+def _child(graph: str, feeds: str, runs: int, threads: int, memory_pattern: bool) -> dict[str, Any]:
+    """The probe itself: numpy and onnxruntime only."""
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    arrays = dict(np.load(feeds))
+    reference = arrays.pop("reference")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.enable_mem_pattern = memory_pattern
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    loaded = _high_water_bytes()
+    times, out = [], None
+    for _ in range(runs):
+        start = time.perf_counter()
+        out = session.run(None, arrays)[0]
+        times.append(time.perf_counter() - start)
+    return {"peak_rss_bytes": _high_water_bytes(), "loaded_rss_bytes": loaded,
+            "median_ms": float(np.median(times)) * 1e3,
+            "max_abs_vs_torch": float(np.abs(out.astype(np.float32) - reference).max())}
+
+
+def _high_water_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: the memory probe needs Linux")
+
+
+if __name__ == "__main__":
+    graph_arg, feeds_arg, runs_arg, threads_arg, pattern_arg = sys.argv[1:6]
+    print(json.dumps(_child(graph_arg, feeds_arg, int(runs_arg), int(threads_arg), pattern_arg == "1")))
