@@ -133,6 +133,8 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
             entry = s.obj(s.key(graphs, graph, f"onnx.{p}"), f"onnx.{p}.{graph}")
             _listed(s, files, s.key(entry, "path", f"onnx.{p}.{graph}"), f"onnx.{p}.{graph}.path")
             _graph_io(s, s.key(entry, "io", f"onnx.{p}.{graph}"), f"onnx.{p}.{graph}.io")
+            if "pairs_per_chunk" in entry:  # the full model's Loop chunk (exporter/pair_chunks.py)
+                s.integer(entry["pairs_per_chunk"], f"onnx.{p}.{graph}.pairs_per_chunk", low=1)
     for p, built in engines.items():
         s.text(p, "engines (precision)", tuple(precisions))
         for graph, entry in s.obj(built, f"engines.{p}").items():

@@ -50,7 +50,9 @@ def describe_bundle(directory: str | Path, *, verify: bool = True, expect_sha256
             onnx_path = bundle.onnx_path(graph, precision)
             engine_path = bundle.engine_path(graph, precision)
             size = size_text(engine_path.stat().st_size) if engine_path else "no engine"
-            lines.append(f"  {graph}: onnx {size_text(onnx_path.stat().st_size)}, engine {size}"
+            chunk = m["onnx"][precision][graph].get("pairs_per_chunk")
+            lines.append(f"  {graph}: onnx {size_text(onnx_path.stat().st_size)}"
+                         + (f" (runs {chunk} pairs at a time)" if chunk else "") + f", engine {size}"
                          + (f" (I/O from {m['engines'][precision][graph]['io_source']})" if engine_path else ""))
             records = bundle.engine_io(graph, precision)
             specs = records or [dict(t.to_dict(), mode=mode) for mode, ts in

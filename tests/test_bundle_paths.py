@@ -119,6 +119,14 @@ def test_manifest_itself_linked_outside_or_a_fifo_is_refused_without_reading_or_
     assert "manifest.json is not a regular file" in refusal(bundle, tmp_path)
 
 
+def _set(m, keys, value):
+    inner = m
+    for key in keys[:-1]:
+        inner = inner[key]
+    inner[keys[-1]] = value
+    return m
+
+
 def _delete(m, *keys):
     for key in keys[:-1]:
         m = m[key]
@@ -148,10 +156,15 @@ def _delete(m, *keys):
         (lambda m: {**m, "config": {**m["config"], "num_layers": "2"}}, r"config"),
         (lambda m: {**m, "backend": {"name": "evil", "version": "1", "targets": [], "opt_level": None}},
          r"back end 'evil' is not one this astro-trt knows"),
+        (lambda m: _set(m, ("onnx", "fp32", "full_model", "pairs_per_chunk"), 0),
+         r"'onnx.fp32.full_model.pairs_per_chunk' is 0, outside 1\.\."),
+        (lambda m: _set(m, ("onnx", "fp32", "full_model", "pairs_per_chunk"), "all"),
+         r"'onnx.fp32.full_model.pairs_per_chunk' must be an integer"),
     ],
     ids=["top-list", "precisions-str", "files-list", "no-profile", "no-path", "no-sha", "attention-int",
          "profile-order", "profile-missing-axis", "profile-unknown-axis",
-         "version-2", "version-str", "version-bool", "config-vs-io", "config-type", "backend"],
+         "version-2", "version-str", "version-bool", "config-vs-io", "config-type", "backend",
+         "chunk-zero", "chunk-str"],
 )
 def test_structurally_wrong_manifests_with_recomputed_hash_are_bundle_errors(bundle, tmp_path, edit, message):
     rewrite(bundle, edit(manifest_of(bundle)))

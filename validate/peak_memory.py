@@ -36,6 +36,7 @@ class MemoryPoint:
     loaded_rss_bytes: int  # after the session is made, before the first run
     median_ms: float
     max_abs_vs_torch: float
+    heavy_modules: tuple[str, ...] = ()  # what the probe loaded besides numpy and onnxruntime: none
 
 
 def measure(graph: Path | str, feeds: Path, *, runs: int, threads: int, memory_pattern: bool,
@@ -94,7 +95,7 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
                 say(f"{name} graph, memory pattern {'on' if pattern else 'off'}: {runs} runs in a fresh process")
                 got = measure(graph, feeds, runs=runs, threads=threads, memory_pattern=pattern)
                 points.append(MemoryPoint(name, pattern, got["peak_rss_bytes"], got["loaded_rss_bytes"],
-                                          got["median_ms"], got["max_abs_vs_torch"]))
+                                          got["median_ms"], got["max_abs_vs_torch"], tuple(got["heavy_modules"])))
     return points
 
 
@@ -130,7 +131,8 @@ def _child(graph: str, feeds: str, runs: int, threads: int, memory_pattern: bool
         times.append(time.perf_counter() - start)
     return {"peak_rss_bytes": _high_water_bytes(), "loaded_rss_bytes": loaded,
             "median_ms": float(np.median(times)) * 1e3,
-            "max_abs_vs_torch": float(np.abs(out.astype(np.float32) - reference).max())}
+            "max_abs_vs_torch": float(np.abs(out.astype(np.float32) - reference).max()),
+            "heavy_modules": sorted(m for m in ("torch", "onnx", "astro_trt.model") if m in sys.modules)}
 
 
 def _high_water_bytes() -> int:
