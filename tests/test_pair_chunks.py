@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 from astro_trt import contract
 from astro_trt.exporter.check import onnx_session
 from astro_trt.exporter.export import export_onnx
-from astro_trt.exporter.pair_chunks import chunk_pairs, initializers, is_chunked, unchunk, walk_nodes
+from astro_trt.exporter.pair_chunks import (
+    chunk_pairs,
+    for_onnxruntime,
+    initializers,
+    is_chunked,
+    pairs_per_chunk,
+    unchunk,
+    walk_nodes,
+)
 from astro_trt.model.resources import full_model_pairs_per_chunk
 from astro_trt.plugins.names import ONNX_DOMAIN
 
@@ -121,3 +129,20 @@ def test_engines_are_built_from_the_plain_graph(exported):
     # The file itself also parses as it is (TensorRT-RTX accepts the Loop), for whoever builds it directly.
     direct = trt.Builder(logger).create_network(0)
     assert trt.OnnxParser(direct, logger).parse_from_file(str(result.paths[contract.FULL_MODEL]))
+
+
+def test_the_onnxruntime_form_merges_the_layers_duplicates_and_keeps_the_logits(exported):
+    """ONNX Runtime gets the body with the attention functions inlined and the layers' identical
+    time-bucket work merged (it does not do that inside a Loop body itself)."""
+    import onnx.inliner
+
+    model, result, proto = exported
+    prepared = for_onnxruntime(proto)
+    assert is_chunked(prepared) and pairs_per_chunk(prepared) == result.pairs_per_chunk
+    assert not prepared.functions and ONNX_DOMAIN not in {n.domain for n in walk_nodes(prepared.graph)}
+    inlined_only = onnx.inliner.inline_local_functions(unchunk(proto))
+    # Two layers, one shared bucket chain of a dozen-plus nodes: the merge removes at least that many.
+    assert len(unchunk(prepared).graph.node) <= len(inlined_only.graph.node) - 12
+    assert for_onnxruntime(unchunk(proto)) is not None and not is_chunked(for_onnxruntime(unchunk(proto)))
+    _, _, feeds = _inputs(model.cfg, 2, result.pairs_per_chunk, seed=5)  # two chunks
+    np.testing.assert_allclose(_logits(prepared, feeds), _logits(proto, feeds), rtol=0, atol=FP32_TOL)

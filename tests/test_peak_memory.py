@@ -20,7 +20,7 @@ FP32_TOL = 1e-5
 def test_probe_measures_both_graphs_in_a_process_without_torch():
     points = full_model_memory(preset("ml100k"), users=2, candidates=5, runs=1)
     assert [(p.graph, p.memory_pattern) for p in points] == [
-        ("chunked", True), ("chunked", False), ("plain", True), ("plain", False)]
+        (g, pattern) for g in ("exported", "ort-prepared", "plain") for pattern in (True, False)]
     for p in points:
         assert p.heavy_modules == ()  # numpy and onnxruntime only: the figure is ONNX Runtime's
         assert 0 < p.loaded_rss_bytes <= p.peak_rss_bytes < 4 * 2**30
@@ -35,6 +35,6 @@ def test_cli_writes_the_figures_and_refuses_a_directory(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["config"] == "ml100k" and report["candidates"] == 3 and report["pairs_per_chunk"] >= 1
-    assert [p["graph"] for p in report["points"]] == ["chunked", "chunked"]
+    assert [p["graph"] for p in report["points"]] == ["exported", "exported", "ort-prepared", "ort-prepared"]
     refused = CliRunner().invoke(cli, ["bench-memory", "--config", "ml100k", "--json", str(tmp_path)])
     assert refused.exit_code == 2 and "is a directory" in refused.output

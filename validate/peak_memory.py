@@ -30,7 +30,7 @@ from astro_trt.errors import DataError
 
 @dataclass(frozen=True)
 class MemoryPoint:
-    graph: str  # "chunked" (as exported) | "plain"
+    graph: str  # "exported" (the file) | "ort-prepared" (as OrtRunner runs it) | "plain" (no Loop)
     memory_pattern: bool
     peak_rss_bytes: int
     loaded_rss_bytes: int  # after the session is made, before the first run
@@ -64,7 +64,7 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
 
     from astro_trt import contract
     from astro_trt.exporter.export import export_onnx
-    from astro_trt.exporter.pair_chunks import unchunk
+    from astro_trt.exporter.pair_chunks import for_onnxruntime, unchunk
     from astro_trt.model.astro import ASTRO
     from astro_trt.model.resources import check_fits
     from astro_trt.model.synthetic import synthetic_batch
@@ -82,10 +82,12 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
     with tempfile.TemporaryDirectory(prefix="astro-memory-") as tmp:
         say(f"exporting a random {cfg.name} full model")
         path = export_onnx(model, Path(tmp), graphs=(contract.FULL_MODEL,)).paths[contract.FULL_MODEL]
-        graphs = {"chunked": path}
+        exported = onnx.load(str(path))
+        graphs = {"exported": path, "ort-prepared": Path(tmp) / "prepared.onnx"}
+        onnx.save(for_onnxruntime(exported), str(graphs["ort-prepared"]))
         if plain:
             graphs["plain"] = Path(tmp) / "plain.onnx"
-            onnx.save(unchunk(onnx.load(str(path))), str(graphs["plain"]))
+            onnx.save(unchunk(exported), str(graphs["plain"]))
         feeds = Path(tmp) / "feeds.npz"
         arrays = dict(zip(contract.HISTORY_INPUTS, (t.numpy() for t in batch.history.astuple()), strict=True))
         np.savez(feeds, reference=reference, **arrays, **{contract.CAND_ITEMS: batch.cand_items.numpy()})

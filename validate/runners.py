@@ -122,27 +122,29 @@ class TorchRunner:
 
 
 def ort_session(path: Path, threads: int = ORT_THREADS, profile_prefix: str | None = None,
-                memory_pattern: bool = True, *, unchunked: bool = False) -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op). ``unchunked``
-    runs a chunked full model's graph without its Loop (exporter/pair_chunks.py)."""
+                memory_pattern: bool = True, *, chunked_graph: bool = False, unchunked: bool = False) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op).
+    ``chunked_graph``: the graph may be a chunked full model (exporter/pair_chunks.py), which ONNX
+    Runtime then gets as ``for_onnxruntime`` prepares it, or without its Loop if ``unchunked``."""
     from astro_trt.exporter.check import onnx_session
 
     if not Path(path).is_file():
         raise BundleError(f"ONNX graph {path} is missing; re-export the bundle")
     source: Path | bytes = path
-    if unchunked:
+    if chunked_graph:
         import onnx
 
-        from astro_trt.exporter.pair_chunks import is_chunked, unchunk
+        from astro_trt.exporter.pair_chunks import for_onnxruntime, is_chunked, unchunk
 
         model = onnx.load(str(path))
-        if is_chunked(model) and model.ByteSize() < UNCHUNKED_BYTES:
-            source = unchunk(model).SerializeToString()
+        if is_chunked(model) and model.ByteSize() < IN_MEMORY_BYTES:
+            source = (unchunk(model) if unchunked else for_onnxruntime(model)).SerializeToString()
     return onnx_session(source, threads, profile_prefix, memory_pattern=memory_pattern)
 
 
-# A model serialized for ONNX Runtime from memory must stay under protobuf's 2 GB.
-UNCHUNKED_BYTES = 1_500_000_000
+# A model serialized for ONNX Runtime from memory must stay under protobuf's 2 GB; a larger one
+# is run from its file as exported.
+IN_MEMORY_BYTES = 1_500_000_000
 
 
 class OrtRunner:
@@ -150,11 +152,11 @@ class OrtRunner:
     {axis: (min, opt, max)}, e.g. a bundle's) bounds B and M as the engines are bounded; without
     it ONNX Runtime takes any batch (validation runs larger batches than the engines serve).
 
-    The full model runs as exported, in bounded memory (a Loop over chunks of pairs);
-    ``unchunked_full`` runs its plain graph instead, all pairs at once, which is what the bench
-    times: ONNX Runtime merges the layers' identical time-bucket work only outside a Loop body,
-    so the plain graph is the faster baseline (5-9 % at climber scale) and the reported gain the
-    conservative one. Its memory then grows with B x M again; the bench bounds the pairs per call."""
+    The full model runs in bounded memory (its Loop over chunks of pairs), prepared for ONNX
+    Runtime by exporter/pair_chunks.py ``for_onnxruntime``; ``unchunked_full`` runs its plain graph
+    instead, all pairs at once, which is what the bench times as the naive path (the fastest form
+    of the baseline, so the reported gain is the conservative one); its memory then grows with
+    B x M again, and the bench bounds the pairs per call."""
 
     runtime = "ort"
 
@@ -174,7 +176,8 @@ class OrtRunner:
         self.threads = threads
         # The full model's intermediates grow with B * M pairs: no pre-planned block on top of the arena.
         self.sessions = {g: ort_session(Path(p), threads, None if profile_dir is None else str(Path(profile_dir) / g),
-                                        memory_pattern=g != FULL_MODEL, unchunked=unchunked_full and g == FULL_MODEL)
+                                        memory_pattern=g != FULL_MODEL, chunked_graph=g == FULL_MODEL,
+                                        unchunked=unchunked_full)
                          for g, p in graphs.items()}
         for graph, session in self.sessions.items():
             got = [i.name for i in session.get_inputs()]
