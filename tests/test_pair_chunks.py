@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from astro_trt import contract
-from astro_trt.exporter.check import onnx_session
 from astro_trt.exporter.export import export_onnx
+from astro_trt.exporter.ort_session import onnx_session
 from astro_trt.exporter.pair_chunks import chunk_pairs, initializers, is_chunked, unchunk, walk_nodes
 from astro_trt.model.resources import full_model_pairs_per_chunk
 from astro_trt.plugins.names import ONNX_DOMAIN

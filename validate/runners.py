@@ -125,7 +125,7 @@ def ort_session(path: Path, threads: int = ORT_THREADS, profile_prefix: str | No
                 memory_pattern: bool = True, *, unchunked: bool = False) -> Any:
     """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op). ``unchunked``
     runs a chunked full model's graph without its Loop (exporter/pair_chunks.py)."""
-    from astro_trt.exporter.check import onnx_session
+    from astro_trt.exporter.ort_session import onnx_session
 
     if not Path(path).is_file():
         raise BundleError(f"ONNX graph {path} is missing; re-export the bundle")
