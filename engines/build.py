@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astro_trt.artifacts import atomic_write
 from astro_trt.contract import (
     ATTENTION_CHOICES,
     BATCH,
@@ -305,7 +306,8 @@ def build_engine(
         detail = "; ".join(logger.errors[-2:] or logger.messages[-2:]) or "no message from TensorRT"
         raise BackendError(f"{backend.name} could not build {io.name} from {onnx_path.name}: {detail}")
     if cache is not None:
-        timing_cache.write_bytes(bytes(cache.serialize()))  # type: ignore[union-attr]
+        # Atomically: a build killed mid-write must not leave a truncated cache for the next to read.
+        atomic_write(timing_cache, bytes(cache.serialize()))  # type: ignore[union-attr]
     plan_bytes = bytes(plan)
     engine_io = read_engine_io(backend, plan_bytes)
     if engine_io is not None:
