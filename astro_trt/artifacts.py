@@ -16,7 +16,7 @@ import socket
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from astro_trt.errors import ArtifactError
@@ -163,11 +163,16 @@ _ACTIVE: list[_Staging] = []
 
 
 def abandon_staged_writes() -> None:
-    """Undo every staged write of this process now, as if each had failed. For a SIGTERM handler
-    that then exits at once: unwinding the stack from a signal can land inside a C extension's
-    callback (torch.onnx, ONNX Runtime), which may crash or swallow the exception."""
+    """Undo every staged write of this process now, as if each had failed, and remove the
+    temporary files of its atomic_write calls in flight. For a SIGTERM handler that then exits at
+    once: unwinding the stack from a signal can land inside a C extension's callback (torch.onnx,
+    ONNX Runtime), which may crash or swallow the exception."""
     while _ACTIVE:
         _ACTIVE.pop().abandon()
+    for tmp in list(_IN_FLIGHT):
+        _IN_FLIGHT.discard(tmp)
+        with suppress(OSError):
+            tmp.unlink()
 
 
 @contextmanager
@@ -268,15 +273,62 @@ def _replace(state: _Staging) -> None:
         _unlock(lock)
 
 
+# atomic_write's temporary files: ``.<name>.tmp-<host>-<pid>`` beside the target. Those of this
+# process that are in flight are listed for abandon_staged_writes; those of dead processes of
+# this host (killed between the write and the rename) are swept by the next writer of the target.
+_IN_FLIGHT: set[Path] = set()
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, as another user's process
+        return True
+    return True
+
+
+def sweep_stale_temporaries(path: str | Path) -> list[Path]:
+    """Remove the atomic_write temporaries of ``path`` whose writer, a process of this host, is
+    dead; return them. A temporary of another host, or of a live pid, is left alone (a reused pid
+    only delays the sweep)."""
+    path = Path(path)
+    prefix = f".{path.name}.tmp-{socket.gethostname()}-"
+    removed = []
+    try:
+        candidates = list(path.parent.glob(f"{glob.escape(prefix)}*"))
+    except OSError:
+        return removed
+    for tmp in candidates:
+        pid = tmp.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)) or tmp.is_dir():
+            continue
+        with suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary name beside ``path`` and rename it over ``path``, so a reader
-    (or a crash) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    (or a crash) never sees half a file. The temporary is removed on any failure, by the SIGTERM
+    clean-up (abandon_staged_writes) if the process is terminated in between, and by the next
+    writer of ``path`` if the process was killed outright."""
+    for stale in sweep_stale_temporaries(path):
+        _log.warning("removed %s, left by a writer of %s that was killed", stale, path)
+    tmp = _tmp_name(path)
+    _IN_FLIGHT.add(tmp)  # before the file exists: a signal can come at any point from here
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+        _IN_FLIGHT.discard(tmp)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -31,6 +31,9 @@ EXPORT_LOWERINGS = (PLUGIN, NATIVE)  # what the exporter writes
 LOWERINGS = (PLUGIN, NATIVE, REFERENCE_BODY)  # what the manifest records as effective
 ATTENTION_CHOICES = (AUTO_LOWERING, *EXPORT_LOWERINGS)  # what --attention of a bundle accepts
 
+# The builder optimization levels both TensorRT back ends take (--opt-level; the manifest records it).
+OPT_LEVELS = range(0, 6)
+
 USER_ENCODER = "user_encoder"
 ITEM_SCORER = "item_scorer"
 FULL_MODEL = "full_model"

@@ -167,7 +167,7 @@ def _backend(s: _Schema, value: Any) -> None:
         s.text(t, f"backend.targets[{i}]")
     level = s.key(backend, "opt_level", "backend")
     if level is not None:
-        s.integer(level, "backend.opt_level", 0, 5)
+        s.integer(level, "backend.opt_level", contract.OPT_LEVELS[0], contract.OPT_LEVELS[-1])
 
 
 def _profile(s: _Schema, value: Any) -> None:

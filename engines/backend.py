@@ -65,9 +65,8 @@ class Backend:
 
     def parse_targets(self, targets: str | list[str] | tuple[str, ...]) -> list[str]:
         """'portable' | 'current' | 'sm86,sm89' -> a normalised list, checked against the back end."""
-        items = [t.strip().lower() for t in (targets.split(",") if isinstance(targets, str) else targets)]
-        items = [t for t in items if t]
-        if not items or items == [PORTABLE]:
+        items = target_names(targets)
+        if items == [PORTABLE]:
             return [PORTABLE]
         if PORTABLE in items:
             raise BackendError(f"--targets: 'portable' cannot be combined with {items}; give one or the other")
@@ -94,6 +93,17 @@ class Backend:
         for index, target in enumerate(targets):
             capability = getattr(trt.ComputeCapability, target.upper())
             config.set_compute_capability(capability, index)  # type: ignore[attr-defined]
+
+
+def target_names(targets: object) -> list[str]:
+    """--targets as lower-case names, [PORTABLE] when empty; refused unless a comma list (str) or a
+    list or tuple of str. Which names exist is the back end's to say (``Backend.parse_targets``)."""
+    raw = targets.split(",") if isinstance(targets, str) else targets if isinstance(targets, list | tuple) else None
+    if raw is None or not all(isinstance(t, str) for t in raw):
+        raise BackendError(f"--targets {targets!r}: expected a comma list such as 'portable' or 'sm86,sm89'; "
+                           "pass the compute targets as text")
+    items = [t.strip().lower() for t in raw if t.strip()]
+    return items or [PORTABLE]
 
 
 TENSORRT = Backend(
@@ -165,5 +175,5 @@ def resolve_backend(choice: str = AUTO) -> Backend:
 
 __all__ = [
     "AUTO", "BACKENDS", "BACKEND_CHOICES", "PORTABLE", "Backend", "TENSORRT", "TENSORRT_RTX", "capturing_logger",
-    "resolve_backend",
+    "resolve_backend", "target_names",
 ]

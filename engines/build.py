@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astro_trt.artifacts import atomic_write
 from astro_trt.contract import (
     ATTENTION_CHOICES,
     BATCH,
     CANDIDATES,
     NATIVE,
+    OPT_LEVELS,
     PLUGIN,
     REFERENCE_BODY,
     GraphIO,
@@ -28,8 +30,6 @@ from astro_trt.contract import (
 from astro_trt.engines.backend import PORTABLE, Backend, capturing_logger
 from astro_trt.errors import BackendError, ConfigError, ExportError
 from astro_trt.precision import by_trt, is_reference
-
-OPT_LEVELS = range(0, 6)
 
 ProgressCallback = Callable[[str], None]
 
@@ -237,6 +237,16 @@ def compare_io(records: list[dict[str, Any]], io: GraphIO, shapes: dict[str, tup
     return problems
 
 
+def check_opt_level(opt_level: object) -> int | None:
+    """``opt_level`` if it is None (the back end's default) or one of OPT_LEVELS: the one check,
+    made by the bundle export before any work (engines or not) and by every build."""
+    if opt_level is None or (isinstance(opt_level, int) and not isinstance(opt_level, bool)
+                             and opt_level in OPT_LEVELS):
+        return opt_level
+    raise ConfigError(f"--opt-level {opt_level!r}: must be an integer in {OPT_LEVELS[0]}..{OPT_LEVELS[-1]}; "
+                      "choose a builder optimization level in that range, or leave it out for the default")
+
+
 def build_engine(
     backend: Backend,
     onnx_path: Path,
@@ -253,10 +263,9 @@ def build_engine(
 
     Raises ExportError when the graph does not parse or does not match the contract, BackendError
     when TensorRT cannot build it (with TensorRT's own messages)."""
+    opt_level = check_opt_level(opt_level)
     trt = backend.load()
     targets = targets or [PORTABLE]
-    if opt_level is not None and opt_level not in OPT_LEVELS:
-        raise ConfigError(f"--opt-level must be in 0..5, got {opt_level}")
     if plugins:
         if not backend.supports_plugins:
             raise BackendError(f"back end '{backend.name}' cannot load custom plugins; use --attention native or auto")
@@ -297,7 +306,8 @@ def build_engine(
         detail = "; ".join(logger.errors[-2:] or logger.messages[-2:]) or "no message from TensorRT"
         raise BackendError(f"{backend.name} could not build {io.name} from {onnx_path.name}: {detail}")
     if cache is not None:
-        timing_cache.write_bytes(bytes(cache.serialize()))  # type: ignore[union-attr]
+        # Atomically: a build killed mid-write must not leave a truncated cache for the next to read.
+        atomic_write(timing_cache, bytes(cache.serialize()))  # type: ignore[union-attr]
     plan_bytes = bytes(plan)
     engine_io = read_engine_io(backend, plan_bytes)
     if engine_io is not None:
@@ -313,5 +323,5 @@ def build_engine(
 
 __all__ = [
     "BuiltEngine", "Lowering", "Profile", "attention_candidates",
-    "build_engine", "compare_io", "dtype_name", "read_engine_io",
+    "build_engine", "check_opt_level", "compare_io", "dtype_name", "read_engine_io",
 ]

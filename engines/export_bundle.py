@@ -63,7 +63,7 @@ def export_bundle(
     subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
     from astro_trt.artifacts import as_path, check_destination, check_replaceable
     from astro_trt.engines.backend import resolve_backend
-    from astro_trt.engines.build import OPT_LEVELS, Profile, attention_candidates
+    from astro_trt.engines.build import Profile, attention_candidates, check_opt_level
     from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
     from astro_trt.manifest import build_manifest, write_manifest
     from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint
@@ -72,9 +72,9 @@ def export_bundle(
     wanted = parse_precisions(precisions)
     profile = Profile(max_batch=max_batch, max_candidates=max_candidates)
     # Checked here, not only by the builder: an ONNX-only export must not accept what a build would refuse.
-    if opt_level is not None and (not isinstance(opt_level, int) or isinstance(opt_level, bool)
-                                  or opt_level not in OPT_LEVELS):
-        raise ConfigError(f"--opt-level must be an integer in 0..5, got {opt_level!r}")
+    opt_level = check_opt_level(opt_level)
+    if not engines:
+        _refuse_engine_options(backend, targets, opt_level, timing_cache)
     chosen = resolve_backend(backend) if engines else None
     target_list = chosen.parse_targets(targets) if chosen else []
     lowerings = {p: attention_candidates(chosen, attention, p) for p in wanted}
@@ -119,6 +119,22 @@ def export_bundle(
         )
         write_manifest(stage, manifest)
     return ExportedBundle(out.resolve(), manifest)
+
+
+def _refuse_engine_options(backend: object, targets: object, opt_level: int | None, timing_cache: object) -> None:
+    """An ONNX-only export refuses the options only engine builds read, as trtexec refuses an
+    option it would ignore: a user who asked for sm89 plans must not get a bundle without them."""
+    from astro_trt.engines.backend import AUTO, PORTABLE, target_names
+
+    given = {"--backend": backend if backend != AUTO else None,
+             "--targets": targets if target_names(targets) != [PORTABLE] else None,
+             "--opt-level": opt_level, "--timing-cache": timing_cache}
+    named = [f"{flag} {value!r}" for flag, value in given.items() if value is not None]
+    if named:
+        one = len(named) == 1
+        raise ConfigError(f"{', '.join(named)}: {'an engine option' if one else 'engine options'}, but --no-engines "
+                          f"(engines=False) builds no engine; drop {'it' if one else 'them'}, or drop --no-engines "
+                          "to build engines")
 
 
 def _export_precision(

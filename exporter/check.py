@@ -1,7 +1,7 @@
 """Checks of exported graphs: onnx.checker (full), then ONNX Runtime on the CPU against the fp32
 PyTorch model on a synthetic batch (padding, empty blocks, every time bucket).
 
-Session creation lives here, in ``onnx_session``, for every stage that runs a graph on the CPU.
+Sessions come from ``onnx_session`` (exporter/ort_session.py), the one place they are made.
 ONNX Runtime's CPU provider has no bfloat16 kernels for most ops (Add, MatMul, ...); a graph it
 cannot load runs in ``onnx.reference`` instead (slow, exact op semantics), and ``runner_for``
 says which one ran.
@@ -18,34 +18,10 @@ import torch
 from astro_trt import contract
 from astro_trt.contract import GraphIO
 from astro_trt.errors import ExportError
+from astro_trt.exporter.ort_session import onnx_session
 from astro_trt.model.astro import ASTRO, History
 from astro_trt.precision import REFERENCE, get, is_reference
 from astro_trt.tolerances import max_abs_limit
-
-
-def onnx_session(
-    path: Path | str | bytes, threads: int | None = None, profile_prefix: str | None = None, *,
-    memory_pattern: bool = True,
-):
-    """An ONNX Runtime CPU session, the one place sessions are made. ``threads`` caps the intra-op
-    threads (one inter-op thread then); None keeps ONNX Runtime's default of one per core.
-    ``profile_prefix`` turns on ONNX Runtime's per-node profiler (``end_profiling`` names the file).
-    ``memory_pattern=False`` stops ONNX Runtime from pre-planning one block for all intermediates
-    on repeated shapes, which it allocates on top of its arena: for the full model at 1 user x 1024
-    candidates (climber) the second run's peak went from 1.3 GB to 2.0 GB with it."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # the exporter's graphs trip harmless optimizer warnings
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    options.enable_mem_pattern = memory_pattern
-    if profile_prefix is not None:
-        options.enable_profiling = True
-        options.profile_file_prefix = profile_prefix
-    source = path if isinstance(path, bytes) else str(path)  # bytes: a serialized model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def runner_for(path: Path | str) -> str:

@@ -32,7 +32,7 @@ class Compute(Protocol):
 
 class OrtCompute:
     def __init__(self, bundle: Bundle, precision: str, threads: int | None = None) -> None:
-        from astro_trt.exporter.check import onnx_session
+        from astro_trt.exporter.ort_session import onnx_session
 
         self.name = f"onnxruntime-{precision}"
         self.io = bundle.io(precision)

@@ -18,6 +18,7 @@ import numpy as np
 from astro_trt.choices import comma_list
 from astro_trt.errors import DataError
 from astro_trt.serving import client as tc
+from astro_trt.serving.defaults import check_seconds, check_workload
 from astro_trt.serving.workload import Workload
 
 
@@ -244,6 +245,9 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     from astro_trt.config import ASTROConfig
     from astro_trt.serving.workload import make_workload
 
+    check_workload(clients=clients, users=users, pages=pages, candidates=candidates, seed=seed)
+    check_seconds(duration, "--duration")
+    check_seconds(baseline_seconds, "--baseline-seconds")
     url = url.removeprefix("http://")
     protocols = comma_list(protocol, tc.PROTOCOLS, "--protocol", DataError)
     if grpc_url is None:

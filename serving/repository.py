@@ -26,7 +26,7 @@ from astro_trt.engines.backend import TENSORRT
 from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BundleError
 from astro_trt.serving import config_pbtxt as pbtxt
-from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
+from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS, check_cache_bytes, check_ort_threads
 from astro_trt.serving.readme import repository_readme
 from astro_trt.serving.source import served_precision
 
@@ -50,6 +50,7 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
     """Write the repository for ``precision`` of ``bundle`` at ``out`` (atomically: a failure
     leaves nothing there). ``ort_threads``: ONNX Runtime's intra-op threads in astro_recommend
     (None: one per core). Returns its absolute path."""
+    cache_bytes, ort_threads = check_cache_bytes(cache_bytes), check_ort_threads(ort_threads)
     out = Path(out).resolve()
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")

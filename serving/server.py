@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astro_trt.errors import BackendError, DataError
-from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
+from astro_trt.serving.defaults import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_ORT_THREADS,
+    check_cache_bytes,
+    check_ort_threads,
+    check_port,
+)
 
 HOST = "127.0.0.1"
 _INSTALL = "pip install 'astro-trt[serve]' (nvidia-pytriton ships tritonserver)"
@@ -253,6 +259,10 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     from astro_trt.serving.source import load_served_bundle
 
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+    for what, port in ports.items():
+        check_port(port, what)
+    check_cache_bytes(cache_bytes)
+    check_ort_threads(ort_threads)
     if len(set(ports.values())) < len(ports):
         raise DataError(f"{', '.join(f'{k} {v}' for k, v in ports.items())}: each endpoint needs its own port; "
                         "choose three different ports")

@@ -174,3 +174,99 @@ def test_abandoning_writes_in_progress_undoes_them(tmp_path):
     state.retired = retired
     state.abandon()
     assert (out / "old").read_text() == "previous" and _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------- atomic_write killed between write and rename
+# A real writer process: the CLI's own SIGTERM handler, then atomic_write of TARGET, paused right
+# after the temporary is written and before the rename (os.replace waits there), so the signal
+# lands at exactly that moment. It prints the temporary's path once it is on disk.
+_PAUSED_WRITER = """
+import os, signal, sys, time
+from pathlib import Path
+from astro_trt import artifacts
+from astro_trt.cli import _on_sigterm
+
+signal.signal(signal.SIGTERM, _on_sigterm)
+real_replace = os.replace
+
+def paused(src, dst):
+    print(src, flush=True)
+    time.sleep(120)
+    real_replace(src, dst)
+
+os.replace = paused
+artifacts.atomic_write(Path(sys.argv[1]), b"new " * 4096)
+"""
+
+
+def _paused_writer(target):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_WRITER, str(target)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    line = proc.stdout.readline().strip()  # the temporary is complete on disk now
+    assert line, proc.stderr.read()
+    tmp = type(target)(line)
+    assert tmp.parent == target.parent and tmp.read_bytes() == b"new " * 4096
+    return proc, tmp
+
+
+def _kill(proc, sig):
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
+def test_sigterm_between_write_and_rename_removes_the_temporary(tmp_path):
+    import signal
+
+    target = tmp_path / "report.json"
+    target.write_bytes(b"previous")
+    proc, tmp = _paused_writer(target)
+    assert tmp.name.startswith(".report.json.tmp-") and tmp.name.endswith(f"-{proc.pid}")
+    code, err = _kill(proc, signal.SIGTERM)
+    assert code == 143 and err.strip() == "terminated"
+    assert target.read_bytes() == b"previous"  # untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]  # no temporary left
+
+
+def test_a_temporary_left_by_a_killed_writer_is_swept_by_the_next(tmp_path, caplog):
+    import signal
+
+    target = tmp_path / "report.json"
+    proc, tmp = _paused_writer(target)
+    _kill(proc, signal.SIGKILL)  # no handler runs: the temporary stays
+    assert tmp.exists() and not target.exists()
+    atomic_write(target, b"second")
+    assert target.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    assert f"removed {tmp}" in caplog.text
+
+
+def test_temporaries_of_live_writers_and_other_hosts_are_left_alone(tmp_path):
+    import signal
+
+    target = tmp_path / "report.json"
+    other_host = tmp_path / ".report.json.tmp-otherhost-999999"
+    other_host.write_bytes(b"another machine's writer (shared file system)")
+    proc, tmp = _paused_writer(target)
+    try:
+        atomic_write(target, b"mine")  # while the other writer is paused between write and rename
+        assert tmp.exists() and other_host.exists() and target.read_bytes() == b"mine"
+    finally:
+        code, _ = _kill(proc, signal.SIGTERM)
+    assert code == 143 and not tmp.exists() and other_host.exists()
+
+
+def test_abandoning_removes_the_temporaries_in_flight(tmp_path):
+    from astro_trt.artifacts import _IN_FLIGHT, abandon_staged_writes
+
+    tmp = tmp_path / ".f.tmp-host-1"
+    tmp.write_bytes(b"half")
+    _IN_FLIGHT.add(tmp)
+    abandon_staged_writes()
+    assert not tmp.exists() and tmp not in _IN_FLIGHT

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from astro_trt import contract
-from astro_trt.exporter.check import onnx_session
 from astro_trt.exporter.export import export_onnx
+from astro_trt.exporter.ort_session import onnx_session
 from astro_trt.exporter.pair_chunks import (
     chunk_pairs,
     for_onnxruntime,

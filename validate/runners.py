@@ -126,7 +126,7 @@ def ort_session(path: Path, threads: int = ORT_THREADS, profile_prefix: str | No
     """An ONNX Runtime CPU session with ``threads`` intra-op threads (one inter-op).
     ``chunked_graph``: the graph may be a chunked full model (exporter/pair_chunks.py), which ONNX
     Runtime then gets as ``for_onnxruntime`` prepares it, or without its Loop if ``unchunked``."""
-    from astro_trt.exporter.check import onnx_session
+    from astro_trt.exporter.ort_session import onnx_session
 
     if not Path(path).is_file():
         raise BundleError(f"ONNX graph {path} is missing; re-export the bundle")

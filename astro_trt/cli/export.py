@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from astro_trt.cli.gates import gate_failure
-from astro_trt.contract import ATTENTION_CHOICES
+from astro_trt.contract import ATTENTION_CHOICES, OPT_LEVELS
 from astro_trt.engines.backend import BACKEND_CHOICES
 from astro_trt.errors import GateError
 
@@ -70,7 +70,8 @@ def _summary(out: Path, manifest: dict[str, Any]) -> None:
               help="Compute targets for TensorRT-RTX: portable, current, or e.g. sm86,sm89.")
 @click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch of users per call.")
 @click.option("--max-candidates", default=1024, show_default=True, type=int, help="Largest candidates per user.")
-@click.option("--opt-level", default=None, type=click.IntRange(0, 5), help="Builder optimization level (0-5).")
+@click.option("--opt-level", default=None, type=click.IntRange(OPT_LEVELS[0], OPT_LEVELS[-1]),
+              help=f"Builder optimization level ({OPT_LEVELS[0]}-{OPT_LEVELS[-1]}).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Timing cache file, read and updated across builds (full TensorRT; TensorRT-RTX has none).")
 @click.option("--no-engines", is_flag=True, help="Write ONNX only (machines without a TensorRT back end).")

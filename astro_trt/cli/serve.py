@@ -8,16 +8,17 @@ from pathlib import Path
 import click
 
 from astro_trt.errors import GateError
+from astro_trt.serving import defaults as lim
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 
 _THREADS = click.option("--ort-threads", default=DEFAULT_ORT_THREADS, show_default=True,
-                        type=click.IntRange(0),
+                        type=click.IntRange(0, lim.MAX_ORT_THREADS),
                         help="ONNX Runtime intra-op threads of astro_recommend on a CPU (0: one per core).")
 _SHA = click.option("--expect-sha256", default=None,
                     help="Refuse the bundle unless its manifest has this sha256 (pins what is served).")
 _PRECISION = click.option("--precision", default=None, help="Graphs to serve (default: fp32 when the bundle has it).")
 _CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_default=True,
-                      type=click.IntRange(0),
+                      type=click.IntRange(lim.MIN_CACHE_MIB, lim.max_cache_mib()),
                       help="astro_recommend's per-user cache of encoded state, in MiB.")
 
 
@@ -45,9 +46,9 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
 
 @click.command("serve")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, lim.MAX_PORT))
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, lim.MAX_PORT))
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, lim.MAX_PORT))
 @_PRECISION
 @_CACHE
 @_THREADS
@@ -67,17 +68,21 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
 @click.argument("url")
 @click.option("--grpc-url", default=None, help="gRPC endpoint (default: URL's host, port + 1).")
 @click.option("--protocol", default="http,grpc", show_default=True, help="Comma list of http, grpc (one run each).")
-@click.option("--clients", default=8, show_default=True, type=click.IntRange(1, 256), help="Concurrent clients.")
-@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(0.5, 3600),
+@click.option("--clients", default=8, show_default=True, type=click.IntRange(1, lim.MAX_CLIENTS),
+              help="Concurrent clients.")
+@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(lim.MIN_SECONDS, lim.MAX_SECONDS),
               help="Seconds per protocol.")
-@click.option("--users", default=32, show_default=True, type=click.IntRange(1))
-@click.option("--pages", default=8, show_default=True, type=click.IntRange(1), help="Pages per user session.")
-@click.option("--candidates", default=256, show_default=True, type=click.IntRange(1), help="Candidates per page.")
+@click.option("--users", default=32, show_default=True, type=click.IntRange(1, lim.MAX_USERS))
+@click.option("--pages", default=8, show_default=True, type=click.IntRange(1, lim.MAX_PAGES),
+              help="Pages per user session.")
+@click.option("--candidates", default=256, show_default=True, type=click.IntRange(1, lim.MAX_CANDIDATES),
+              help="Candidates per page.")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
               help="Also replay the requests in-process on this bundle (ONNX Runtime) as the baseline.")
-@click.option("--baseline-seconds", default=20.0, show_default=True, type=click.FloatRange(0.5, 3600),
+@click.option("--baseline-seconds", default=20.0, show_default=True,
+              type=click.FloatRange(lim.MIN_SECONDS, lim.MAX_SECONDS),
               help="In-process time, half before and half after the served runs.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, lim.MAX_SEED))
 @click.option("--note", default="", help="A line for the report (e.g. what else shared the machine).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("loadtest"), show_default=True,
               help="Where loadtest.{json,md,png} go.")

@@ -88,6 +88,19 @@ class Tally:
         )
 
 
+def naming(flag: str, call: Callable[[], object]) -> Callable[[], None]:
+    """``call`` must be refused with a message naming ``flag``; any other refusal is re-raised as
+    a plain exception (``Tally.python`` then records it as a traceback: the wrong cause)."""
+    def run() -> None:
+        try:
+            call()
+        except AstroError as exc:
+            if flag not in str(exc):
+                raise RuntimeError(f"refused for another reason than {flag}: {exc}") from None
+            raise
+    return run
+
+
 def run_cli(argv: Sequence[str], *, timeout: float = 120, cwd: Path | None = None,
             env: dict[str, str] | None = None) -> Outcome:
     cmd = [sys.executable, "-m", "astro_trt.cli", *map(str, argv)]
@@ -110,4 +123,4 @@ def run_cli(argv: Sequence[str], *, timeout: float = 120, cwd: Path | None = Non
     return Outcome("refused", lines[-1] if lines else "")
 
 
-__all__ = ["REPORT", "SCALE", "Outcome", "Tally", "cases", "run_cli"]
+__all__ = ["REPORT", "SCALE", "Outcome", "Tally", "cases", "naming", "run_cli"]

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from harness import Tally, cases
+from harness import Tally, cases, naming
 
 from astro_trt.artifacts import check_destination
 from astro_trt.config import PRESETS
@@ -31,19 +30,6 @@ from astro_trt.validate.gates import Gates
 pytestmark = pytest.mark.fuzz
 
 NUMBERS = [0, -1, -(10**9), 10**9, 2**63, float("nan"), float("inf"), -float("inf"), 1e-300, True, None, "3"]
-
-
-def _naming(flag: str, call: Callable[[], object]) -> Callable[[], None]:
-    """``call`` must be refused with a message naming ``flag``; any other refusal is re-raised as
-    a plain exception (the harness then records it as a traceback: the wrong cause)."""
-    def run() -> None:
-        try:
-            call()
-        except AstroError as exc:
-            if flag not in str(exc):
-                raise RuntimeError(f"refused for another reason than {flag}: {exc}") from None
-            raise
-    return run
 
 
 def test_fuzz_train_flags(tmp_path):
@@ -67,10 +53,10 @@ def test_fuzz_train_flags(tmp_path):
             continue  # a valid draw (lr 1e-300, seed 0, ...): no case, and no training started
         except AstroError:
             pass
-        tally.python(f"train {key}={value!r}", _naming(flag[key], lambda o=options: train_ml100k(
+        tally.python(f"train {key}={value!r}", naming(flag[key], lambda o=options: train_ml100k(
             PRESETS["ml100k"], tmp_path / "out", o, cache_dir=empty_cache, progress=False, log=lambda _m: None)))
     for value in (0, -1, 10**6, 10**9):
-        tally.python(f"train --candidates {value}", _naming("candidates", lambda v=value: train_ml100k(
+        tally.python(f"train --candidates {value}", naming("candidates", lambda v=value: train_ml100k(
             PRESETS["ml100k"], tmp_path / "out", TrainOptions(), candidates=v, cache_dir=empty_cache,
             progress=False, log=lambda _m: None)))
     assert not (tmp_path / "out").exists() and not empty_cache.exists()
@@ -88,20 +74,20 @@ def test_fuzz_gate_and_profile_flags():
         f = rng.choice(fields)
         plan.append((f, rng.choice([-1, -1e-9, float("nan"), float("inf"), -float("inf"), "x", None, True])))
     for key, value in plan:
-        tally.python(f"validate --{key}={value!r}", _naming("--" + key.replace("_", "-"), lambda k=key, v=value: Gates(
+        tally.python(f"validate --{key}={value!r}", naming("--" + key.replace("_", "-"), lambda k=key, v=value: Gates(
             **{k: v})))
     for key, value in [("max_batch", v) for v in (0, -1, 10**6, 2**40)] + \
             [("max_candidates", v) for v in (0, -3, 10**6, 2**31)]:
-        tally.python(f"export --{key}={value}", _naming(key.replace("_", "-"), lambda k=key, v=value: Profile(
+        tally.python(f"export --{key}={value}", naming(key.replace("_", "-"), lambda k=key, v=value: Profile(
             **{k: v})))
     for text in ("", ",", "fp8", "fp32,int8", "FP33", "fp16;fp32", "\x00"):
-        tally.python(f"export --precision {text!r}", _naming("--precision", lambda t=text: _precisions(t)))
+        tally.python(f"export --precision {text!r}", naming("--precision", lambda t=text: _precisions(t)))
     for text in ("", "a", "0", "-1", "1e3", "64,,x", "10**6", "0x10", "nan", "inf"):
-        tally.python(f"bench --candidates {text!r}", _naming("--candidates", lambda t=text: parse_candidates(t)))
+        tally.python(f"bench --candidates {text!r}", naming("--candidates", lambda t=text: parse_candidates(t)))
     from astro_trt.validate.bench_bundle import check_counts
 
     for counts in ([5000], [10**6], [1, 1025]):
-        tally.python(f"bench --candidates {counts} (profile 1024)", _naming("--candidates", lambda c=counts:
+        tally.python(f"bench --candidates {counts} (profile 1024)", naming("--candidates", lambda c=counts:
                      check_counts(c, None)))
     tally.check()
 
@@ -113,8 +99,8 @@ def test_fuzz_out_flags(tmp_path):
     outs = [regular / "out", regular / "a" / "b" / "out", regular, Path("/proc/self/out"), Path("/proc/out"),
             Path("/sys/kernel/out"), Path("/dev/null/out"), Path("/dev/shm-not/out"), Path("/proc")]
     for out in outs:
-        tally.python(f"--out {out}", _naming(str(out), lambda o=out: check_destination(o)))
-        tally.python(f"train --out {out}", _naming(str(out), lambda o=out: train_ml100k(
+        tally.python(f"--out {out}", naming(str(out), lambda o=out: check_destination(o)))
+        tally.python(f"train --out {out}", naming(str(out), lambda o=out: train_ml100k(
             PRESETS["ml100k"], o, TrainOptions(), cache_dir=tmp_path / "no-data", progress=False,
             log=lambda _m: None)))
     assert regular.read_text() == "not a folder"
