@@ -18,8 +18,8 @@ from astro_trt.plugins.operators import ACTIVATION, CANDIDATE, MSA, Impl, Operat
 from astro_trt.precision import float_dtypes
 
 FLOAT_TYPES = tuple(d.torch() for d in float_dtypes())
-# The inputs both operators check alike (_check_common).
-_COMMON = ("q", "k", "v", "lengths", "pos_bias", "time_bias", "time_thresholds", "inv_tau")
+# The inputs both operator records have, which _check_common checks alike.
+_COMMON = tuple(n for n in MSA.input_names if n in CANDIDATE.input_names)
 
 
 def _kernels():
