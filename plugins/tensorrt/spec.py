@@ -10,11 +10,11 @@ from dataclasses import dataclass
 
 from astro_trt.errors import BackendError
 from astro_trt.plugins import operators
-from astro_trt.precision import float_dtypes
+from astro_trt.precision import float_dtypes, index_dtypes
 
 # Data types by TensorRT's enum member names, so this module never imports TensorRT.
 ACTIVATION_TYPES = tuple(d.trt for d in float_dtypes())
-INDEX_TYPES = ("INT32", "INT64")
+INDEX_TYPES = tuple(d.trt for d in index_dtypes())
 
 
 @dataclass(frozen=True)
