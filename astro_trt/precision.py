@@ -124,3 +124,9 @@ def is_reference(name: str) -> bool:
 def float_dtypes() -> tuple[DType, ...]:
     """The floating dtypes some precision computes in (what the kernels and plugins accept)."""
     return tuple(dict.fromkeys(p.dtype for p in REGISTRY.values()))
+
+
+def index_dtypes() -> tuple[DType, ...]:
+    """The integer dtypes the attention operators take for their index inputs (lengths, times,
+    thresholds): int64, what the contract's history tensors are, and int32."""
+    return (DTYPES["int64"], DTYPES["int32"])

@@ -78,7 +78,36 @@ def time_bias_function(op: Any) -> Any:
     return _time_bias
 
 
+def candidate_bias_function(op: Any, _time_bias: Any) -> Any:
+    """CandidateAttention's per-user biases for the opset ``op``, built on that opset's
+    ``time_bias_function``: one body for the reference and the native lowering."""
+
+    @script(astro, default_opset=op)
+    def _candidate_bias(hist, lengths, hist_times, request_time, pos_bias, time_bias, time_thresholds, tau):
+        """hist [1] = L, tau [B, Nb, H, 1, 1] -> (history row [B, Nb, H, 1, L] scaled by tau, -inf at
+        padding; the own key's bias [B, Nb, H, 1, 1] scaled by tau). Everything about the history
+        keys except q . k is per user, so it is computed once and shared by all M candidates."""
+        pos_table = op.Cast(pos_bias, to=onnx.TensorProto.FLOAT)
+        pos = op.Range(0, op.Squeeze(hist, [0]), 1)  # [L]
+        dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
+        valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1]))  # [B, Nb, L]
+        hist_bias = op.Add(
+            op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]),
+            op.Unsqueeze(op.Transpose(_time_bias(dt, valid, time_bias, time_thresholds), perm=[0, 1, 3, 2]), [3]),
+        )  # [B, Nb, H, 1, L], -inf at padding
+        hist_mask = op.Mul(hist_bias, tau)
+        # Distance 0 and time difference 0 fall in bucket 0 of both tables.
+        zero_bucket = op.Add(
+            op.Gather(pos_table, 0, axis=2), op.Gather(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), 0, axis=2)
+        )  # [Nb, H]
+        self_bias = op.Mul(op.Unsqueeze(zero_bucket, [0, 3, 4]), tau)
+        return hist_mask, self_bias
+
+    return _candidate_bias
+
+
 _time_bias = time_bias_function(op)
+_candidate_bias = candidate_bias_function(op, _time_bias)
 
 
 @script(astro, default_opset=op)
@@ -121,30 +150,17 @@ def CandidateAttention(
     vf = op.Cast(v, to=onnx.TensorProto.FLOAT)
     kc = op.Cast(k_cache, to=onnx.TensorProto.FLOAT)
     vc = op.Cast(v_cache, to=onnx.TensorProto.FLOAT)
-    pos_table = op.Cast(pos_bias, to=onnx.TensorProto.FLOAT)
     tau = op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4])  # [B, Nb, H, 1, 1]
     hist = op.Slice(op.Shape(k_cache), [-2], [-1])  # [1] = L
-    pos = op.Range(0, op.Squeeze(hist, [0]), 1)  # [L]
 
-    # Everything about the history keys except q . k is per user: the biases, 1 / tau and the
-    # padding mask fold into one [B, Nb, H, 1, L] additive row shared by all M candidates.
-    dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
-    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1]))  # [B, Nb, L]
-    hist_bias = op.Add(
-        op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]),
-        op.Unsqueeze(op.Transpose(_time_bias(dt, valid, time_bias, time_thresholds), perm=[0, 1, 3, 2]), [3]),
-    )  # [B, Nb, H, 1, L], -inf at padding
-    hist_mask = op.Mul(hist_bias, tau)
-    # Distance 0 and time difference 0 fall in bucket 0 of both tables.
-    zero_bucket = op.Add(
-        op.Gather(pos_table, 0, axis=2), op.Gather(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), 0, axis=2)
-    )  # [Nb, H]
+    # The biases, 1 / tau and the padding mask fold into one [B, Nb, H, 1, L] additive row.
+    hist_mask, self_bias = _candidate_bias(
+        hist, lengths, hist_times, request_time, pos_bias, time_bias, time_thresholds, tau
+    )
 
     qs = op.Mul(qf, tau)
     s_hist = op.Add(op.MatMul(qs, op.Transpose(kc, perm=[0, 1, 2, 4, 3])), hist_mask)  # [B, Nb, H, M, L]
-    s_self = op.Add(
-        op.ReduceSum(op.Mul(qs, kf), [-1], keepdims=1), op.Mul(op.Unsqueeze(zero_bucket, [0, 3, 4]), tau)
-    )  # [B, Nb, H, M, 1]
+    s_self = op.Add(op.ReduceSum(op.Mul(qs, kf), [-1], keepdims=1), self_bias)  # [B, Nb, H, M, 1]
     # The own key is always visible, so the row maximum is finite and no row is empty: the
     # softmax over [history ; self] runs without a concatenated score tensor.
     row_max = op.Max(op.ReduceMax(s_hist, [-1], keepdims=1), s_self)
@@ -157,7 +173,7 @@ def CandidateAttention(
 
 def function_protos() -> list[onnx.FunctionProto]:
     """The model-local functions every exported graph carries (helpers first, callers after)."""
-    return [f.to_function_proto() for f in (_time_bias, MultiScaleSelfAttention, CandidateAttention)]
+    return [f.to_function_proto() for f in (_time_bias, _candidate_bias, MultiScaleSelfAttention, CandidateAttention)]
 
 
 
@@ -166,7 +182,7 @@ def attention_functions() -> list[onnx.FunctionProto]:
     one local function per attention op and nothing else in the astro domain."""
     import onnx.inliner
 
-    helpers = [(ONNX_DOMAIN, _time_bias.name)]
+    helpers = [(ONNX_DOMAIN, f.name) for f in (_time_bias, _candidate_bias)]
     holder = onnx.helper.make_model(
         onnx.helper.make_graph([], "holder", [], []),
         opset_imports=[onnx.helper.make_opsetid("", op.version),

@@ -19,14 +19,16 @@ from onnxscript import opset23 as op
 from onnxscript import script
 from onnxscript.values import Opset
 
-from astro_trt.exporter.functions import time_bias_function
+from astro_trt.exporter.functions import candidate_bias_function, time_bias_function
 from astro_trt.plugins.names import CANDIDATE_ONNX_OP, MSA_ONNX_OP, ONNX_DOMAIN, ONNX_OPSET_VERSION
 
 NATIVE_OPSET = op.version  # the onnxscript opset the Attention bodies are written in
 astro = Opset(ONNX_DOMAIN, ONNX_OPSET_VERSION)
 
 
-_time_bias = time_bias_function(op)  # the same body as the reference lowering, in opset 23
+# The same bodies as the reference lowering, in opset 23.
+_time_bias = time_bias_function(op)
+_candidate_bias = candidate_bias_function(op, _time_bias)
 
 
 @script(astro, default_opset=op)
@@ -69,24 +71,15 @@ def CandidateAttention(
     shape = op.Shape(q)  # [B, Nb, H, M, dh]
     hist = op.Slice(op.Shape(k_cache), [-2], [-1])  # [1] = L
     cands = op.Slice(shape, [-2], [-1])  # [1] = M
-    pos = op.Range(0, op.Squeeze(hist, [0]), 1)
-    pos_table = op.Cast(pos_bias, to=onnx.TensorProto.FLOAT)
     tau = op.Unsqueeze(op.Cast(inv_tau, to=onnx.TensorProto.FLOAT), [3, 4])  # [B, Nb, H, 1, 1]
     neg_inf = op.Constant(value_float=float("-inf"))
 
-    dt = op.Abs(op.Sub(op.Unsqueeze(request_time, [1, 2]), hist_times))  # [B, Nb, L]
-    valid = op.GreaterOrEqual(pos, op.Unsqueeze(op.Sub(hist, lengths), [-1]))  # [B, Nb, L]
-    hist_bias = op.Add(
-        op.Unsqueeze(op.Gather(pos_table, op.Sub(hist, pos), axis=2), [0, 3]),
-        op.Unsqueeze(op.Transpose(_time_bias(dt, valid, time_bias, time_thresholds), perm=[0, 1, 3, 2]), [3]),
-    )  # [B, Nb, H, 1, L], -inf at padding
-    hist_mask = op.Mul(hist_bias, tau)  # [B, Nb, H, 1, L]
-    zero_bucket = op.Add(
-        op.Gather(pos_table, 0, axis=2), op.Gather(op.Cast(time_bias, to=onnx.TensorProto.FLOAT), 0, axis=2)
-    )  # [Nb, H]
+    hist_mask, self_bias = _candidate_bias(
+        hist, lengths, hist_times, request_time, pos_bias, time_bias, time_thresholds, tau
+    )  # [B, Nb, H, 1, L] (-inf at padding), [B, Nb, H, 1, 1]
     m_range = op.Range(0, op.Squeeze(cands, [0]), 1)
     diagonal = op.Equal(op.Unsqueeze(m_range, [1]), op.Unsqueeze(m_range, [0]))  # [M, M]
-    self_mask = op.Where(diagonal, op.Mul(op.Unsqueeze(zero_bucket, [0, 3, 4]), tau), neg_inf)  # [B, Nb, H, M, M]
+    self_mask = op.Where(diagonal, self_bias, neg_inf)  # [B, Nb, H, M, M]
     rows = op.Concat(op.Slice(shape, [0], [4]), hist, axis=0)  # [B, Nb, H, M, L]
     mask = op.CastLike(op.Concat(op.Expand(hist_mask, rows), self_mask, axis=-1), q)
 
@@ -105,7 +98,7 @@ def CandidateAttention(
 
 
 def native_functions() -> list[onnx.FunctionProto]:
-    return [f.to_function_proto() for f in (_time_bias, MultiScaleSelfAttention, CandidateAttention)]
+    return [f.to_function_proto() for f in (_time_bias, _candidate_bias, MultiScaleSelfAttention, CandidateAttention)]
 
 
 def lower_native(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -17,7 +17,7 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -139,7 +139,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
     from astro_trt.model.resources import check_fits
 
-    header, metadata = _read_header(weights)
+    header, metadata, _ = _read_header(weights)
     _check_against_config(header, cfg, weights)
     _check_recorded_config(metadata, cfg, config_path, weights)
     # The smallest work any command does with a checkpoint: the exporter's 2-user, 5-candidate check.
@@ -212,10 +212,15 @@ def _resolve(path: str | Path) -> tuple[Path, Path]:
                           "`astro-trt train` or its model.safetensors")
 
 
-def _read_header(weights: Path) -> tuple[dict[str, dict], dict[str, str]]:
+class _Header(NamedTuple):
+    tensors: dict[str, dict]  # tensor name -> {"dtype", "shape", "data_offsets"}
+    metadata: dict[str, str]  # the header's __metadata__
+    declared_bytes: int  # the file's size as the header declares it: length, header, then the data
+
+
+def _read_header(weights: Path) -> _Header:
     """Parse the safetensors header (8-byte little-endian length + JSON) and check that every
-    tensor's data lies inside the file. Returns ({tensor name: {"dtype", "shape", "data_offsets"}},
-    the header's __metadata__)."""
+    tensor's data lies inside the file."""
     size = weights.stat().st_size
     with weights.open("rb") as fh:
         prefix = fh.read(8)
@@ -257,7 +262,8 @@ def _read_header(weights: Path) -> tuple[dict[str, dict], dict[str, str]]:
         if end - start != expected_bytes or start < 0:
             raise CheckpointError(f"{weights}: tensor '{name}' has data offsets that do not match its shape; "
                                   "the file is corrupt, re-save the checkpoint")
-    return header, metadata
+    declared = 8 + header_len + max((e["data_offsets"][1] for e in header.values()), default=0)
+    return _Header(header, metadata, declared)
 
 
 def _check_recorded_config(metadata: dict[str, str], cfg: ASTROConfig, config_path: Path, weights: Path) -> None:
@@ -283,7 +289,10 @@ def checkpoint_documents(path: str | Path) -> list[str]:
     """The files a checkpoint consists of: its weights and the JSON documents save_checkpoint
     wrote (recorded in the weights' metadata; older checkpoints: config, metrics and data)."""
     directory, weights = _resolve(path)
-    _, metadata = _read_header(weights)
+    return _documents(directory, weights, _read_header(weights).metadata)
+
+
+def _documents(directory: Path, weights: Path, metadata: dict[str, str]) -> list[str]:
     names: list[str] = list(_LEGACY_DOCUMENTS)
     if _META_DOCUMENTS in metadata:
         try:
@@ -308,16 +317,18 @@ def copy_checkpoint(path: str | Path, target: str | Path) -> list[str]:
     from astro_trt.errors import ArtifactError
 
     directory, weights = _resolve(path)
-    header, _ = _read_header(weights)
-    with weights.open("rb") as fh:
-        (header_len,) = struct.unpack("<Q", fh.read(8))
-    weights_bytes = 8 + header_len + max((e["data_offsets"][1] for e in header.values()), default=0)
-    names = checkpoint_documents(directory)
+    header = _read_header(weights)  # once: the documents it lists and the weights' size bound
+    names = _documents(directory, weights, header.metadata)
     target = Path(target)
     for name in names:
-        bound = weights_bytes if name == WEIGHTS_FILE else MAX_DOCUMENT_BYTES
+        # The weights copied are the file whose header was read (directory / WEIGHTS_FILE when
+        # ``path`` is the directory), bounded by the size that header declares.
+        if name == WEIGHTS_FILE:
+            source, bound = weights, header.declared_bytes
+        else:
+            source, bound = directory / name, MAX_DOCUMENT_BYTES
         try:
-            copy_regular_file(directory / name, target / name, max_bytes=bound)
+            copy_regular_file(source, target / name, max_bytes=bound)
         except ArtifactError as exc:
             raise CheckpointError(str(exc)) from None
     return names

@@ -22,7 +22,7 @@ from astro_trt.errors import DataError
 from astro_trt.plugins import names
 
 # Roles: activations share q's dtype (and the output takes it); tables are float bias tables and
-# temperatures, read as float32; indices are int32/int64 lengths, times and thresholds.
+# temperatures, read as float32; indices are lengths, times and thresholds (precision.index_dtypes).
 ACTIVATION, TABLE, INDEX = "activation", "table", "index"
 
 

@@ -17,7 +17,7 @@ from astro_trt.config import ASTROConfig
 from astro_trt.contract import HISTORY_INPUTS
 from astro_trt.errors import AstroError, DataError
 from astro_trt.serving.config_pbtxt import CHECKED, ENCODED, USER_KEY
-from astro_trt.serving.service import Recommender, check_request
+from astro_trt.serving.service import Recommender, check_request, gate_profiles
 
 REQUEST_INPUTS = (*HISTORY_INPUTS, "cand_items")
 
@@ -53,7 +53,7 @@ class GateModel:
         params = parameters(args)
         self.pb = pb
         self.cfg = ASTROConfig.from_dict(json.loads(params["astro_config"]), source="astro_gate config.pbtxt")
-        self.profiles = json.loads(params["profiles"])
+        self.profiles = gate_profiles(json.loads(params["profiles"]))
 
     def respond(self, request: Any) -> Any:
         try:

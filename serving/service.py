@@ -4,7 +4,7 @@ in-process too: the project's one input gate (engines/inputs.py) in front of any
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ import numpy as np
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import HISTORY_INPUTS, ITEM_SCORER, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
-from astro_trt.engines.inputs import validate_candidates, validate_history
+from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history
 from astro_trt.errors import DataError
 from astro_trt.serving.cache import UserCache, fingerprint
 from astro_trt.serving.compute import Compute, make_compute
@@ -23,16 +23,21 @@ from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES
 FINGERPRINT_INPUTS = tuple(n for n in HISTORY_INPUTS if n != "request_time")
 
 
+def gate_profiles(profiles: Mapping[str, Mapping[str, Sequence[int]]]) -> dict[str, Ranges]:
+    """The split graphs' profiles as the gate reads them (axis -> (min, opt, max)), converted once
+    when a model starts rather than per request (a config.pbtxt carries them as JSON lists)."""
+    return {g: {k: tuple(v) for k, v in profiles[g].items()} for g in SPLIT_GRAPHS}  # type: ignore[misc]
+
+
 def check_request(cfg: ASTROConfig, tensors: Mapping[str, np.ndarray],
-                  profiles: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+                  profiles: Mapping[str, Ranges]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The gate: history and candidates checked against the config and the engines' profiles
-    (DataError naming the problem otherwise). Returns (history arrays, cand_items)."""
-    arrays = validate_history(cfg, tensors, {k: tuple(v) for k, v in profiles[USER_ENCODER].items()})
+    (``gate_profiles``; DataError naming the problem otherwise). Returns (history arrays, cand_items)."""
+    arrays = validate_history(cfg, tensors, profiles[USER_ENCODER])
     if "cand_items" not in tensors:
         raise DataError("request is missing cand_items; send [batch, candidates] int64 item ids")
     batch = arrays["hist_items"].shape[0]
-    scorer = {k: tuple(v) for k, v in profiles[ITEM_SCORER].items()}
-    return arrays, validate_candidates(cfg, tensors["cand_items"], batch, scorer)
+    return arrays, validate_candidates(cfg, tensors["cand_items"], batch, profiles[ITEM_SCORER])
 
 
 @dataclass
@@ -48,7 +53,7 @@ class Recommender:
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  compute: str = "auto", threads: int | None = None, engine: Compute | None = None) -> None:
         self.cfg = bundle.config
-        self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}
+        self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}  # tuples already, as gate_profiles gives
         self.compute = engine or make_compute(bundle, precision, compute, threads)
         self.cache = UserCache(cache_bytes)
         self.encodes = 0  # users encoded since start
@@ -85,4 +90,4 @@ def _keys(user_keys: np.ndarray, batch: int) -> list[bytes]:
     return keys
 
 
-__all__ = ["FINGERPRINT_INPUTS", "Page", "Recommender", "check_request"]
+__all__ = ["FINGERPRINT_INPUTS", "Page", "Recommender", "check_request", "gate_profiles"]

@@ -131,10 +131,10 @@ def test_gain_with_the_fusion_head_is_the_lower_ceiling():
     small = BenchResult(preset("climber"), "ort", "fp32", "x", 0, 1, 1)
     large = BenchResult(preset("climber-large"), "ort", "fp32", "x", 0, 1, 1)
     for m in (64, 256, 1024):
-        assert 1 < small.predicted_gain_with_head(m) < small.predicted_gain(m)
-        share_large = large.predicted_gain_with_head(m) / large.predicted_gain(m)
-        assert share_large > small.predicted_gain_with_head(m) / small.predicted_gain(m)
-    assert small.predicted_gain_with_head(256) < small.predicted_gain_with_head(1024) < preset("climber").max_len + 1
+        assert 1 < small.predicted_gain(m, head=True) < small.predicted_gain(m)
+        share_large = large.predicted_gain(m, head=True) / large.predicted_gain(m)
+        assert share_large > small.predicted_gain(m, head=True) / small.predicted_gain(m)
+    assert small.predicted_gain(256, head=True) < small.predicted_gain(1024, head=True) < preset("climber").max_len + 1
 
 
 def test_bench_cli_on_a_tiny_bundle(tmp_path):

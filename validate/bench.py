@@ -62,14 +62,17 @@ class BenchPoint:
     def scored(self) -> int:
         return self.users * self.candidates
 
+    def per_second(self, latency: Latency) -> float:
+        """Candidates scored per second at ``latency``'s median (the naive path, the split or a peer)."""
+        return self.scored / (latency.p50 / 1e3)
+
     @property
     def naive_per_second(self) -> float:
-        """Candidates scored per second at the median latency."""
-        return self.scored / (self.naive.p50 / 1e3)
+        return self.per_second(self.naive)
 
     @property
     def split_per_second(self) -> float:
-        return self.scored / (self.split.p50 / 1e3)
+        return self.per_second(self.split)
 
     @property
     def gain(self) -> float:
@@ -86,7 +89,7 @@ class BenchPoint:
             "split_ms": asdict(self.split), "naive_sampled_candidates": self.naive_sampled,
             "naive_candidates_per_s": self.naive_per_second, "split_candidates_per_s": self.split_per_second,
             "gain": self.gain,
-            "peers": {name: {"split_ms": asdict(lat), "candidates_per_s": self.scored / (lat.p50 / 1e3),
+            "peers": {name: {"split_ms": asdict(lat), "candidates_per_s": self.per_second(lat),
                              "speedup_of_split": self.speedup_over(name)} for name, lat in self.peers.items()},
         }
 
@@ -105,29 +108,22 @@ class BenchResult:
     peer_notes: dict[str, str] = field(default_factory=dict)  # peer -> why it did not run, or how it ran
     profile: dict[str, Any] = field(default_factory=dict)  # "M=256" -> graph -> per-op breakdown
 
-    def predicted_gain(self, candidates: int) -> float:
-        """ASTRO's arithmetic (docs/model.md §6): per candidate and layer the naive path processes
-        L+1 tokens per block (projections and FFN ~ (L+1) d^2, attention ~ (L+1)^2 d) where the
+    def predicted_gain(self, candidates: int, *, head: bool = False) -> float:
+        """ASTRO's arithmetic (docs/model.md §6): per candidate, layer and block the naive path
+        processes L+1 tokens (projections and FFN ~ (L+1) d^2, attention ~ (L+1)^2 d) where the
         scorer processes one token attending to L+1 keys (~ d^2 + (L+1) d); the encoder runs once
-        per request (~ L d^2 + L^2 d). The fusion head, identical in both, is left out."""
-        c = self.config
-        length, d, f = c.max_len, c.d_model, c.ffn_dim
-        tokens_cost = 3 * d * d + 2 * d * f  # q, k, v projections + FFN, per token (no W_O)
-        naive = candidates * ((length + 1) * tokens_cost + (length + 1) ** 2 * 2 * d)
-        split = candidates * (tokens_cost + (length + 1) * 2 * d) + length * tokens_cost + length**2 * 2 * d
-        return naive / split
-
-    def predicted_gain_with_head(self, candidates: int) -> float:
-        """The same count with the fusion head, which both paths pay per candidate: the ceiling a
-        measured gain can reach when every path runs at the same multiply-add rate."""
+        per request (~ L d^2 + L^2 d). The fusion head, identical in both, is left out unless
+        ``head``: both paths pay it per candidate, and with it the count is the ceiling a measured
+        gain can reach when every path runs at the same multiply-add rate. Integer counts, so
+        leaving the head out gives exactly the per-block ratio."""
         c = self.config
         length, d, f, nb = c.max_len, c.d_model, c.ffn_dim, c.num_blocks
-        tokens_cost = 3 * d * d + 2 * d * f
-        head = nb * tokens_cost + 2 * nb * d * c.fuse_hidden + nb * d * d + d * c.num_tasks
-        layers = c.num_layers
-        naive = candidates * (layers * nb * ((length + 1) * tokens_cost + (length + 1) ** 2 * 2 * d) + head)
-        split = (candidates * (layers * nb * (tokens_cost + (length + 1) * 2 * d) + head)
-                 + layers * nb * (length * tokens_cost + length**2 * 2 * d))
+        tokens_cost = 3 * d * d + 2 * d * f  # q, k, v projections + FFN, per token (no W_O)
+        fusion = nb * tokens_cost + 2 * nb * d * c.fuse_hidden + nb * d * d + d * c.num_tasks if head else 0
+        stacks = c.num_layers * nb
+        naive = candidates * (stacks * ((length + 1) * tokens_cost + (length + 1) ** 2 * 2 * d) + fusion)
+        split = (candidates * (stacks * (tokens_cost + (length + 1) * 2 * d) + fusion)
+                 + stacks * (length * tokens_cost + length**2 * 2 * d))
         return naive / split
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,7 +132,7 @@ class BenchResult:
             "source": self.source, "warmup": self.warmup, "repetitions": self.repetitions, "threads": self.threads,
             "machine": self.machine, "peer_notes": self.peer_notes,
             "points": [dict(p.to_dict(), predicted_gain=self.predicted_gain(p.candidates),
-                            predicted_gain_with_head=self.predicted_gain_with_head(p.candidates))
+                            predicted_gain_with_head=self.predicted_gain(p.candidates, head=True))
                        for p in self.points],
             "profile": self.profile,
         }
@@ -281,7 +277,7 @@ def bench_markdown(result: BenchResult, plot_name: str) -> str:
         naive = f"{p.naive.p50:.2f}" + ("*" if p.naive_sampled else "")
         row = [p.users, p.candidates, naive, p.split.p50, p.split.p90, p.split.p99,
                f"{p.naive_per_second:,.0f}", f"{p.split_per_second:,.0f}", f"{p.gain:.1f}x",
-               f"{result.predicted_gain(p.candidates):.0f}x", f"{result.predicted_gain_with_head(p.candidates):.0f}x"]
+               f"{result.predicted_gain(p.candidates):.0f}x", f"{result.predicted_gain(p.candidates, head=True):.0f}x"]
         for name in peers:
             row += [f"{p.peers[name].p50:.2f}", f"{p.speedup_over(name):.2f}x"] if name in p.peers else ["", ""]
         rows.append(row)
@@ -376,7 +372,7 @@ def bench_series(result: BenchResult) -> Mapping[str, tuple[list[int], list[floa
         for name in dict.fromkeys(n for p in points for n in p.peers):
             with_peer = [p for p in points if name in p.peers]
             series[f"{name} split{tag}"] = ([p.candidates for p in with_peer],
-                                            [p.scored / (p.peers[name].p50 / 1e3) for p in with_peer])
+                                            [p.per_second(p.peers[name]) for p in with_peer])
     return series
 
 

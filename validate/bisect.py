@@ -31,20 +31,24 @@ from typing import Any
 import numpy as np
 
 from astro_trt.choices import comma_list
-from astro_trt.contract import ITEM_SCORER, KV_CACHE, PRECISIONS, SPLIT_GRAPHS, USER_ENCODER
+from astro_trt.contract import ITEM_SCORER, KV_CACHE, KV_CACHE_AXES, PRECISIONS, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.errors import BundleError, DataError
 from astro_trt.precision import REFERENCE, REGISTRY, get, is_reference
 
 BISECT_REPORT = "bisect"
 USERS, CANDIDATES = 8, 16  # one synthetic batch: every block length, padding and empty blocks occur
 FUSION_INPUT = "fusion.in"
+# A "kv" stage is one layer's slice of the cache: the contract's axes without "layer".
+KV_LAYER_AXIS = KV_CACHE_AXES.index("layer")
+KV_SLICE_AXES = tuple(a for a in KV_CACHE_AXES if a != "layer")
 
 
 @dataclass(frozen=True)
 class Stage:
     """One boundary. ``anchor``: how the ONNX tensor is found (("input_of", weight),
     ("gate", bias) or ("output", name)); ``key``: what the PyTorch recorder calls it; ``layout``:
-    how canonical() puts its blocks on axis 1 (or 2 for the gate), "whole" for the logits."""
+    how canonical() puts its blocks on block_axis (1; 2 for the gate; the contract's for a cache
+    slice), "whole" for the logits."""
 
     graph: str
     name: str  # e.g. "scorer.layer1.ffn"
@@ -55,7 +59,7 @@ class Stage:
 
     @property
     def block_axis(self) -> int | None:
-        return {"whole": None, "gate": 2}.get(self.layout, 1)
+        return {"whole": None, "gate": 2, "kv": KV_SLICE_AXES.index("block")}.get(self.layout, 1)
 
 
 @dataclass(frozen=True)
@@ -240,10 +244,10 @@ class _Recorder:
 # ---------------------------------------------------------------------------- comparing
 def canonical(stage: Stage, value: np.ndarray, cfg: Any) -> np.ndarray:
     """Bring a stage tensor to a layout with the blocks on ``stage.block_axis``: a layer's slice
-    of the cache is [B, Nb, 2, H, L, dh], the fusion's input [B*M, Nb, d], the gate [B, M, Nb, d]."""
+    of the cache has KV_SLICE_AXES, the fusion's input is [B*M, Nb, d], the gate [B, M, Nb, d]."""
     value = np.asarray(value, dtype=np.float32)
     if stage.layout == "kv":
-        return value[:, stage.layer]
+        return np.take(value, stage.layer, axis=KV_LAYER_AXIS)
     if stage.layout == "fusion_input":
         return value[:, 0]
     if stage.layout == "gate":

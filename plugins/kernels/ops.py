@@ -15,11 +15,12 @@ import torch
 
 from astro_trt.errors import BackendError, DataError
 from astro_trt.plugins.operators import ACTIVATION, CANDIDATE, MSA, Impl, Operator, Ops
-from astro_trt.precision import float_dtypes
+from astro_trt.precision import float_dtypes, index_dtypes
 
 FLOAT_TYPES = tuple(d.torch() for d in float_dtypes())
-# The inputs both operators check alike (_check_common).
-_COMMON = ("q", "k", "v", "lengths", "pos_bias", "time_bias", "time_thresholds", "inv_tau")
+INDEX_TYPES = tuple(d.torch() for d in index_dtypes())
+# The inputs both operator records have, which _check_common checks alike.
+_COMMON = tuple(n for n in MSA.input_names if n in CANDIDATE.input_names)
 
 
 def _kernels():
@@ -84,7 +85,7 @@ def _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_ta
     b, nb, h, _, _ = q.shape
     _expect("k", k, tuple(q.shape), (q.dtype,))
     _expect("v", v, tuple(q.shape), (q.dtype,))
-    _expect("lengths", lengths, (b, nb), (torch.int64, torch.int32))
+    _expect("lengths", lengths, (b, nb), INDEX_TYPES)
     if pos_bias.dim() != 3 or tuple(pos_bias.shape[:2]) != (nb, h) or pos_bias.shape[2] < need_pos:
         raise DataError(f"attention input 'pos_bias' has shape {tuple(pos_bias.shape)}, expected [{nb}, {h}, P] "
                         f"with P >= {need_pos} (one entry per distance; see plugins.buckets.distance_table)")
@@ -93,7 +94,7 @@ def _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_ta
     if time_bias.dim() != 3 or tuple(time_bias.shape[:2]) != (nb, h) or time_bias.dtype not in FLOAT_TYPES:
         raise DataError(f"attention input 'time_bias' has shape {tuple(time_bias.shape)} dtype {time_bias.dtype}, "
                         f"expected float [{nb}, {h}, NT]")
-    _expect("time_thresholds", time_thresholds, (time_bias.shape[2] - 1,), (torch.int64, torch.int32))
+    _expect("time_thresholds", time_thresholds, (time_bias.shape[2] - 1,), INDEX_TYPES)
     _expect("inv_tau", inv_tau, (b, nb, h), FLOAT_TYPES)
 
 
@@ -127,7 +128,7 @@ def multi_scale_self_attention(*args: torch.Tensor, block_m: int = 64, block_n: 
     q = a["q"]
     _check_common(**{n: a[n] for n in _COMMON}, need_pos=q.shape[3])
     b, nb, h, s, dh = q.shape
-    _expect("times", a["times"], (b, nb, s), (torch.int64, torch.int32))
+    _expect("times", a["times"], (b, nb, s), INDEX_TYPES)
     return _launch(MSA, msa_mod.msa_fwd_kernel, a, (nb, h, s, dh), s, s, block_m, block_n)
 
 
@@ -143,8 +144,8 @@ def candidate_attention(*args: torch.Tensor, block_m: int = 64, block_n: int = 6
     b, nb, h, m, dh = q.shape
     _expect("k_cache", k_cache, (b, nb, h, hist, dh), (q.dtype,))
     _expect("v_cache", a["v_cache"], (b, nb, h, hist, dh), (q.dtype,))
-    _expect("hist_times", a["hist_times"], (b, nb, hist), (torch.int64, torch.int32))
-    _expect("request_time", a["request_time"], (b,), (torch.int64, torch.int32))
+    _expect("hist_times", a["hist_times"], (b, nb, hist), INDEX_TYPES)
+    _expect("request_time", a["request_time"], (b,), INDEX_TYPES)
     return _launch(CANDIDATE, cand_mod.candidate_fwd_kernel, a, (nb, h, m, hist, dh), m, hist, block_m, block_n)
 
 

@@ -147,9 +147,8 @@ def plugin_classes(trt: Any, spec: OperatorSpec, creator_name: str) -> tuple[typ
 
             args = [_torch_view(trt, ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
             out = _torch_view(trt, outputs[0], output_desc[0])
-            op = operators.BY_ONNX_OP[spec.onnx_op]
             with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-                out.copy_(operators.dispatch(op, tuple(args), operators.Impl.TRITON))
+                out.copy_(operators.dispatch(spec.op, tuple(args), operators.Impl.TRITON))
 
         def attach_to_context(self, context: Any) -> Any:
             return self.clone()

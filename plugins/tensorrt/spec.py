@@ -10,22 +10,41 @@ from dataclasses import dataclass
 
 from astro_trt.errors import BackendError
 from astro_trt.plugins import operators
-from astro_trt.precision import float_dtypes
+from astro_trt.precision import float_dtypes, index_dtypes
 
 # Data types by TensorRT's enum member names, so this module never imports TensorRT.
 ACTIVATION_TYPES = tuple(d.trt for d in float_dtypes())
-INDEX_TYPES = ("INT32", "INT64")
+INDEX_TYPES = tuple(d.trt for d in index_dtypes())
 
 
 @dataclass(frozen=True)
 class OperatorSpec:
-    plugin_name: str
-    onnx_op: str
-    inputs: tuple[str, ...]
-    # q, k, v (and the caches): one activation type, which the output takes too.
-    activations: tuple[str, ...]
-    # bias tables and inverse temperatures: any float type (the kernel reads them as float32).
-    tables: tuple[str, ...]
+    """The plugin's build-time view of one operator record of plugins/operators.py, which owns the
+    names, the inputs and their roles."""
+
+    op: operators.Operator
+
+    @property
+    def plugin_name(self) -> str:
+        return self.op.plugin
+
+    @property
+    def onnx_op(self) -> str:
+        return self.op.onnx_op
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        return self.op.input_names
+
+    @property
+    def activations(self) -> tuple[str, ...]:
+        """q, k, v (and the caches): one activation type, which the output takes too."""
+        return self.op.with_role(operators.ACTIVATION)
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        """Bias tables and inverse temperatures: any float type (the kernel reads them as float32)."""
+        return self.op.with_role(operators.TABLE)
 
     @property
     def num_inputs(self) -> int:
@@ -65,11 +84,6 @@ class OperatorSpec:
         return input_types[0]
 
 
-def _spec(op: operators.Operator) -> OperatorSpec:
-    return OperatorSpec(op.plugin, op.onnx_op, op.input_names, activations=op.with_role(operators.ACTIVATION),
-                        tables=op.with_role(operators.TABLE))
-
-
-MSA = _spec(operators.MSA)
-CANDIDATE = _spec(operators.CANDIDATE)
-SPECS = (MSA, CANDIDATE)
+MSA = OperatorSpec(operators.MSA)
+CANDIDATE = OperatorSpec(operators.CANDIDATE)
+SPECS = tuple(OperatorSpec(op) for op in operators.OPERATORS)  # one plugin per operator record
