@@ -84,6 +84,8 @@ def export_bundle(
     check_destination(out)
     check_replaceable(out)
     cache = as_path(timing_cache, "timing_cache") if timing_cache is not None else None
+    if cache is not None and chosen is not None and not chosen.timing_cache:
+        say(f"note: --timing-cache {cache} is not used: {chosen.name} has no timing cache (a no-op in its API)")
     ckpt = load_checkpoint(checkpoint)
     source, target = ckpt.directory.resolve(), out.resolve()
     if target == source or target in source.parents or source in target.parents:

@@ -77,3 +77,14 @@ def test_cli_refuses_engine_options_with_no_engines(tmp_path, capsys):
     assert cli_status(["export", str(CKPT), "--out", str(out), "--opt-level", "6", "--no-engines"]) == 2
     assert "'--opt-level': 6 is not in the range 0<=x<=5" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_timing_cache_that_the_back_end_cannot_use_is_named_not_silently_dropped(tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed")
+    said: list[str] = []
+    cache = tmp_path / "cache.bin"
+    export_bundle(CKPT, tmp_path / "b", backend="tensorrt-rtx", precisions=("fp32",), timing_cache=cache,
+                  progress=said.append)
+    notes = [line for line in said if "--timing-cache" in line]
+    assert notes == [f"note: --timing-cache {cache} is not used: tensorrt-rtx has no timing cache (a no-op in its API)"]
+    assert not cache.exists()

@@ -27,7 +27,14 @@ def _spinner() -> Iterator[Any]:
 
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
         task = bar.add_task("starting", total=None)
-        yield lambda message: bar.update(task, description=message)
+
+        def show(message: str) -> None:
+            # A note is something to act on, so it stays on screen; status lines only replace each other.
+            if message.startswith("note: "):
+                bar.console.print(message)
+            bar.update(task, description=message)
+
+        yield show
 
 
 def _summary(out: Path, manifest: dict[str, Any]) -> None:
