@@ -17,6 +17,7 @@ from astro_trt.config import ASTROConfig
 from astro_trt.contract import HISTORY_INPUTS
 from astro_trt.errors import AstroError, DataError
 from astro_trt.serving.config_pbtxt import CHECKED, ENCODED, USER_KEY
+from astro_trt.serving.defaults import check_cache_bytes, check_ort_threads
 from astro_trt.serving.service import Recommender, check_request, gate_profiles
 
 REQUEST_INPUTS = (*HISTORY_INPUTS, "cand_items")
@@ -26,6 +27,17 @@ def parameters(args: dict[str, Any]) -> dict[str, str]:
     """The ``parameters`` of the model's config.pbtxt as name -> string."""
     config = json.loads(args["model_config"])
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+def _int_parameter(params: dict[str, str], name: str) -> int:
+    """An integer parameter of config.pbtxt; a hand edit that is not one is refused in one line
+    (Triton prints it as the model's load failure)."""
+    text = params.get(name, "")
+    try:
+        return int(text)
+    except ValueError:
+        raise DataError(f"config.pbtxt parameter {name} = {text!r} is not an integer; write the repository again "
+                        "with `astro-trt triton` (--cache-mib, --ort-threads) instead of editing it") from None
 
 
 def read_inputs(pb: Any, request: Any, names: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -75,8 +87,9 @@ class RecommendModel:
         self.pb = pb
         bundle_dir = Path(args["model_repository"]) / args["model_version"] / params.get("bundle", "bundle")
         bundle = load_served_bundle(bundle_dir)
-        threads = int(params["ort_threads"]) if params.get("ort_threads") else None
-        self.recommender = Recommender(bundle, params["precision"], cache_bytes=int(params["cache_bytes"]),
+        threads = check_ort_threads(_int_parameter(params, "ort_threads") if params.get("ort_threads") else None)
+        cache_bytes = check_cache_bytes(_int_parameter(params, "cache_bytes"))
+        self.recommender = Recommender(bundle, params["precision"], cache_bytes=cache_bytes,
                                        compute=params.get("compute", "auto"), threads=threads)
         self.metrics = _Metrics(pb, args["model_name"])
 

@@ -75,3 +75,26 @@ def test_served_models_import_and_score_without_torch(tmp_path):
     assert seen["after_import"] == [] and seen["after_scoring"] == []
     # The page really ran on ONNX Runtime: one user, 5 candidates, every logit finite.
     assert seen["ort"] and seen["shape"][:2] == [1, 5] and seen["finite"]
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    ({"cache_bytes": "lots"}, r"config.pbtxt parameter cache_bytes = 'lots' is not an integer; write the repository"),
+    ({"ort_threads": "2.5"}, r"config.pbtxt parameter ort_threads = '2.5' is not an integer"),
+    ({"cache_bytes": "-5"}, r"cache_bytes \(--cache-mib\) -5: must be an integer in"),
+    ({"ort_threads": "100000"}, r"ort_threads \(--ort-threads\) 100000: must be an integer in 1\.\."),
+])
+def test_a_hand_edited_recommend_config_is_refused_in_one_line(tmp_path, edit, message):
+    """astro_recommend's initialize reads its numbers from config.pbtxt: an edit that is not a
+    number in range is a one-line refusal (Triton's load failure), not a Python traceback."""
+    from astro_trt.errors import DataError
+    from astro_trt.serving.python_backend import RecommendModel
+
+    bundle = load_bundle(tiny_bundle(tmp_path))
+    repo = write_repository(bundle, tmp_path / "repo", cache_bytes=1 << 20)
+    params = {"bundle": "bundle", "precision": "fp32", "cache_bytes": str(1 << 20), "compute": "ort", **edit}
+    args = {"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}}),
+            "model_repository": str(repo / pbtxt.RECOMMEND), "model_version": str(VERSION),
+            "model_name": pbtxt.RECOMMEND}
+    with pytest.raises(DataError, match=message) as exc:
+        RecommendModel(args, pb=None)  # refused before Triton's utilities are touched
+    assert "\n" not in str(exc.value)
