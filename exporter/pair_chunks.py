@@ -38,27 +38,28 @@ PREFIX = "pair_chunks/"  # every value and node this module adds, and the body's
 _INPUTS = (*contract.HISTORY_INPUTS, contract.CAND_ITEMS)
 
 
-def walk_nodes(graph: onnx.GraphProto):
-    """Every node of ``graph`` and of its subgraphs (a Loop's body included), outer first."""
+def _subgraphs(graph: onnx.GraphProto):
+    """The graphs held by ``graph``'s nodes (a Loop's body), one level down."""
     for node in graph.node:
-        yield node
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from walk_nodes(attribute.g)
-            for sub in attribute.graphs:
-                yield from walk_nodes(sub)
+                yield attribute.g
+            yield from attribute.graphs
+
+
+def walk_nodes(graph: onnx.GraphProto):
+    """Every node of ``graph`` and of its subgraphs (a Loop's body included), outer first."""
+    yield from graph.node
+    for sub in _subgraphs(graph):
+        yield from walk_nodes(sub)
 
 
 def initializers(graph: onnx.GraphProto):
     """Every initializer of ``graph`` and of its subgraphs (a chunked model keeps its weights in
     the Loop's body)."""
     yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from initializers(attribute.g)
-            for sub in attribute.graphs:
-                yield from initializers(sub)
+    for sub in _subgraphs(graph):
+        yield from initializers(sub)
 
 
 def is_chunked(model: onnx.ModelProto) -> bool:
@@ -78,6 +79,15 @@ def _node(op: str, inputs: list[str], output: str, **attrs) -> onnx.NodeProto:
         return name if name in _INPUTS else PREFIX + name
 
     return helper.make_node(op, [full(i) for i in inputs], [PREFIX + output], name=PREFIX + output, **attrs)
+
+
+def _renamed(node: onnx.NodeProto, names: dict[str, str]) -> onnx.NodeProto:
+    """A copy of ``node`` with its inputs and outputs renamed by ``names`` (others kept)."""
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.input[:] = [names.get(i, i) for i in copy.input]
+    copy.output[:] = [names.get(o, o) for o in copy.output]
+    return copy
 
 
 def chunk_pairs(model: onnx.ModelProto, pairs_per_chunk: int) -> onnx.ModelProto:
@@ -126,12 +136,7 @@ def chunk_pairs(model: onnx.ModelProto, pairs_per_chunk: int) -> onnx.ModelProto
     ]
     renamed = {name: f"{PREFIX}chunk/{name}" for name in _INPUTS}
     renamed[contract.LOGITS] = PREFIX + contract.LOGITS
-    for node in graph.node:
-        traced = onnx.NodeProto()
-        traced.CopyFrom(node)
-        traced.input[:] = [renamed.get(i, i) for i in traced.input]
-        traced.output[:] = [renamed.get(o, o) for o in traced.output]
-        body.append(traced)
+    body += [_renamed(node, renamed) for node in graph.node]
     body.append(_node("Identity", ["condition"], "condition_out"))
     body_graph = helper.make_graph(
         body, LOOP_NAME + "_body",
@@ -201,14 +206,7 @@ def unchunk(model: onnx.ModelProto) -> onnx.ModelProto:
     plain = onnx.ModelProto()
     plain.CopyFrom(model)
     del plain.graph.node[:]
-    for node in body.node:
-        if node.name.startswith(PREFIX):
-            continue
-        traced = onnx.NodeProto()
-        traced.CopyFrom(node)
-        traced.input[:] = [original.get(i, i) for i in traced.input]
-        traced.output[:] = [original.get(o, o) for o in traced.output]
-        plain.graph.node.append(traced)
+    plain.graph.node.extend(_renamed(node, original) for node in body.node if not node.name.startswith(PREFIX))
     plain.graph.initializer.extend(body.initializer)
     plain.graph.value_info.extend(body.value_info)
     return plain

@@ -111,20 +111,16 @@ def to_json(cfg: ASTROConfig, users: int, candidates: int, points: Sequence[Memo
 
 
 def _child(graph: str, feeds: str, runs: int, threads: int, memory_pattern: bool) -> dict[str, Any]:
-    """The probe itself: numpy and onnxruntime only."""
+    """The probe itself: numpy and onnxruntime only (the session made as everywhere else)."""
     import time
 
     import numpy as np
-    import onnxruntime as ort
+
+    from astro_trt.exporter.ort_session import onnx_session  # numpy and onnxruntime only
 
     arrays = dict(np.load(feeds))
     reference = arrays.pop("reference")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.enable_mem_pattern = memory_pattern
-    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    session = onnx_session(graph, threads, memory_pattern=memory_pattern)
     loaded = _high_water_bytes()
     times, out = [], None
     for _ in range(runs):
