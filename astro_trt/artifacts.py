@@ -241,6 +241,15 @@ def check_replaceable(out: str | Path, what: str = "--out") -> None:
         raise ArtifactError(f"{what} {out} is the current folder or one above it; choose a new folder for the output")
 
 
+def check_apart(out: str | Path, source: str | Path, what: str, product: str) -> None:
+    """Refuse an output that is, holds or lies inside the ``source`` folder it is made from
+    (links resolved): replacing it would delete the source, or the output would copy itself."""
+    target, origin = Path(out).resolve(), Path(source).resolve()
+    if target == origin or target in origin.parents or origin in target.parents:
+        raise ArtifactError(f"--out {out} overlaps the {what} {source} it is made from; write the {product} to a "
+                            f"folder outside the {what}")
+
+
 def _usual_modes(stage: Path) -> None:
     """mkdtemp makes the directory private (0700) and some writers (safetensors) make private
     files (0600); the artifact gets the modes any file the user creates would get."""
@@ -390,18 +399,24 @@ def read_regular_file(path: str | Path, *, max_bytes: int, follow_symlinks: bool
         os.close(fd)
 
 
-def copy_regular_file(source: str | Path, target: str | Path, *, max_bytes: int) -> None:
+def copy_regular_file(source: str | Path, target: str | Path, *, max_bytes: int, sha256: str | None = None) -> None:
     """Copy ``source`` to the new file ``target`` only if it is a regular file (never through a
-    symlink, never a FIFO or device) of at most ``max_bytes``."""
+    symlink, never a FIFO or device) of at most ``max_bytes``; with ``sha256``, only if the bytes
+    copied hash to it (checked on the bytes written, so a file swapped after a check is caught)."""
     source, target = Path(source), Path(target)
     try:
         fd = _open_regular(source, max_bytes, follow_symlinks=False)
     except FileNotFoundError:
         raise ArtifactError(f"{source}: not found; the file is listed but missing, re-copy it") from None
+    digest = hashlib.sha256()
     try:
         with open(target, "xb") as dst:
             for chunk in _bounded_chunks(fd, source, max_bytes):
+                digest.update(chunk)
                 dst.write(chunk)
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ArtifactError(f"{source}: its content is not the sha256 recorded for it (changed since it was "
+                                "checked); restore the file or re-create its source")
     except BaseException:
         target.unlink(missing_ok=True)
         raise

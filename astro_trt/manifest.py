@@ -120,10 +120,21 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any], *, hash_all:
     directory = Path(directory)
     if hash_all:
         manifest["files"] = {rel: sha256_file(directory / rel) for rel in _bundle_files(directory)}
+        manifest["sizes"] = {}
+    record_sizes(directory, manifest)
     body = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     atomic_write(directory / MANIFEST, body)
     atomic_write(directory / MANIFEST_HASH, f"{hashlib.sha256(body).hexdigest()}  {MANIFEST}\n".encode())
     return manifest
+
+
+def record_sizes(directory: str | Path, manifest: dict[str, Any]) -> None:
+    """Record in ``manifest['sizes']`` the byte size of every listed file it lacks: the bound a
+    copy of the bundle reads each file up to (engines.bundle.copy_bundle)."""
+    sizes = manifest.setdefault("sizes", {})
+    for rel in manifest["files"]:
+        if rel not in sizes:
+            sizes[rel] = os.lstat(Path(directory) / rel).st_size
 
 
 def read_manifest_digest(directory: str | Path, *, expect_sha256: str | None = None) -> tuple[dict[str, Any], str]:
@@ -166,9 +177,10 @@ def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
     """Every listed file exists with its recorded sha256, and no unlisted file sits outside reports/."""
     directory = Path(directory)
     files: dict[str, str] = manifest["files"]
+    sizes: dict[str, int] = manifest.get("sizes", {})  # absent in bundles written before sizes were recorded
     for rel, expected in sorted(files.items()):
         path = inside(directory, rel)
-        if sha256_file(path) != expected:
+        if rel in sizes and path.stat().st_size != sizes[rel] or sha256_file(path) != expected:
             raise BundleError(f"{directory}: {rel} changed since export (sha256 mismatch); {_FIX}")
     unexpected = [rel for rel in _bundle_files(directory) if rel not in files and not rel.startswith(REPORTS + "/")]
     if unexpected:
@@ -177,5 +189,6 @@ def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MANIFEST", "MANIFEST_HASH", "REPORTS", "build_manifest", "check_digest", "inside",
-    "manifest_digest", "read_manifest", "read_manifest_digest", "tool_info", "verify_files", "write_manifest",
+    "manifest_digest", "read_manifest", "read_manifest_digest", "record_sizes", "tool_info", "verify_files",
+    "write_manifest",
 ]

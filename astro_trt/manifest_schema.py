@@ -123,6 +123,9 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     for rel, digest in files.items():
         s.path(rel, f"files[{_show(rel)}]")
         s.sha256(digest, f"files.{rel}")
+    for rel, size in s.obj(m.get("sizes", {}), "sizes").items():  # optional: bundles before it lack it
+        _listed(s, files, rel, f"sizes[{_show(rel)}]")
+        s.integer(size, f"sizes.{rel}")
     kv_cache = s.obj(s.key(m, "kv_cache", ""), "kv_cache")
     onnx = s.obj(s.key(m, "onnx", ""), "onnx")
     engines = s.obj(m.get("engines", {}), "engines")

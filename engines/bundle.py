@@ -18,11 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from astro_trt.artifacts import as_path, atomic_write, sha256_file, staged_directory
+from astro_trt.artifacts import as_path, atomic_write, copy_regular_file, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GraphIO, TensorSpec
 from astro_trt.errors import BundleError, ConfigError
-from astro_trt.manifest import REPORTS, inside, read_manifest, read_manifest_digest, verify_files, write_manifest
+from astro_trt.manifest import (
+    MANIFEST,
+    MANIFEST_HASH,
+    MAX_MANIFEST_BYTES,
+    REPORTS,
+    inside,
+    read_manifest,
+    read_manifest_digest,
+    verify_files,
+    write_manifest,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 
@@ -180,12 +190,32 @@ def write_report(bundle_dir: str | Path, name: str, files: Mapping[str, bytes | 
         atomic_write(path, content if isinstance(content, bytes) else content.encode())
         rel = path.relative_to(directory).as_posix()
         manifest["files"][rel] = sha256_file(path)
+        manifest.setdefault("sizes", {})[rel] = path.stat().st_size
         written.append(path)
     manifest.setdefault("reports", {})[name] = sorted(
         set(manifest.get("reports", {}).get(name, [])) | {p.relative_to(directory).as_posix() for p in written}
     )
     write_manifest(directory, manifest, hash_all=False)
     return written
+
+
+def copy_bundle(bundle: Bundle, target: str | Path) -> Path:
+    """Copy ``bundle`` into the new folder ``target``: its manifest and exactly the files the
+    manifest lists, nothing else of the folder (unlisted reports, links, FIFOs, devices stay
+    behind). Each file is opened without following a link, must be a regular file inside the
+    bundle, is read up to the size the manifest records (its size when the bundle was checked,
+    for bundles written before sizes were recorded) and must hash to its recorded sha256."""
+    target = Path(target)
+    target.mkdir(parents=True)
+    sources = {MANIFEST: (bundle.manifest_sha256, MAX_MANIFEST_BYTES), **{
+        rel: (digest, bundle.manifest.get("sizes", {}).get(rel)) for rel, digest in bundle.manifest["files"].items()}}
+    for rel, (digest, size) in sorted(sources.items()):
+        source = inside(bundle.directory, rel)
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy_regular_file(source, target / rel, sha256=digest,
+                          max_bytes=source.lstat().st_size if size is None else size)
+    atomic_write(target / MANIFEST_HASH, f"{bundle.manifest_sha256}  {MANIFEST}\n".encode())
+    return target
 
 
 @contextmanager
@@ -201,5 +231,6 @@ def staged_bundle(out: str | Path, *, force: bool = False) -> Iterator[Path]:
 
 
 __all__ = [
-    "Bundle", "CHECKPOINT_DIR", "engine_relpath", "load_bundle", "onnx_relpath", "staged_bundle", "write_report",
+    "Bundle", "CHECKPOINT_DIR", "copy_bundle", "engine_relpath", "load_bundle", "onnx_relpath", "staged_bundle",
+    "write_report",
 ]

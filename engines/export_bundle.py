@@ -61,7 +61,7 @@ def export_bundle(
     engines (unless ``engines=False``), the checkpoint copy the validator uses as its oracle, and
     the manifest. ``progress`` receives one short status line per step. Raises an AstroError
     subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
-    from astro_trt.artifacts import as_path, check_destination, check_replaceable
+    from astro_trt.artifacts import as_path, check_apart, check_destination, check_replaceable
     from astro_trt.engines.backend import resolve_backend
     from astro_trt.engines.build import Profile, attention_candidates, check_opt_level
     from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
@@ -87,10 +87,7 @@ def export_bundle(
     if cache is not None and chosen is not None and not chosen.timing_cache:
         say(f"note: --timing-cache {cache} is not used: {chosen.name} has no timing cache (a no-op in its API)")
     ckpt = load_checkpoint(checkpoint)
-    source, target = ckpt.directory.resolve(), out.resolve()
-    if target == source or target in source.parents or source in target.parents:
-        raise BundleError(f"--out {out} overlaps the checkpoint {ckpt.directory} it exports; "
-                          "write the bundle to a folder outside the checkpoint")
+    check_apart(out, ckpt.directory, "checkpoint", "bundle")
 
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:

@@ -16,14 +16,13 @@
 
 from __future__ import annotations
 
-import shutil
 from importlib import resources
 from pathlib import Path
 
-from astro_trt.artifacts import atomic_write, staged_directory
+from astro_trt.artifacts import atomic_write, check_apart, staged_directory
 from astro_trt.contract import SPLIT_GRAPHS
 from astro_trt.engines.backend import TENSORRT
-from astro_trt.engines.bundle import Bundle
+from astro_trt.engines.bundle import Bundle, copy_bundle
 from astro_trt.errors import BundleError
 from astro_trt.serving import config_pbtxt as pbtxt
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS, check_cache_bytes, check_ort_threads
@@ -54,23 +53,29 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
     out = Path(out).resolve()
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
-    if bundle.directory == out or bundle.directory in out.parents:
-        raise BundleError(f"--out {out} is inside the bundle {bundle.directory}; write the repository elsewhere")
+    check_apart(out, bundle.directory, "bundle", "repository")
     precision = served_precision(bundle, precision)
     io = bundle.io(precision)
     profiles = {g: {k: list(v) for k, v in bundle.profile(g).items()} for g in SPLIT_GRAPHS}
     config = bundle.manifest["config"]
     plans = bundle.backend == TENSORRT.name and all(bundle.engine_path(g, precision) for g in SPLIT_GRAPHS)
     with staged_directory(out) as stage:
+        # The bundle first: the graphs and plans below are taken from this checked copy, never
+        # read again from the bundle's folder.
+        served = copy_bundle(bundle, stage / pbtxt.RECOMMEND / VERSION / "bundle")
+
+        def copied(path: Path) -> bytes:
+            return (served / path.relative_to(bundle.directory)).read_bytes()
+
         for graph in SPLIT_GRAPHS:
             _write(stage / graph / "config.pbtxt",
                    pbtxt.graph_config(io[graph], profiles, name=graph, platform="onnxruntime_onnx"))
-            _write(stage / graph / VERSION / "model.onnx", bundle.onnx_path(graph, precision).read_bytes())
+            _write(stage / graph / VERSION / "model.onnx", copied(bundle.onnx_path(graph, precision)))
             if plans:
                 name = graph + pbtxt.PLAN_SUFFIX
                 _write(stage / name / "config.pbtxt", pbtxt.graph_config(io[graph], profiles, name=name,
                                                                          platform="tensorrt_plan"))
-                _write(stage / name / VERSION / "model.plan", bundle.engine_path(graph, precision).read_bytes())
+                _write(stage / name / VERSION / "model.plan", copied(bundle.engine_path(graph, precision)))
         _write(stage / pbtxt.GATE / "config.pbtxt", pbtxt.gate_config(io, profiles, config))
         _write(stage / pbtxt.GATE / VERSION / "model.py", _model_source("gate"))
         for suffix in ("", pbtxt.PLAN_SUFFIX) if plans else ("",):
@@ -81,7 +86,6 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
                pbtxt.recommend_config(io, profiles, config, precision=precision, cache_bytes=cache_bytes,
                                       ort_threads=ort_threads))
         _write(stage / pbtxt.RECOMMEND / VERSION / "model.py", _model_source("recommend"))
-        shutil.copytree(bundle.directory, stage / pbtxt.RECOMMEND / VERSION / "bundle")
         _write(stage / "README.md", repository_readme(bundle, precision, io, profiles, plans=plans,
                                                       cache_bytes=cache_bytes))
     return out
