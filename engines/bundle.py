@@ -21,6 +21,7 @@ from typing import Any
 from astro_trt.artifacts import as_path, atomic_write, copy_regular_file, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GraphIO, TensorSpec
+from astro_trt.engines.bundle_graphs import check_against_graphs
 from astro_trt.errors import BundleError, ConfigError
 from astro_trt.manifest import (
     MANIFEST,
@@ -114,7 +115,8 @@ def load_bundle(path: str | Path, *, verify: bool = True, expect_sha256: str | N
     refuse (BundleError naming the file) anything missing, changed or unexpected. With
     ``expect_sha256`` (the manifest digest ``export`` and ``inspect`` print) refuse every bundle
     but that one. The manifest is schema-checked and every path in it must resolve inside the
-    bundle, verified or not."""
+    bundle, verified or not. A manifest its graphs contradict (table sizes, graph I/O, external
+    data, profiles; engines/bundle_graphs.py) is refused either way."""
     directory = as_path(path, "bundle", BundleError).resolve()
     manifest, digest = read_manifest_digest(directory, expect_sha256=expect_sha256)
     where = f"{directory}/manifest.json"
@@ -128,6 +130,8 @@ def load_bundle(path: str | Path, *, verify: bool = True, expect_sha256: str | N
     else:  # unverified still never leaves the bundle
         for rel in manifest["files"]:
             inside(directory, rel)
+    # After the files: the graphs read here are the ones the hashes vouch for.
+    check_against_graphs(directory, manifest, config, where)
     checkpoint_dir = directory / manifest["checkpoint"]["path"]
     if not checkpoint_dir.resolve().is_relative_to(directory) or not checkpoint_dir.is_dir():
         raise BundleError(f"{where}: checkpoint path '{manifest['checkpoint']['path']}' is not a folder of the "
