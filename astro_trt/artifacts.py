@@ -19,17 +19,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from astro_trt.errors import ArtifactError
+from astro_trt import arguments
+from astro_trt.errors import ArtifactError, AstroError
 
 _log = logging.getLogger("astro_trt")
 
 
-def as_path(value: object, what: str, error: type[Exception] = ArtifactError) -> Path:
-    """A str or os.PathLike as a Path; anything else (None, a number, an object) is ``error`` in one line."""
-    if isinstance(value, str) and value.strip() or isinstance(value, os.PathLike):
-        return Path(value)
-    raise error(f"{what}: expected a path (str or pathlib.Path), got {type(value).__name__} {str(value)[:60]!r}; "
-                "pass the directory's path")
+def as_path(value: object, what: str, error: type[AstroError] = ArtifactError) -> Path:
+    """A usable str or os.PathLike as a Path (astro_trt.arguments.as_path); anything else is
+    ``error`` in one line."""
+    return arguments.as_path(value, what, error)
 
 
 def _umask() -> int:

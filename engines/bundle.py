@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from astro_trt.arguments import flag
 from astro_trt.artifacts import as_path, atomic_write, copy_regular_file, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GraphIO, TensorSpec
@@ -118,6 +119,7 @@ def load_bundle(path: str | Path, *, verify: bool = True, expect_sha256: str | N
     bundle, verified or not. A manifest its graphs contradict (table sizes, graph I/O, external
     data, profiles; engines/bundle_graphs.py) is refused either way."""
     directory = as_path(path, "bundle", BundleError).resolve()
+    flag(verify, "verify")
     manifest, digest = read_manifest_digest(directory, expect_sha256=expect_sha256)
     where = f"{directory}/manifest.json"
     try:

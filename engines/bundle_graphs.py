@@ -16,9 +16,11 @@ the table lacks reaches ONNX Runtime as a raw error; a profile of 10^6 users is 
 from __future__ import annotations
 
 import posixpath
+from collections.abc import Mapping
 from typing import Any
 
 from astro_trt import precision as _precision
+from astro_trt.arguments import as_path
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import CAND_ITEMS, GraphIO, graph_io
 from astro_trt.engines.build import MAX_PROFILE_DIM
@@ -62,6 +64,35 @@ def check_against_graphs(directory: Any, manifest: dict[str, Any], cfg: ASTROCon
                              f"engines.{precision}.{graph}.io", where)
 
 
+def check_graph_files(graphs: Mapping[str, Any], cfg: ASTROConfig, precision: str) -> None:
+    """Graphs given one by one (OrtRunner): each a regular ONNX file of the graph it is given as,
+    with the config's table sizes, keeping external data beside it (not above its folder, not an
+    absolute path); checked before ONNX Runtime opens it."""
+    io = graph_io(cfg, precision)
+    for graph, value in graphs.items():
+        if graph not in io:
+            continue
+        path = as_path(value, f"graphs[{graph!r}]", BundleError)
+        field = f"graphs[{graph!r}] = {str(path)[:120]}"
+        try:
+            facts = read_graph_facts(path)
+        except (ValueError, OSError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise BundleError(f"{field}: not an ONNX model ({reason}); pass the bundle's graph files") from None
+        _check_io(facts, io[graph], field, "graphs")
+        _check_tables(facts, cfg, field, "graphs")
+        for external in facts.external:
+            location = external.get("location", "")
+            if not _plain(location) or posixpath.normpath(location) != location or location.startswith(".."):
+                raise BundleError(f"{field}: keeps tensor data at {location[:80]!r}, not a file beside the graph; "
+                                  "pass the bundle's graph files")
+
+
+def _plain(location: str) -> bool:
+    """A relative POSIX path as ONNX external data names its file (no drive, no NUL)."""
+    return bool(location) and not location.startswith("/") and "\\" not in location and "\0" not in location
+
+
 def _check_profiles(manifest: dict[str, Any], where: str) -> None:
     for graph, ranges in manifest["profile"].items():
         for axis, (_, _, high) in ranges.items():
@@ -101,8 +132,7 @@ def _check_external(directory: Any, manifest: dict[str, Any], facts: GraphFacts,
     for external in facts.external:
         location = external.get("location", "")
         target = posixpath.join(posixpath.dirname(rel), location)
-        if (not location or location.startswith("/") or "\\" in location or "\0" in location
-                or posixpath.normpath(target) != target or target not in manifest["files"]):
+        if not _plain(location) or posixpath.normpath(target) != target or target not in manifest["files"]:
             raise BundleError(f"{where}: {field} keeps tensor data at {location[:80]!r}, which is not a file this "
                               f"manifest lists beside the graph; {FIX}")
         size = inside(directory, target).stat().st_size
@@ -132,4 +162,4 @@ def _check_engine_io(records: list[dict[str, Any]], io: GraphIO, profile: dict[s
                                   f"manifest's profile and config ({want}); {FIX}")
 
 
-__all__ = ["check_against_graphs"]
+__all__ = ["check_against_graphs", "check_graph_files"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from astro_trt import contract
+from astro_trt import arguments, contract
 from astro_trt.choices import comma_list
 from astro_trt.errors import AstroError, BundleError, ConfigError
 
@@ -66,9 +66,12 @@ def export_bundle(
     from astro_trt.engines.build import Profile, attention_candidates, check_opt_level
     from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
     from astro_trt.manifest import build_manifest, write_manifest
-    from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint
+    from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint, read_checkpoint_config
+    from astro_trt.model.resources import EXPORT_TABLE_COPIES, check_fits
 
-    say = progress or (lambda _msg: None)
+    say = arguments.callback(progress, "progress") or (lambda _msg: None)
+    arguments.flag(engines, "engines (--no-engines)")
+    arguments.flag(force, "force (--force)")
     wanted = parse_precisions(precisions)
     profile = Profile(max_batch=max_batch, max_candidates=max_candidates)
     # Checked here, not only by the builder: an ONNX-only export must not accept what a build would refuse.
@@ -86,6 +89,9 @@ def export_bundle(
     cache = as_path(timing_cache, "timing_cache") if timing_cache is not None else None
     if cache is not None and chosen is not None and not chosen.timing_cache:
         say(f"note: --timing-cache {cache} is not used: {chosen.name} has no timing cache (a no-op in its API)")
+    # What the export holds of the item table, judged from the config before the weights are read.
+    check_fits(read_checkpoint_config(checkpoint), users=2, candidates=5, purpose="export",
+               table_copies=EXPORT_TABLE_COPIES)
     ckpt = load_checkpoint(checkpoint)
     check_apart(out, ckpt.directory, "checkpoint", "bundle")
 

@@ -13,6 +13,8 @@ ValueError the loader turns into one line naming the file.
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,11 +186,18 @@ class _Walker:
 
 def read_graph_facts(path: str | Path) -> GraphFacts:
     """The facts of the ONNX model at ``path``; ValueError when it is not one."""
-    with open(path, "rb") as handle:
+    # Non-blocking, judged by fstat of what was opened: a FIFO or a device in its place is refused
+    # without waiting on it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError("not a regular file")
         try:
-            mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         except ValueError:  # an empty file cannot be mapped
             raise ValueError("an empty file") from None
+    finally:
+        os.close(fd)
     with mapped:
         buf = memoryview(mapped)
         try:

@@ -121,21 +121,28 @@ def _json_documents(cfg: ASTROConfig, metrics: dict | None, extra: dict[str, dic
 
 
 # ---------------------------------------------------------------------------- loading
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a checkpoint from its directory or its ``model.safetensors`` file.
-
-    Raises CheckpointError (weights) or ConfigError (config.json) with a one-line message.
-    """
-    directory, weights = _resolve(path)
+def read_checkpoint_config(path: str | Path) -> ASTROConfig:
+    """The config of the checkpoint at ``path`` (directory or weights file), without its weights."""
+    directory, _ = _resolve(path)
     config_path = directory / CONFIG_FILE
     try:
         # A checkpoint's files are the files themselves: a link could make loading read any file.
-        cfg = ASTROConfig.load(config_path, follow_symlinks=False)
+        return ASTROConfig.load(config_path, follow_symlinks=False)
     except ConfigError as exc:
         message = str(exc)
         if str(config_path) not in message:
             message = f"{config_path}: {message}"
         raise ConfigError(message) from None
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Load a checkpoint from its directory or its ``model.safetensors`` file.
+
+    Raises CheckpointError (weights) or ConfigError (config.json) with a one-line message.
+    """
+    cfg = read_checkpoint_config(path)
+    directory, weights = _resolve(path)
+    config_path = directory / CONFIG_FILE
 
     from astro_trt.model.resources import check_fits
 
@@ -419,5 +426,5 @@ def _likely_field(cfg: ASTROConfig, got: tuple[int, ...], want: tuple[int, ...])
 
 __all__ = [
     "CONFIG_FILE", "WEIGHTS_FILE", "Checkpoint", "checkpoint_documents", "checkpoint_sha256", "copy_checkpoint",
-    "load_checkpoint", "save_checkpoint",
+    "load_checkpoint", "read_checkpoint_config", "save_checkpoint",
 ]

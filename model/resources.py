@@ -64,6 +64,21 @@ def attention_bytes(cfg: ASTROConfig, sequences: int, length: int) -> int:
     return sequences * cfg.num_blocks * length * length * _pair_bytes(cfg)
 
 
+# Peak memory of `astro-trt export` grows by about 10 bytes per byte of the fp32 item table: the
+# TorchScript exporter, the ONNX protos of the three graphs, the checker and the parity sessions
+# each hold copies. Measured (2026-12-03, /usr/bin/time -v, climber dims, --no-engines
+# --precision fp32, this project's 2-core CPU machines): 100k items (51 MB table) 1.01 GiB peak
+# RSS, 400k items (205 MB) 2.44 GiB, i.e. +9.8 bytes per table byte; 1M items with both precisions
+# 5.56 GB (FINDINGS.md). A 10M-item climber asks ~48 GiB: refused on a 24 GB machine instead of
+# ending in std::bad_alloc.
+EXPORT_TABLE_COPIES = 10
+
+
+def item_table_bytes(cfg: ASTROConfig) -> int:
+    """fp32 bytes of the item embedding table (row 0 is padding)."""
+    return 4 * (cfg.num_items + 1) * cfg.d_model
+
+
 # What the exported full model may hold in flight: it runs its (user, candidate) pairs in chunks
 # whose estimated attention stays within this (exporter/pair_chunks.py).
 FULL_MODEL_CHUNK_BYTES = 512 * 2**20
@@ -81,15 +96,18 @@ def _pair_bytes(cfg: ASTROConfig) -> int:
 
 
 def estimate_bytes(cfg: ASTROConfig, *, users: int, candidates: int, full: bool = True,
-                   training: bool = False) -> int:
+                   training: bool = False, table_copies: int = 1) -> int:
     """Upper-side peak memory of running ``users`` x ``candidates`` through the model: weights
     (and Adam's copies when training) plus the largest attention. ``full`` includes the naive
-    path (one sequence of L + 1 per user and candidate); training keeps every layer's activations."""
-    return _estimate(cfg, parameter_count(cfg), users=users, candidates=candidates, full=full, training=training)
+    path (one sequence of L + 1 per user and candidate); training keeps every layer's activations;
+    ``table_copies`` counts the item table that many times (EXPORT_TABLE_COPIES for an export)."""
+    return _estimate(cfg, parameter_count(cfg), users=users, candidates=candidates, full=full, training=training,
+                     table_copies=table_copies)
 
 
-def _estimate(cfg: ASTROConfig, parameters: int, *, users: int, candidates: int, full: bool, training: bool) -> int:
-    weights = 4 * parameters * (_TRAINING_COPIES if training else 1)
+def _estimate(cfg: ASTROConfig, parameters: int, *, users: int, candidates: int, full: bool, training: bool,
+              table_copies: int = 1) -> int:
+    weights = 4 * parameters * (_TRAINING_COPIES if training else 1) + (table_copies - 1) * item_table_bytes(cfg)
     layers = cfg.num_layers if training else 1
     encoder = attention_bytes(cfg, users, cfg.max_len) * layers
     scorer = users * candidates * cfg.num_blocks * (cfg.max_len + 1) * _pair_bytes(cfg)
@@ -98,18 +116,22 @@ def _estimate(cfg: ASTROConfig, parameters: int, *, users: int, candidates: int,
 
 
 def check_fits(cfg: ASTROConfig, *, users: int, candidates: int, purpose: str, full: bool = True,
-               training: bool = False, error: type[ConfigError] | type[DataError] = ConfigError) -> None:
+               training: bool = False, error: type[ConfigError] | type[DataError] = ConfigError,
+               table_copies: int = 1) -> None:
     """Refuse (one line, before any work) a config and request shape whose estimated memory exceeds
     MEMORY_SHARE of this machine's memory."""
     have = int(machine_memory() * MEMORY_SHARE)
     # The arithmetic lower bound first: a config far too big is refused without building its model.
-    need = _estimate(cfg, parameter_lower_bound(cfg), users=users, candidates=candidates, full=full, training=training)
+    need = _estimate(cfg, parameter_lower_bound(cfg), users=users, candidates=candidates, full=full, training=training,
+                     table_copies=table_copies)
     if need <= have:
-        need = estimate_bytes(cfg, users=users, candidates=candidates, full=full, training=training)
+        need = estimate_bytes(cfg, users=users, candidates=candidates, full=full, training=training,
+                              table_copies=table_copies)
     if need > have:
         raise error(
             f"config '{cfg.name}': {purpose} ({users} user(s) x {candidates} candidate(s), max_len={cfg.max_len}, "
-            f"num_layers={cfg.num_layers}, d_model={cfg.d_model}) needs about {_gb(need)} of memory but this "
+            f"num_layers={cfg.num_layers}, d_model={cfg.d_model}, num_items={cfg.num_items}) needs about "
+            f"{_gb(need)} of memory but this "
             f"machine allows {_gb(have)} ({MEMORY_SHARE:.0%} of {_gb(machine_memory())}); lower max_len, the "
             "model's sizes or the request shape"
         )
@@ -120,6 +142,6 @@ def _gb(n: int) -> str:
 
 
 __all__ = [
-    "MEMORY_SHARE", "attention_bytes", "check_fits",
-    "estimate_bytes", "machine_memory", "parameter_count", "parameter_lower_bound",
+    "EXPORT_TABLE_COPIES", "MEMORY_SHARE", "attention_bytes", "check_fits",
+    "estimate_bytes", "item_table_bytes", "machine_memory", "parameter_count", "parameter_lower_bound",
 ]

@@ -4,6 +4,7 @@ functions they call check against the same figures."""
 
 from __future__ import annotations
 
+from astro_trt.arguments import max_threads
 from astro_trt.errors import DataError
 from astro_trt.model.resources import machine_memory
 
@@ -18,9 +19,10 @@ DEFAULT_ORT_THREADS = 1
 # every page would encode its user again) and at most this machine's memory (the server could
 # never hold it; it would be killed by the kernel instead of refusing).
 MIN_CACHE_MIB = 1
-# More intra-op threads than any machine has cores only adds spinning threads; ONNX Runtime
-# itself accepts any int and fails (or thrashes) later.
-MAX_ORT_THREADS = 1024
+# At most the CPUs this process may run on (astro_trt.arguments.max_threads: its affinity mask):
+# more intra-op threads than cores only spin (1024 started 1,896 threads and never got ready on
+# 2 cores); ONNX Runtime itself accepts any int and fails (or thrashes) later.
+MAX_ORT_THREADS = max_threads()
 MAX_PORT = 65535
 # loadtest: the workload is users x pages pages of ``candidates`` int64 ids, built before the run.
 MAX_CLIENTS = 256
@@ -55,7 +57,8 @@ def check_ort_threads(ort_threads: object) -> int | None:
     if ort_threads is None:
         return None
     return _bounded_int(ort_threads, "ort_threads (--ort-threads)", 1, MAX_ORT_THREADS,
-                        "pass None (--ort-threads 0) for one per core, or a thread count")
+                        f"this machine gives this process {MAX_ORT_THREADS} CPU(s); pass None (--ort-threads 0) for "
+                        "one per core, or fewer threads")
 
 
 def check_port(port: object, what: str) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.arguments import as_path, callback, instance
 from astro_trt.choices import comma_list
 from astro_trt.errors import DataError
 from astro_trt.serving import client as tc
@@ -245,6 +246,10 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     from astro_trt.config import ASTROConfig
     from astro_trt.serving.workload import make_workload
 
+    instance(url, "url", str, "the server's host:port")
+    callback(progress, "progress")
+    out_dir = as_path(out_dir, "out_dir (--out)")
+    bundle_dir = None if bundle_dir is None else as_path(bundle_dir, "bundle_dir (--bundle)")
     check_workload(clients=clients, users=users, pages=pages, candidates=candidates, seed=seed)
     check_seconds(duration, "--duration")
     check_seconds(baseline_seconds, "--baseline-seconds")

@@ -19,7 +19,8 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from astro_trt.artifacts import atomic_write, check_apart, staged_directory
+from astro_trt.arguments import choice, flag, instance
+from astro_trt.artifacts import as_path, atomic_write, check_apart, staged_directory
 from astro_trt.contract import SPLIT_GRAPHS
 from astro_trt.engines.backend import TENSORRT
 from astro_trt.engines.bundle import Bundle, copy_bundle
@@ -49,8 +50,12 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
     """Write the repository for ``precision`` of ``bundle`` at ``out`` (atomically: a failure
     leaves nothing there). ``ort_threads``: ONNX Runtime's intra-op threads in astro_recommend
     (None: one per core). Returns its absolute path."""
+    instance(bundle, "bundle", Bundle, "a loaded bundle (load_bundle(DIR))")
+    out = as_path(out, "out (--out)").resolve()
+    flag(force, "force (--force)")
+    if precision is not None:
+        choice(precision, "precision (--precision)", bundle.precisions)
     cache_bytes, ort_threads = check_cache_bytes(cache_bytes), check_ort_threads(ort_threads)
-    out = Path(out).resolve()
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
     check_apart(out, bundle.directory, "bundle", "repository")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from astro_trt import arguments
 from astro_trt.errors import DataError
 from astro_trt.precision import REFERENCE
 
@@ -62,11 +63,12 @@ def bench_bundle(
     counts = parse_candidates(candidates) if isinstance(candidates, str) else _counts(candidates)
     _check_choices(runtime=runtime, config=config, precision=precision, attention=attention,
                    repetitions=repetitions, warmup=warmup)
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-        raise DataError(f"--threads {threads!r}: must be an integer >= 1")
+    arguments.threads(threads, "--threads")
+    for option, value in (("--peer", peer), ("--compile", use_compile), ("--profile", profile)):
+        arguments.flag(value, option)
     if out is not None:
         check_destination(as_path(out, "out"))
-    say = progress or (lambda _msg: None)
+    say = arguments.callback(progress, "progress") or (lambda _msg: None)
     bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     check_counts(counts, bundle if config == "bundle" else None)
     user_counts = _users(users, bundle if config == "bundle" else None)
@@ -175,9 +177,15 @@ def _check_choices(*, runtime: Any, config: Any, precision: Any, attention: Any,
                                    ("--attention", attention, EXPORT_LOWERINGS)):
         if not (value is None or isinstance(value, str)) or value not in choices:
             raise DataError(f"{option} {value!r}: choose one of {[c for c in choices if c is not None]}")
-    for option, value, least in (("--repetitions", repetitions, 1), ("--warmup", warmup, 0)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise DataError(f"{option} {value!r}: must be an integer >= {least}")
+    for option, value, least, most in (("--repetitions", repetitions, 1, MAX_REPETITIONS),
+                                       ("--warmup", warmup, 0, MAX_WARMUP)):
+        arguments.integer(value, option, least, most, "a bench of more runs does not finish in a working day")
+
+
+# Timed and untimed runs per request shape: far beyond what a figure needs (5 and 1 by default),
+# short of a bench that never ends (10^12 repetitions ran until killed).
+MAX_REPETITIONS = 1000
+MAX_WARMUP = 100
 
 
 def _runner(bundle: Any, runtime: str, config: str, precision: str | None, attention: str, tmp: Path,

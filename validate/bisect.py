@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from astro_trt.choices import comma_list
-from astro_trt.contract import ITEM_SCORER, KV_CACHE, KV_CACHE_AXES, PRECISIONS, SPLIT_GRAPHS, USER_ENCODER
+from astro_trt.contract import FULL_MODEL, ITEM_SCORER, KV_CACHE, KV_CACHE_AXES, PRECISIONS, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.errors import BundleError, DataError
 from astro_trt.precision import REFERENCE, REGISTRY, get, is_reference
 
@@ -288,14 +288,14 @@ def bisect_bundle(
     import torch
 
     from astro_trt.engines.bundle import load_bundle
+    from astro_trt.engines.inputs import check_profile
     from astro_trt.exporter.precision import model_in_precision
     from astro_trt.model.checkpoint import load_checkpoint
-    from astro_trt.validate.gates import Gates
-    from astro_trt.validate.parity import parse_runtimes
+    from astro_trt.model.resources import check_fits
+    from astro_trt.validate.parity import library_arguments, parse_runtimes
     from astro_trt.validate.runners import gate, ort_session
 
-    gates = gates or Gates()
-    say = progress or (lambda _msg: None)
+    gates, say, checkpoint = library_arguments(gates, progress, checkpoint)
     asked = parse_runtimes(runtime)
     if [r for r in asked if r != "torch"] != ["ort"]:  # torch is the oracle itself
         raise DataError(f"--bisect runs on ONNX Runtime only (got --runtime {','.join(asked)}); a TensorRT engine "
@@ -309,6 +309,10 @@ def bisect_bundle(
 
         check_destination(as_path(out, "out"))
     bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
+    # The oracle runs every pair through the full model at once: the bundle's profile and this
+    # machine's memory bound the batch (10^7 candidates asked 20 GB before this).
+    check_profile(bundle.profile(FULL_MODEL), batch=users, candidates=candidates, what="bisect")
+    check_fits(bundle.config, users=users, candidates=candidates, purpose="bisect", error=DataError)
     wanted = bundle.precisions if precisions is None else comma_list(precisions, PRECISIONS, "--precision", DataError)
     for p in wanted:
         bundle.onnx_path(USER_ENCODER, p)  # BundleError naming the bundle's precisions

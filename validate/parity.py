@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.arguments import as_path, callback, choice, instance
 from astro_trt.choices import comma_list
 from astro_trt.errors import DataError
 from astro_trt.model.checkpoint import METRICS_FILE
@@ -169,6 +170,14 @@ def parse_runtimes(value: str | Sequence[str]) -> list[str]:
     return comma_list(value, RUNTIMES, "--runtime", DataError)
 
 
+def library_arguments(gates: Any, progress: Any, checkpoint: Any) -> tuple[Gates, Callable[[str], None], Any]:
+    """The arguments validate_bundle and bisect_bundle share, checked (astro_trt.arguments):
+    (gates or the defaults, progress or a no-op, checkpoint as a Path or None)."""
+    gates = Gates() if gates is None else instance(gates, "gates", Gates, "a Gates(...) of the limits, or None")
+    say = callback(progress, "progress") or (lambda _msg: None)
+    return gates, say, None if checkpoint is None else as_path(checkpoint, "checkpoint")
+
+
 def validate_bundle(
     bundle_dir: str | Path,
     *,
@@ -186,8 +195,8 @@ def validate_bundle(
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.validate.runners import OrtRunner, TorchRunner, make_trt_runner
 
-    gates = gates or Gates()
-    say = progress or (lambda _msg: None)
+    gates, say, checkpoint = library_arguments(gates, progress, checkpoint)
+    choice(data, "data (--data)", DATA_CHOICES)
     runtimes = parse_runtimes(runtimes)
     bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)

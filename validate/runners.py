@@ -20,8 +20,21 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from astro_trt.arguments import choice, instance, max_threads
+from astro_trt.arguments import threads as threads_argument
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import FULL_MODEL, GRAPHS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
+from astro_trt.contract import (
+    FULL_MODEL,
+    GRAPHS,
+    HISTORY_INPUTS,
+    ITEM_SCORER,
+    KV_CACHE,
+    PRECISIONS,
+    USER_ENCODER,
+    graph_io,
+)
+from astro_trt.engines.bundle import Bundle
+from astro_trt.engines.bundle_graphs import check_graph_files
 from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history, validate_kv_cache
 from astro_trt.errors import BackendError, BundleError, DataError
 from astro_trt.exporter.precision import model_in_precision
@@ -30,12 +43,13 @@ from astro_trt.precision import get, is_reference
 from astro_trt.validate.stats import to_float32
 
 
-# ONNX Runtime threads: the bench and CI machines give us two cores.
+# ONNX Runtime threads: the bench and CI machines give us two cores (fewer where the process may
+# use fewer; never more than it may use, astro_trt.arguments.threads).
 def _env_threads() -> int:
-    raw = os.environ.get("ASTRO_ORT_THREADS") or "2"  # empty is unset
+    raw = os.environ.get("ASTRO_ORT_THREADS") or str(min(2, max_threads()))  # empty is unset
     if not raw.strip().isdigit():
         raise DataError(f"ASTRO_ORT_THREADS={raw!r} is not a thread count; unset it or set an integer >= 0")
-    return int(raw)
+    return threads_argument(int(raw), "ASTRO_ORT_THREADS", zero_means_all=True)
 
 
 ORT_THREADS = _env_threads()
@@ -162,11 +176,14 @@ class OrtRunner:
     def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, threads: int = ORT_THREADS,
                  profile_dir: Path | None = None, *, profiles: Mapping[str, Ranges] | None = None,
                  unchunked_full: bool = False):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
-            raise DataError(f"OrtRunner: threads must be an int >= 0 (0: one per core), got {threads!r}")
+        threads_argument(threads, "OrtRunner threads", zero_means_all=True)
+        instance(cfg, "OrtRunner cfg", ASTROConfig, "the model's ASTROConfig (load_bundle(DIR).config)")
+        choice(precision, "OrtRunner precision", PRECISIONS)
+        instance(graphs, "OrtRunner graphs", Mapping, "a mapping of graph name -> ONNX path")
         missing = [g for g in GRAPHS if g not in graphs]
         if missing:
             raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
+        check_graph_files(graphs, cfg, precision)  # before ONNX Runtime opens any of them
         self.precision = precision
         self.name = f"ort-{precision}"
         self.cfg = cfg
@@ -194,13 +211,15 @@ class OrtRunner:
 
     @classmethod
     def from_bundle(cls, bundle: Any, precision: str = "fp32", threads: int = ORT_THREADS) -> OrtRunner:
-        """The bundle's ONNX graphs of ``precision`` (a loaded engines.bundle.Bundle, or its directory)."""
+        """The bundle's ONNX graphs of ``precision`` (a loaded engines.bundle.Bundle, or its directory),
+        bounded by the bundle's profiles as its engines are (2x10^7 candidates are refused naming the
+        profile, not handed to ONNX Runtime)."""
         if not hasattr(bundle, "onnx_path"):
             from astro_trt.engines.bundle import load_bundle
 
             bundle = load_bundle(bundle)  # a path, or a one-line BundleError for anything else
         return cls({g: bundle.onnx_path(g, precision) for g in bundle.io(precision)}, bundle.config, precision,
-                   threads)
+                   threads, profiles={g: bundle.profile(g) for g in bundle.io(precision)})
 
     def _run(self, graph: str, feeds: dict[str, Any]) -> np.ndarray:
         names = self.io[graph].input_names
@@ -262,6 +281,8 @@ def make_trt_runner(bundle: Any, precision: str) -> tuple[TrtRunner | None, str]
     """(runner, "") when the bundle's engines of ``precision`` can run here, else (None, why)."""
     from astro_trt.contract import GRAPHS
 
+    instance(bundle, "make_trt_runner bundle", Bundle, "a loaded bundle (load_bundle(DIR))")
+    choice(precision, "make_trt_runner precision", PRECISIONS)
     missing = [g for g in GRAPHS if bundle.engine_path(g, precision) is None]
     if missing:
         return None, (f"the bundle has no {precision} engines for {missing} (exported with --no-engines?); "
