@@ -63,6 +63,7 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
     import torch
 
     from astro_trt import contract
+    from astro_trt.arguments import threads as threads_argument
     from astro_trt.exporter.export import export_onnx
     from astro_trt.exporter.pair_chunks import for_onnxruntime, unchunk
     from astro_trt.model.astro import ASTRO
@@ -70,6 +71,7 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
     from astro_trt.model.synthetic import synthetic_batch
 
     say = progress or (lambda _msg: None)
+    threads_argument(threads, "--threads")
     check_fits(cfg, users=users, candidates=candidates, purpose="the memory probe", full=False, error=DataError)
     if plain:
         check_fits(cfg, users=users, candidates=candidates, purpose="the plain full model (pass --no-plain)",
