@@ -3,7 +3,8 @@ with every hash recomputed, so only the loader's check of the manifest against i
 catch it: vocabulary and scenario counts apart from the tables, profiles beyond the engine
 bound, an ONNX path naming another file or another graph, tensor data stored outside the bundle,
 past the end of its file or in an unlisted one. Each is refused in one line naming the field by
-``load_bundle`` (verified and not), ``inspect``, ``triton`` and ``validate`` -- before ONNX
+``load_bundle`` (verified and not), ``inspect``, ``validate``, ``bench`` and the commands
+``triton`` and ``validate`` -- before ONNX
 Runtime sees a graph, and without opening a file outside the bundle."""
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from tiny_bundle import pristine_bundle
 from astro_trt.engines.bundle import load_bundle
 from astro_trt.engines.describe import describe_bundle
 from astro_trt.manifest import MANIFEST, MANIFEST_HASH
+from astro_trt.validate.bench_bundle import bench_bundle
+from astro_trt.validate.parity import validate_bundle
 
 pytestmark = pytest.mark.fuzz
 ENCODER = "onnx/fp32/user_encoder.onnx"
@@ -105,10 +108,12 @@ def test_manifest_contradicting_its_graphs_is_refused_by_every_loader(tmp_path):
             tally.python(f"load: {name}", naming(field, lambda b=bundle: load_bundle(b)))
             tally.python(f"load unverified: {name}", naming(field, lambda b=bundle: load_bundle(b, verify=False)))
             tally.python(f"inspect: {name}", naming(field, lambda b=bundle: describe_bundle(b)))
+            tally.python(f"validate: {name}", naming(field, lambda b=bundle: validate_bundle(b, data="synthetic")))
+            tally.python(f"bench: {name}", naming(field, lambda b=bundle: bench_bundle(b)))
         leaks = outside(record, sandbox, bundle)
         assert not leaks, f"{name}: opened {leaks}"
-        if i % 4 == 0:  # the commands, on a few (each is a fresh interpreter)
-            for command in (["inspect", bundle], ["triton", bundle, "--out", tmp_path / f"r{i}"],
+        if i % 9 == 0:  # the commands, on two (each is a fresh interpreter)
+            for command in (["triton", bundle, "--out", tmp_path / f"r{i}"],
                             ["validate", bundle, "--data", "synthetic"]):
                 outcome = tally.cli(f"{command[0]}: {name}", command)
                 assert outcome.kind != "refused" or field in outcome.detail, outcome.detail

@@ -143,6 +143,7 @@ def test_repository_writer_refuses_an_out_overlapping_the_bundle(tmp_path):
     for name, out in {"the bundle": bundle_dir, "its parent": parent, "inside it": bundle_dir / "reports" / "r",
                       "a link to it": tmp_path / "link-to-bundle"}.items():
         tally.python(f"python: {name}", lambda o=out: write_repository(bundle, o, force=True))
-        tally.cli(f"cli: {name}", ["triton", bundle_dir, "--out", out, "--force"])
+        if name in ("its parent", "a link to it"):  # the command too (a fresh interpreter each)
+            tally.cli(f"cli: {name}", ["triton", bundle_dir, "--out", out, "--force"])
     tally.check()
     assert load_bundle(bundle_dir).directory == bundle_dir.resolve()  # nothing of it was removed
