@@ -39,6 +39,7 @@ from astro_trt.engines.inputs import Ranges, validate_candidates, validate_histo
 from astro_trt.errors import BackendError, BundleError, DataError
 from astro_trt.exporter.precision import model_in_precision
 from astro_trt.model.astro import History
+from astro_trt.model.resources import check_fits
 from astro_trt.precision import get, is_reference
 from astro_trt.validate.stats import to_float32
 
@@ -190,6 +191,7 @@ class OrtRunner:
         self.profiles = dict(profiles or {})
         self.io = graph_io(cfg, precision)
         self.threads = threads
+        self.unchunked_full = unchunked_full
         from astro_trt.exporter.pair_chunks import for_onnxruntime, unchunk
 
         full = unchunk if unchunked_full else for_onnxruntime
@@ -228,14 +230,25 @@ class OrtRunner:
     def encode(self, history: History) -> np.ndarray:
         return self._run(USER_ENCODER, gate(self.cfg, history, profile=self.profiles.get(USER_ENCODER)))
 
+    def _fits(self, graph: str, feeds: dict[str, np.ndarray]) -> None:
+        """Without a profile for ``graph`` nothing else bounds B x M: refuse what the memory
+        estimate says this machine cannot hold (the chunked full model holds one chunk of pairs)."""
+        if self.profiles.get(graph) is None:
+            users, candidates = feeds["cand_items"].shape
+            check_fits(self.cfg, users=users, candidates=candidates, purpose=f"ONNX Runtime {graph}",
+                       full=graph == FULL_MODEL and self.unchunked_full, error=DataError)
+
     def score(self, kv_cache: Any, history: History, cand_items: torch.Tensor) -> np.ndarray:
         feeds = gate(self.cfg, history, cand_items, self.profiles.get(ITEM_SCORER))
+        self._fits(ITEM_SCORER, feeds)
         feeds[KV_CACHE] = validate_kv_cache(self.cfg, kv_cache, self.precision, feeds["hist_items"].shape[0],
                                             host=True)
         return scored(self._run(ITEM_SCORER, feeds))
 
     def full(self, history: History, cand_items: torch.Tensor) -> np.ndarray:
-        return as_float32(self._run(FULL_MODEL, gate(self.cfg, history, cand_items, self.profiles.get(FULL_MODEL))))
+        feeds = gate(self.cfg, history, cand_items, self.profiles.get(FULL_MODEL))
+        self._fits(FULL_MODEL, feeds)
+        return as_float32(self._run(FULL_MODEL, feeds))
 
 
 def gpu_unavailable_reason() -> str | None:
