@@ -169,3 +169,16 @@ def _run_loadtest(url, **kwargs):
     from astro_trt.serving.loadtest import run_loadtest
 
     return run_loadtest(url, **kwargs)
+
+
+def test_the_commands_refuse_threads_and_repetitions_beyond_the_machine(tmp_path):
+    """The same bounds on the command line (exit 2, one line), before any work: the option's
+    range (click) or the library's check it calls."""
+    tally = Tally("threads/sizes: commands")
+    bundle = pristine_bundle()
+    for argv in (["triton", bundle, "--out", tmp_path / "r", "--ort-threads", "1024"],
+                 ["bench", bundle, "--threads", "1000000"],
+                 ["bench", bundle, "--repetitions", str(10**12)]):
+        tally.cli(" ".join(map(str, argv[2:] if argv[0] == "bench" else argv[3:])), argv, timeout=120)
+    tally.check()
+    assert not (tmp_path / "r").exists()
