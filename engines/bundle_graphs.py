@@ -24,7 +24,7 @@ from astro_trt.arguments import as_path
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import CAND_ITEMS, GraphIO, graph_io
 from astro_trt.engines.build import MAX_PROFILE_DIM
-from astro_trt.engines.graph_facts import GraphFacts, read_graph_facts
+from astro_trt.engines.graph_facts import ELEM_TYPES, GraphFacts, read_graph_facts
 from astro_trt.errors import BundleError
 from astro_trt.manifest import inside
 from astro_trt.manifest_schema import FIX
@@ -102,8 +102,8 @@ def _check_profiles(manifest: dict[str, Any], where: str) -> None:
 
 
 def _check_io(facts: GraphFacts, io: GraphIO, field: str, where: str) -> None:
-    want_in = [(t.name, _precision.dtype(t.dtype).onnx_type()) for t in io.inputs]
-    want_out = [(t.name, _precision.dtype(t.dtype).onnx_type()) for t in io.outputs]
+    want_in = [(t.name, ELEM_TYPES[_precision.dtype(t.dtype).onnx]) for t in io.inputs]
+    want_out = [(t.name, ELEM_TYPES[_precision.dtype(t.dtype).onnx]) for t in io.outputs]
     if facts.inputs != want_in or facts.outputs != want_out:
         raise BundleError(f"{where}: {field} is not the {io.name} graph of the bundle's config (inputs "
                           f"{[n for n, _ in facts.inputs]}, outputs {[n for n, _ in facts.outputs]}; expected "

@@ -30,6 +30,10 @@ _FUNCTION_NODE = 7
 _VALUE_NAME, _VALUE_TYPE, _TYPE_TENSOR, _TENSOR_TYPE_ELEM = 1, 2, 1, 1
 _ENTRY_KEY, _ENTRY_VALUE = 1, 2
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+# onnx.proto TensorProto.DataType numbers by name (precision.py names each dtype's ONNX type), so
+# that the served models, which never import onnx, can check a graph's I/O types too.
+ELEM_TYPES = {"FLOAT": 1, "UINT8": 2, "INT8": 3, "UINT16": 4, "INT16": 5, "INT32": 6, "INT64": 7, "STRING": 8,
+              "BOOL": 9, "FLOAT16": 10, "DOUBLE": 11, "UINT32": 12, "UINT64": 13, "BFLOAT16": 16}
 # Graphs nest through Loop/If/Scan bodies; ours nest one deep. A deeper file is not one of ours
 # (and would only exhaust the stack).
 _MAX_NESTING = 16
@@ -219,4 +223,4 @@ def read_graph_facts(path: str | Path) -> GraphFacts:
             buf.release()
 
 
-__all__ = ["GraphFacts", "read_graph_facts"]
+__all__ = ["ELEM_TYPES", "GraphFacts", "read_graph_facts"]

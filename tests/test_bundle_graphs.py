@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from astro_trt.engines.bundle import load_bundle
-from astro_trt.engines.graph_facts import read_graph_facts
+from astro_trt.engines.graph_facts import ELEM_TYPES, read_graph_facts
 from astro_trt.errors import BundleError
 from astro_trt.manifest import MANIFEST, MANIFEST_HASH
 
@@ -59,6 +59,10 @@ def test_facts_match_onnx_and_skip_the_weights(tmp_path):
     assert facts.initializers["big"] == (64 << 20,)
     assert facts.gathers == [((7, 3), "cand_items", 0)]
     assert facts.external == [{"location": "weights.bin"}]  # found inside a Loop body's Constant
+
+
+def test_elem_types_are_onnx_s_own():
+    assert ELEM_TYPES == {name: int(getattr(TensorProto, name)) for name in ELEM_TYPES}
 
 
 def test_anything_but_an_onnx_model_is_a_value_error(tmp_path):

@@ -47,12 +47,15 @@ def test_exact_refusals():
     high = lim.max_cache_mib()
     assert str(exc.value) == (f"cache_bytes (--cache-mib) 0: must be an integer in {1 << 20}..{high << 20}; "
                               f"choose a cache between 1 MiB and {high} MiB (this machine's memory)")
-    with pytest.raises(DataError, match=r"^ort_threads \(--ort-threads\) 1025: must be an integer in 1\.\.1024; "
-                                        r"pass None \(--ort-threads 0\) for one per core, or a thread count$"):
-        lim.check_ort_threads(1025)
+    cores = lim.MAX_ORT_THREADS  # the CPUs this process may run on
+    with pytest.raises(DataError) as exc:
+        lim.check_ort_threads(cores + 1)
+    assert str(exc.value) == (f"ort_threads (--ort-threads) {cores + 1}: must be an integer in 1..{cores}; this "
+                              f"machine gives this process {cores} CPU(s); pass None (--ort-threads 0) for one per "
+                              "core, or fewer threads")
     # The bounds themselves are accepted.
     assert lim.check_cache_bytes(1 << 20) == 1 << 20 and lim.check_cache_bytes(high << 20) == high << 20
-    assert lim.check_ort_threads(None) is None and lim.check_ort_threads(1024) == 1024
+    assert lim.check_ort_threads(None) is None and lim.check_ort_threads(cores) == cores
 
 
 def test_serve_numbers_are_refused_before_starting(tmp_path):
