@@ -181,7 +181,7 @@ def verify_files(directory: str | Path, manifest: dict[str, Any]) -> None:
     for rel, expected in sorted(files.items()):
         path = inside(directory, rel)
         if rel in sizes and path.stat().st_size != sizes[rel] or sha256_file(path) != expected:
-            raise BundleError(f"{directory}: {rel} changed since export (sha256 mismatch); {_FIX}")
+            raise BundleError(f"{directory}: {rel} changed since export (size or sha256 mismatch); {_FIX}")
     unexpected = [rel for rel in _bundle_files(directory) if rel not in files and not rel.startswith(REPORTS + "/")]
     if unexpected:
         raise BundleError(f"{directory}: unexpected file(s) {unexpected} not in the manifest; remove them or {_FIX}")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from astro_trt.arguments import choice, flag, instance
 from astro_trt.artifacts import as_path, atomic_write, check_apart, staged_directory
-from astro_trt.contract import SPLIT_GRAPHS
+from astro_trt.contract import PRECISIONS, SPLIT_GRAPHS
 from astro_trt.engines.backend import TENSORRT
 from astro_trt.engines.bundle import Bundle, copy_bundle
 from astro_trt.errors import BundleError
@@ -53,8 +53,8 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
     instance(bundle, "bundle", Bundle, "a loaded bundle (load_bundle(DIR))")
     out = as_path(out, "out (--out)").resolve()
     flag(force, "force (--force)")
-    if precision is not None:
-        choice(precision, "precision (--precision)", bundle.precisions)
+    if precision is not None:  # one the bundle lacks: served_precision names the bundle's
+        choice(precision, "precision (--precision)", PRECISIONS)
     cache_bytes, ort_threads = check_cache_bytes(cache_bytes), check_ort_threads(ort_threads)
     if out.exists() and not force:
         raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")

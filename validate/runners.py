@@ -23,16 +23,7 @@ import torch
 from astro_trt.arguments import choice, instance, max_threads
 from astro_trt.arguments import threads as threads_argument
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import (
-    FULL_MODEL,
-    GRAPHS,
-    HISTORY_INPUTS,
-    ITEM_SCORER,
-    KV_CACHE,
-    PRECISIONS,
-    USER_ENCODER,
-    graph_io,
-)
+from astro_trt.contract import FULL_MODEL, GRAPHS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
 from astro_trt.engines.bundle import Bundle
 from astro_trt.engines.bundle_graphs import check_graph_files
 from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history, validate_kv_cache
@@ -40,7 +31,7 @@ from astro_trt.errors import BackendError, BundleError, DataError
 from astro_trt.exporter.precision import model_in_precision
 from astro_trt.model.astro import History
 from astro_trt.model.resources import check_fits
-from astro_trt.precision import get, is_reference
+from astro_trt.precision import get, is_reference, names
 from astro_trt.validate.stats import to_float32
 
 
@@ -179,7 +170,7 @@ class OrtRunner:
                  unchunked_full: bool = False):
         threads_argument(threads, "OrtRunner threads", zero_means_all=True)
         instance(cfg, "OrtRunner cfg", ASTROConfig, "the model's ASTROConfig (load_bundle(DIR).config)")
-        choice(precision, "OrtRunner precision", PRECISIONS)
+        choice(precision, "OrtRunner precision", names())
         instance(graphs, "OrtRunner graphs", Mapping, "a mapping of graph name -> ONNX path")
         missing = [g for g in GRAPHS if g not in graphs]
         if missing:
@@ -295,7 +286,7 @@ def make_trt_runner(bundle: Any, precision: str) -> tuple[TrtRunner | None, str]
     from astro_trt.contract import GRAPHS
 
     instance(bundle, "make_trt_runner bundle", Bundle, "a loaded bundle (load_bundle(DIR))")
-    choice(precision, "make_trt_runner precision", PRECISIONS)
+    choice(precision, "make_trt_runner precision", names())
     missing = [g for g in GRAPHS if bundle.engine_path(g, precision) is None]
     if missing:
         return None, (f"the bundle has no {precision} engines for {missing} (exported with --no-engines?); "
