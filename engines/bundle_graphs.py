@@ -83,7 +83,9 @@ def check_graph_files(graphs: Mapping[str, Any], cfg: ASTROConfig, precision: st
         _check_tables(facts, cfg, field, "graphs")
         for external in facts.external:
             location = external.get("location", "")
-            if not _plain(location) or posixpath.normpath(location) != location or location.startswith(".."):
+            folder = path.resolve().parent
+            if (not _plain(location) or posixpath.normpath(location) != location or location.startswith("..")
+                    or not (folder / location).resolve().is_relative_to(folder)):  # nor through a link
                 raise BundleError(f"{field}: keeps tensor data at {location[:80]!r}, not a file beside the graph; "
                                   "pass the bundle's graph files")
 

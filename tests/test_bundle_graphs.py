@@ -100,3 +100,27 @@ def test_engine_io_apart_from_the_profile_is_refused(tmp_path):
     (bundle / MANIFEST_HASH).write_text(f"{hashlib.sha256(body).hexdigest()}  {MANIFEST}\n")
     with pytest.raises(BundleError, match=r"engines\.fp32\.item_scorer\.io cand_items max shape"):
         load_bundle(bundle)
+
+
+def test_loose_graphs_keep_external_data_beside_them(tmp_path):
+    """OrtRunner's graphs (no manifest): external data named outside the graph's folder, as text or
+    through a link, is refused before ONNX Runtime would read it."""
+    from serving_fixture import tiny_bundle
+
+    import astro_trt
+
+    bundle = astro_trt.load_bundle(tiny_bundle(tmp_path / "b"))
+    (tmp_path / "secret").write_bytes(bytes(1 << 16))
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "link.data").symlink_to(tmp_path / "secret")
+    for location in ("../secret", str(tmp_path / "secret"), "link.data"):
+        model = onnx.load(bundle.onnx_path("user_encoder", "fp32"))
+        table = next(t for t in model.graph.initializer if t.name == "model.item_embedding.weight")
+        table.ClearField("raw_data")
+        table.data_location = TensorProto.EXTERNAL
+        table.external_data.add(key="location", value=location)
+        onnx.save(model, tmp_path / "g" / "user_encoder.onnx")
+        graphs = {g: bundle.onnx_path(g, "fp32") for g in ("item_scorer", "full_model")}
+        with pytest.raises(BundleError, match="not a file beside the graph"):
+            astro_trt.OrtRunner({"user_encoder": tmp_path / "g" / "user_encoder.onnx", **graphs}, bundle.config,
+                                "fp32")
