@@ -15,10 +15,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from audit import opened_files, outside
-from harness import Tally, naming
+from harness import Tally, cases, naming
 from tiny_bundle import pristine_bundle
 
 from astro_trt.engines.bundle import load_bundle
@@ -133,3 +134,35 @@ def test_external_data_the_manifest_lists_is_accepted(tmp_path):
     loaded = load_bundle(bundle)
     session = ort.InferenceSession(str(loaded.onnx_path("user_encoder", "fp32")), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == loaded.io("fp32")["user_encoder"].input_names
+
+
+def test_seeded_contradictions(tmp_path):
+    """``cases(12)`` seeded draws: a vocabulary, behaviour or scenario count off by a random amount,
+    a profile axis drawn past the bound, or a graph path pointing at another listed file."""
+    rng = np.random.default_rng(18)
+    manifest0 = json.loads((pristine_bundle() / MANIFEST).read_text())
+    tally = Tally("manifest contradictions: seeded")
+    for i in range(cases(12)):
+        bundle = tmp_path / f"b{i}"
+        shutil.copytree(pristine_bundle(), bundle)
+        m = json.loads(json.dumps(manifest0))
+        kind = rng.choice(["num_items", "num_behaviors", "num_scenarios", "profile", "path"])
+        if kind == "profile":
+            graph = str(rng.choice(list(m["profile"])))
+            axis = str(rng.choice(list(m["profile"][graph])))
+            m["profile"][graph][axis][2] = int(rng.integers(65_537, 2**31))
+            field = f"profile.{graph}.{axis}"
+        elif kind == "path":
+            graph = str(rng.choice(["user_encoder", "item_scorer", "full_model"]))
+            own = m["onnx"]["fp32"][graph]["path"]
+            m["onnx"]["fp32"][graph]["path"] = str(rng.choice([f for f in m["files"] if f != own]))
+            field = f"onnx.fp32.{graph}.path"
+        else:
+            m["config"][kind] += int(rng.choice([-1, 1]) * rng.integers(1, 1000))
+            m["config"][kind] = max(1, m["config"][kind]) if m["config"][kind] != manifest0["config"][kind] else 1
+            field = kind  # a count below the config's own minimum is refused by the config check, by name
+        if m == manifest0:
+            continue  # the draw changed nothing (a count moved back onto itself)
+        _rewrite(bundle, m)
+        tally.python(f"{field} = {kind}", naming(field, lambda b=bundle: load_bundle(b)))
+    tally.check()

@@ -14,9 +14,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from audit import opened_files, outside
-from harness import Outcome, Tally
+from harness import Outcome, Tally, cases
 from tiny_bundle import pristine_bundle
 
 from astro_trt.engines.bundle import load_bundle
@@ -52,7 +53,7 @@ def _planted(sandbox: Path) -> dict[str, Callable[[Path], object]]:
         "link to a folder outside": link(sandbox / "secret-dir"),
         "link to /dev/zero": link("/dev/zero"),
         "dangling link": link(sandbox / "missing"),
-        "link loop": lambda p: (p.with_name("loop-b").symlink_to(p), p.symlink_to(p.with_name("loop-b"))),
+        "link loop": lambda p: (p.with_name(p.name + "-b").symlink_to(p), p.symlink_to(p.with_name(p.name + "-b"))),
         "FIFO": lambda p: os.mkfifo(p),
         "unlisted regular file": lambda p: p.write_bytes(SECRET),
         "unlisted folder": lambda p: (p.mkdir(), (p / "x").write_bytes(SECRET)),
@@ -147,3 +148,37 @@ def test_repository_writer_refuses_an_out_overlapping_the_bundle(tmp_path):
             tally.cli(f"cli: {name}", ["triton", bundle_dir, "--out", out, "--force"])
     tally.check()
     assert load_bundle(bundle_dir).directory == bundle_dir.resolve()  # nothing of it was removed
+
+
+def test_repository_writer_seeded_mixtures(tmp_path):
+    """Several planted things at once, at random depths of reports/ or elsewhere in the bundle (an
+    unlisted file outside reports/ fails the bundle's check: refused), ``cases(8)`` seeded draws."""
+    sandbox = _sandbox(tmp_path)
+    kinds = list(_planted(sandbox).items())
+    rng = np.random.default_rng(18)
+    tally = Tally("repository writer: mixtures")
+    for i in range(cases(8)):
+        bundle_dir = _fresh(sandbox, f"mix-{i}")
+        planted = []
+        for j in range(int(rng.integers(1, 5))):
+            folder = bundle_dir / str(rng.choice(["reports", "reports/a/b", "reports/validate", "onnx", "checkpoint"]))
+            folder.mkdir(parents=True, exist_ok=True)
+            name, plant = kinds[int(rng.integers(len(kinds)))]
+            plant(folder / f"p{j}")
+            planted.append(f"{name} in {folder.relative_to(bundle_dir)}")
+        case = "; ".join(planted)
+        out = sandbox / f"mix-{i}" / "repo"
+        with opened_files() as record:
+            try:
+                write_repository(load_bundle(bundle_dir), out)
+            except AstroError as exc:
+                tally.record(case, Outcome("refused", str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 -- what the category looks for
+                tally.record(case, Outcome("traceback", repr(exc)))
+                continue
+        leaks = _leaks(record, sandbox, bundle_dir, out)
+        wrong = _copy_is_the_bundle(out, load_bundle(bundle_dir))
+        tally.record(case, Outcome("traceback", f"opened {leaks}; {wrong}") if leaks or wrong
+                     else Outcome("refused", "left behind"))
+    tally.check()
