@@ -159,19 +159,12 @@ def dtype_name(trt_dtype: Any) -> str:
 
 
 def _parse(parser: Any, onnx_path: Path) -> bool:
-    """Parse ``onnx_path``; a chunked full model is parsed as the plain graph inside its Loop
-    (exporter/pair_chunks.py: engines run every pair at once), its weights found beside the file."""
-    import onnx
+    """Parse ``onnx_path`` in the form TensorRT runs (exporter/pair_chunks.py ``runtime_form``: a
+    chunked full model as the plain graph inside its Loop), its weights found beside the file."""
+    from astro_trt.exporter.pair_chunks import runtime_form
 
-    from astro_trt.exporter.pair_chunks import is_chunked, unchunk
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:  # not an ONNX model at all: TensorRT's parser says so in its own words
-        return parser.parse_from_file(str(onnx_path))
-    if not is_chunked(model):
-        return parser.parse_from_file(str(onnx_path))
-    return parser.parse(unchunk(model).SerializeToString(), str(onnx_path))
+    form = runtime_form(onnx_path, "tensorrt")
+    return parser.parse_from_file(str(onnx_path)) if form is None else parser.parse(form, str(onnx_path))
 
 
 def _network_io(network: Any, shapes: dict[str, tuple]) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """Checks of exported graphs: onnx.checker (full), then ONNX Runtime on the CPU against the fp32
 PyTorch model on a synthetic batch (padding, empty blocks, every time bucket).
 
-Sessions come from ``onnx_session`` (exporter/ort_session.py), the one place they are made.
+Sessions come from ``onnx_session`` (astro_trt/ort_session.py), the one place they are made.
 ONNX Runtime's CPU provider has no bfloat16 kernels for most ops (Add, MatMul, ...); a graph it
 cannot load runs in ``onnx.reference`` instead (slow, exact op semantics), and ``runner_for``
 says which one ran.
@@ -18,8 +18,8 @@ import torch
 from astro_trt import contract
 from astro_trt.contract import GraphIO
 from astro_trt.errors import ExportError
-from astro_trt.exporter.ort_session import onnx_session
 from astro_trt.model.astro import ASTRO, History
+from astro_trt.ort_session import onnx_session
 from astro_trt.precision import REFERENCE, get, is_reference
 from astro_trt.tolerances import max_abs_limit
 

@@ -23,9 +23,8 @@ import torch
 from astro_trt import contract
 from astro_trt.contract import GraphIO, KVCacheLayout
 from astro_trt.exporter.limits import check_export_request
-from astro_trt.exporter.pair_chunks import chunk_pairs, initializers, walk_nodes
+from astro_trt.exporter.pair_chunks import chunk_pairs, full_model_pairs_per_chunk, initializers, walk_nodes
 from astro_trt.model.astro import ASTRO, History
-from astro_trt.model.resources import full_model_pairs_per_chunk
 from astro_trt.plugins.names import ONNX_DOMAIN, ONNX_OPSET_VERSION
 
 TRACE_OPSET = 18  # every op of the model and the reference bodies exists in 18; TensorRT parses it

@@ -64,17 +64,6 @@ def attention_bytes(cfg: ASTROConfig, sequences: int, length: int) -> int:
     return sequences * cfg.num_blocks * length * length * _pair_bytes(cfg)
 
 
-# What the exported full model may hold in flight: it runs its (user, candidate) pairs in chunks
-# whose estimated attention stays within this (exporter/pair_chunks.py).
-FULL_MODEL_CHUNK_BYTES = 512 * 2**20
-
-
-def full_model_pairs_per_chunk(cfg: ASTROConfig) -> int:
-    """Pairs the exported full model runs at once: as many sequences of L + 1 tokens as fit
-    FULL_MODEL_CHUNK_BYTES by attention_bytes (165 for climber, 5 for climber-large)."""
-    return max(1, FULL_MODEL_CHUNK_BYTES // attention_bytes(cfg, 1, cfg.max_len + 1))
-
-
 def _pair_bytes(cfg: ASTROConfig) -> int:
     """Bytes per (query, key) pair of one block (see attention_bytes)."""
     return cfg.num_time_buckets + 24 + 64 * cfg.num_heads

@@ -222,7 +222,7 @@ def run_bench(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """Time ``runner`` (validate.runners: encode/score/full) on synthetic requests of U users x M
+    """Time ``runner`` (runtime/runner.py: encode/score/full) on synthetic requests of U users x M
     candidates, with ``peers`` (name -> runner) timing the same split alongside. The naive path
     takes at most ``naive_pairs`` pairs per call (default: the memory budget of the config)."""
     from astro_trt.model.synthetic import synthetic_batch
@@ -443,7 +443,8 @@ def profile_ort(
 
     from astro_trt.contract import GRAPHS
     from astro_trt.model.synthetic import synthetic_batch
-    from astro_trt.validate.runners import ORT_THREADS, OrtRunner
+    from astro_trt.runtime.onnxruntime import OrtRunner
+    from astro_trt.settings import ORT_THREADS
 
     limit = naive_pairs or naive_pairs_limit(cfg)
     out: dict[str, Any] = {}

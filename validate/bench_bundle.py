@@ -89,7 +89,7 @@ def bench_bundle(
 def _users(users: Any, bundle: Any) -> list[int]:
     """Users per request: given, or 1, 8, 32 up to the profile's max batch; refused beyond it."""
     from astro_trt.contract import BATCH, FULL_MODEL
-    from astro_trt.engines.inputs import check_profile
+    from astro_trt.runtime.gate import check_profile
     from astro_trt.validate.bench import DEFAULT_USERS, parse_users
 
     if users is None:
@@ -110,7 +110,7 @@ def _peers(model: Any, precision: str, threads: int, eager: bool, use_compile: b
 
     import torch
 
-    from astro_trt.validate.runners import TorchRunner
+    from astro_trt.runtime.torch_runner import TorchRunner
 
     torch.set_num_threads(threads)  # the same cores as the runtime under test
     peers: dict[str, Any] = {}
@@ -156,7 +156,7 @@ def check_counts(counts: list[int], bundle: Any) -> None:
     """Refuse --candidates the profile would refuse before any graph is built or timed. Memory
     needs no check beyond the profile: the naive path is sampled within a budget (validate/bench.py)."""
     from astro_trt.contract import FULL_MODEL
-    from astro_trt.engines.inputs import check_profile
+    from astro_trt.runtime.gate import check_profile
 
     if len(counts) > MAX_BENCH_POINTS:
         raise DataError(f"--candidates: {len(counts)} counts; time at most {MAX_BENCH_POINTS} per run")
@@ -187,7 +187,8 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
     from astro_trt.contract import GRAPHS
     from astro_trt.engines.build import Profile
     from astro_trt.model.checkpoint import load_checkpoint
-    from astro_trt.validate.runners import OrtRunner, make_trt_runner
+    from astro_trt.runtime.onnxruntime import OrtRunner
+    from astro_trt.runtime.tensorrt import make_trt_runner
 
     if config == "bundle":
         precision = precision or bundle.precisions[0]

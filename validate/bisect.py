@@ -290,9 +290,10 @@ def bisect_bundle(
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.exporter.precision import model_in_precision
     from astro_trt.model.checkpoint import load_checkpoint
+    from astro_trt.runtime.gate import gate
+    from astro_trt.runtime.onnxruntime import ort_session
     from astro_trt.validate.gates import Gates
     from astro_trt.validate.parity import parse_runtimes
-    from astro_trt.validate.runners import gate, ort_session
 
     gates = gates or Gates()
     say = progress or (lambda _msg: None)

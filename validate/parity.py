@@ -123,7 +123,7 @@ def _document(path: Path) -> str | None:
 # ---------------------------------------------------------------------------- running
 def collect(runner: Any, batches: Sequence[Any], *, full: bool = True) -> Outputs:
     """Run ``runner`` on every batch; ``full=False`` skips the full model (L+1 times the work)."""
-    from astro_trt.validate.runners import as_float32
+    from astro_trt.runtime.runner import to_float32 as as_float32
 
     out, kv_users = Outputs(), 0
     for batch in batches:
@@ -184,7 +184,9 @@ def validate_bundle(
     ``expect_sha256`` only the bundle whose manifest has that digest is validated."""
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.model.checkpoint import load_checkpoint
-    from astro_trt.validate.runners import OrtRunner, TorchRunner, make_trt_runner
+    from astro_trt.runtime.onnxruntime import OrtRunner
+    from astro_trt.runtime.tensorrt import make_trt_runner
+    from astro_trt.runtime.torch_runner import TorchRunner
 
     gates = gates or Gates()
     say = progress or (lambda _msg: None)

@@ -59,12 +59,11 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
     ``candidates``; ``plain`` adds its unchunked graph (refused up front where the estimate says
     it cannot fit this machine)."""
     import numpy as np
-    import onnx
     import torch
 
     from astro_trt import contract
     from astro_trt.exporter.export import export_onnx
-    from astro_trt.exporter.pair_chunks import for_onnxruntime, unchunk
+    from astro_trt.exporter.pair_chunks import runtime_form
     from astro_trt.model.astro import ASTRO
     from astro_trt.model.resources import check_fits
     from astro_trt.model.synthetic import synthetic_batch
@@ -82,12 +81,12 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
     with tempfile.TemporaryDirectory(prefix="astro-memory-") as tmp:
         say(f"exporting a random {cfg.name} full model")
         path = export_onnx(model, Path(tmp), graphs=(contract.FULL_MODEL,)).paths[contract.FULL_MODEL]
-        exported = onnx.load(str(path))
+        # Each form as its consumer gets it (exporter/pair_chunks.py runtime_form), saved for a fresh process.
         graphs = {"exported": path, "ort-prepared": Path(tmp) / "prepared.onnx"}
-        onnx.save(for_onnxruntime(exported), str(graphs["ort-prepared"]))
+        graphs["ort-prepared"].write_bytes(runtime_form(path, "onnxruntime"))
         if plain:
             graphs["plain"] = Path(tmp) / "plain.onnx"
-            onnx.save(unchunk(exported), str(graphs["plain"]))
+            graphs["plain"].write_bytes(runtime_form(path, "onnxruntime-plain"))
         feeds = Path(tmp) / "feeds.npz"
         arrays = dict(zip(contract.HISTORY_INPUTS, (t.numpy() for t in batch.history.astuple()), strict=True))
         np.savez(feeds, reference=reference, **arrays, **{contract.CAND_ITEMS: batch.cand_items.numpy()})
@@ -102,7 +101,7 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
 
 
 def to_json(cfg: ASTROConfig, users: int, candidates: int, points: Sequence[MemoryPoint]) -> dict[str, Any]:
-    from astro_trt.model.resources import full_model_pairs_per_chunk
+    from astro_trt.exporter.pair_chunks import full_model_pairs_per_chunk
     from astro_trt.validate.bench import machine_info
 
     return {"config": cfg.name, "users": users, "candidates": candidates,
@@ -116,7 +115,7 @@ def _child(graph: str, feeds: str, runs: int, threads: int, memory_pattern: bool
 
     import numpy as np
 
-    from astro_trt.exporter.ort_session import onnx_session  # numpy and onnxruntime only
+    from astro_trt.ort_session import onnx_session  # numpy and onnxruntime only
 
     arrays = dict(np.load(feeds))
     reference = arrays.pop("reference")
