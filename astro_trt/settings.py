@@ -6,6 +6,12 @@ import os
 
 from astro_trt.errors import DataError
 
+# export (astro-trt export, export_bundle, the engine profile): the largest dynamic axes a bundle's
+# engines take. One user per call is how online serving encodes; 8 covers small request batches.
+MAX_BATCH = 8
+MAX_CANDIDATES = 1024
+EXPORT_PRECISIONS = ("fp32", "fp16")
+
 
 def _env_threads() -> int:
     raw = os.environ.get("ASTRO_ORT_THREADS") or "2"  # empty is unset

@@ -30,6 +30,7 @@ from astro_trt.contract import (
 from astro_trt.engines.backend import PORTABLE, Backend, capturing_logger
 from astro_trt.errors import BackendError, ConfigError, ExportError
 from astro_trt.precision import by_trt, is_reference
+from astro_trt.settings import MAX_BATCH, MAX_CANDIDATES
 
 ProgressCallback = Callable[[str], None]
 
@@ -45,8 +46,8 @@ class Profile:
     """min/opt/max of the dynamic axes. Opt points are where TensorRT tunes: one user (online
     serving encodes one request at a time) and min(256, max) candidates (a typical ranking stage)."""
 
-    max_batch: int = 8
-    max_candidates: int = 1024
+    max_batch: int = MAX_BATCH
+    max_candidates: int = MAX_CANDIDATES
     opt_batch: int = 1
     opt_candidates: int | None = None
 
@@ -79,6 +80,19 @@ class Profile:
 
 
 # ------------------------------------------------------------------------------ attention
+@dataclass(frozen=True)
+class BuildSettings:
+    """How every engine of an export is built, resolved once from the export's arguments (the
+    defaults are astro_trt/settings.py's): the back end (None: ONNX only), the profile, the compute
+    targets, the builder optimization level and the timing cache."""
+
+    backend: Backend | None = None
+    profile: Profile = field(default_factory=Profile)
+    targets: tuple[str, ...] = ()
+    opt_level: int | None = None
+    timing_cache: Path | None = None
+
+
 @dataclass(frozen=True)
 class Lowering:
     effective: str  # what the manifest records: plugin | native | reference

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from astro_trt.artifacts import as_path, atomic_write, sha256_file, staged_directory
+from astro_trt.artifacts import as_path, atomic_write, refuse_existing, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GraphIO, TensorSpec
 from astro_trt.errors import BundleError, ConfigError
@@ -194,8 +194,7 @@ def staged_bundle(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     on any exception (KeyboardInterrupt included) it is removed, so no partial bundle is ever at
     ``out``. The caller writes the manifest last, inside the block."""
     out = Path(out).resolve()
-    if out.exists() and not force:
-        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force, BundleError)
     with staged_directory(out) as stage:
         yield stage
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.choices import split_list
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
 
@@ -192,8 +193,8 @@ def time_interleaved(
 def parse_counts(text: str, option: str = "--candidates", example: str = "64,256,1024") -> list[int]:
     """A comma list of positive counts (``--candidates``, ``--users``), or a one-line DataError."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+        values = [int(v) for v in split_list(text) or ()]  # type: ignore[call-overload]
+    except (TypeError, ValueError):
         raise DataError(f"{option} '{text}': expected comma-separated integers such as {example}") from None
     if not values or any(v < 1 for v in values):
         raise DataError(f"{option} '{text}': every count must be a positive integer")

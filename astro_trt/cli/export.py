@@ -15,6 +15,7 @@ from astro_trt.cli.gates import gate_failure
 from astro_trt.contract import ATTENTION_CHOICES, OPT_LEVELS
 from astro_trt.engines.backend import BACKEND_CHOICES
 from astro_trt.errors import GateError
+from astro_trt.settings import EXPORT_PRECISIONS, MAX_BATCH, MAX_CANDIDATES
 
 EXPECT_SHA256_HELP = ("Refuse the bundle unless its manifest.json has this sha256 (printed by export and inspect): "
                       "pins the approved bundle.")
@@ -69,14 +70,16 @@ def _summary(out: Path, manifest: dict[str, Any]) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--precision", default="fp32,fp16", show_default=True, help="Comma list of fp32, fp16, bf16.")
+@click.option("--precision", default=",".join(EXPORT_PRECISIONS), show_default=True,
+              help="Comma list of fp32, fp16, bf16.")
 @click.option("--backend", "backend_name", default="auto", show_default=True,
               type=click.Choice(BACKEND_CHOICES))
 @click.option("--attention", default="auto", show_default=True, type=click.Choice(ATTENTION_CHOICES))
 @click.option("--targets", default="portable", show_default=True,
               help="Compute targets for TensorRT-RTX: portable, current, or e.g. sm86,sm89.")
-@click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch of users per call.")
-@click.option("--max-candidates", default=1024, show_default=True, type=int, help="Largest candidates per user.")
+@click.option("--max-batch", default=MAX_BATCH, show_default=True, type=int, help="Largest batch of users per call.")
+@click.option("--max-candidates", default=MAX_CANDIDATES, show_default=True, type=int,
+              help="Largest candidates per user.")
 @click.option("--opt-level", default=None, type=click.IntRange(OPT_LEVELS[0], OPT_LEVELS[-1]),
               help=f"Builder optimization level ({OPT_LEVELS[0]}-{OPT_LEVELS[-1]}).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from astro_trt.choices import split_list
 from astro_trt.contract import PRECISIONS
 
 
@@ -25,7 +26,7 @@ def bench_kernels(configs: str, candidates: str, dtype: str, batch: int, repeat:
     from astro_trt.validate.bench import parse_candidates
     from astro_trt.validate.kernel_bench import format_table, results_json, run_benchmark
 
-    names = [name.strip() for name in configs.split(",") if name.strip()]
+    names = [str(name) for name in split_list(configs) or ()]
     for name in names:
         preset(name)  # unknown names fail here with the list of presets, before any GPU work
     results = run_benchmark(names, parse_candidates(candidates), dtype=dtype, batch=batch, repeat=repeat)
