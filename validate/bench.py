@@ -26,6 +26,7 @@ import numpy as np
 from astro_trt.choices import split_list
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
+from astro_trt.reports import by_kind, json_bytes, markdown_table, plot_throughput, write_files
 
 DEFAULT_CANDIDATES = (64, 256, 1024)
 DEFAULT_USERS = (1, 8, 32)
@@ -269,8 +270,6 @@ def _machine_line(result: BenchResult) -> str:
 
 
 def bench_markdown(result: BenchResult, plot_name: str) -> str:
-    from astro_trt.validate.report import markdown_table
-
     c = result.config
     peers = list(dict.fromkeys(name for p in result.points for name in p.peers))
     rows = []
@@ -315,8 +314,6 @@ times faster this runtime's split is.
 def _profile_markdown(result: BenchResult) -> str:
     if not result.profile:
         return ""
-    from astro_trt.validate.report import markdown_table
-
     parts = ["## Where the time goes (ONNX Runtime profile, per operator type)\n\n"
              "Each graph run 3 times; per node the fastest run, summed by operator type.\n"]
     for point, graphs in result.profile.items():
@@ -382,8 +379,6 @@ BENCH_REPORT = "bench"  # the folder of a bundle's reports/ that `astro-trt benc
 
 def bench_files(result: BenchResult) -> dict[str, bytes]:
     """bench.{json,md,png}, rendered."""
-    from astro_trt.validate.report import json_bytes, plot_throughput
-
     title = f"{result.config.name} on {result.runtime} ({result.precision})"
     return {
         "bench.json": json_bytes(result.to_dict()),
@@ -394,15 +389,12 @@ def bench_files(result: BenchResult) -> dict[str, bytes]:
 
 def write_bench_reports(result: BenchResult, reports_dir: Path) -> dict[str, Path]:
     """The bench report in a plain directory; {"json", "md", "png"} -> path."""
-    from astro_trt.validate.report import by_kind, write_files
-
     return by_kind(write_files(reports_dir, bench_files(result)))
 
 
 def write_bench_to_bundle(result: BenchResult, bundle_dir: Path) -> dict[str, Path]:
     """The bench report under BUNDLE/reports/bench/, recorded in the manifest."""
     from astro_trt.engines.bundle import write_report
-    from astro_trt.validate.report import by_kind
 
     files = bench_files(result)
     return by_kind(dict(zip(files, write_report(bundle_dir, BENCH_REPORT, files), strict=True)))

@@ -34,6 +34,7 @@ from astro_trt.choices import comma_list
 from astro_trt.contract import ITEM_SCORER, KV_CACHE, KV_CACHE_AXES, PRECISIONS, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.errors import BundleError, DataError
 from astro_trt.precision import REFERENCE, REGISTRY, get, is_reference
+from astro_trt.reports import by_kind, figure, json_bytes, markdown_table, png_bytes, write_files
 
 BISECT_REPORT = "bisect"
 USERS, CANDIDATES = 8, 16  # one synthetic batch: every block length, padding and empty blocks occur
@@ -381,8 +382,6 @@ def _batch(data: str, cfg: Any, documents: Path, users: int, candidates: int, se
 
 # ---------------------------------------------------------------------------- reports
 def bisect_markdown(report: BisectReport, plot_name: str) -> str:
-    from astro_trt.validate.report import markdown_table
-
     lines = [f"# astro-trt layer bisect: {'PASSED' if report.passed else 'FAILED'}", "",
              f"Bundle `{report.bundle}`, runtime `{report.runtime}`, data `{report.data}`. Oracle: the "
              "checkpoint's PyTorch model in fp32. Stages in dataflow order; the limit is the parity report's: "
@@ -402,14 +401,7 @@ def bisect_markdown(report: BisectReport, plot_name: str) -> str:
 
 def plot_stages(report: BisectReport) -> bytes:
     """Max abs error by stage (worst block), one line per precision, its limits dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from astro_trt.validate.report import png_bytes
-
-    fig, ax = plt.subplots(figsize=(11, 4.8))
+    fig, ax = figure(figsize=(11, 4.8))
     names = list(dict.fromkeys(s.stage for s in report.stages))
     for precision in dict.fromkeys(s.precision for s in report.stages):
         worst = {n: max((s for s in report.stages if s.precision == precision and s.stage == n),
@@ -430,8 +422,6 @@ def plot_stages(report: BisectReport) -> bytes:
 
 
 def _write(report: BisectReport, bundle_dir: Path, out: str | Path | None) -> dict[str, Path]:
-    from astro_trt.validate.report import by_kind, json_bytes, write_files
-
     files = {"bisect.json": json_bytes(report.to_dict()), "bisect.md": bisect_markdown(report, "bisect.png").encode(),
              "bisect.png": plot_stages(report)}
     if out is not None:
