@@ -29,6 +29,8 @@ from astro_trt.contract import (
 )
 from astro_trt.engines.backend import PORTABLE, Backend, capturing_logger
 from astro_trt.errors import BackendError, ConfigError, ExportError
+from astro_trt.exporter.pair_chunks import runtime_form
+from astro_trt.plugins.tensorrt import register as register_plugins
 from astro_trt.precision import by_trt, is_reference
 from astro_trt.settings import MAX_BATCH, MAX_CANDIDATES
 
@@ -127,14 +129,7 @@ def attention_candidates(backend: Backend | None, requested: str, precision: str
 
 
 def _register_plugins(trt: Any) -> None:
-    try:
-        from astro_trt.plugins.tensorrt import register
-    except ImportError as exc:
-        raise BackendError(
-            f"--attention plugin: the astro TensorRT plugins are not available ({exc}); "
-            "use --attention native or auto"
-        ) from None
-    register(trt)
+    register_plugins(trt)
 
 
 # ------------------------------------------------------------------------------ building
@@ -175,8 +170,6 @@ def dtype_name(trt_dtype: Any) -> str:
 def _parse(parser: Any, onnx_path: Path) -> bool:
     """Parse ``onnx_path`` in the form TensorRT runs (exporter/pair_chunks.py ``runtime_form``: a
     chunked full model as the plain graph inside its Loop), its weights found beside the file."""
-    from astro_trt.exporter.pair_chunks import runtime_form
-
     form = runtime_form(onnx_path, "tensorrt")
     return parser.parse_from_file(str(onnx_path)) if form is None else parser.parse(form, str(onnx_path))
 

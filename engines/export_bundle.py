@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from astro_trt import contract
+from astro_trt.artifacts import as_path, check_destination, check_replaceable, refuse_existing
 from astro_trt.choices import comma_list
+from astro_trt.engines.backend import AUTO, PORTABLE, resolve_backend, target_names
+from astro_trt.engines.build import BuildSettings, Profile, attention_candidates, build_engine, check_opt_level
+from astro_trt.engines.bundle import CHECKPOINT_DIR, engine_relpath, onnx_relpath, staged_bundle
 from astro_trt.errors import AstroError, BundleError, ConfigError
+from astro_trt.exporter.check import check_graphs
+from astro_trt.exporter.export import export_onnx
+from astro_trt.manifest import build_manifest, write_manifest
+from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint
 from astro_trt.settings import EXPORT_PRECISIONS, MAX_BATCH, MAX_CANDIDATES
 
 Progress = Callable[[str], None]
@@ -62,13 +70,6 @@ def export_bundle(
     engines (unless ``engines=False``), the checkpoint copy the validator uses as its oracle, and
     the manifest. ``progress`` receives one short status line per step. Raises an AstroError
     subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
-    from astro_trt.artifacts import as_path, check_destination, check_replaceable, refuse_existing
-    from astro_trt.engines.backend import resolve_backend
-    from astro_trt.engines.build import BuildSettings, Profile, attention_candidates, check_opt_level
-    from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
-    from astro_trt.manifest import build_manifest, write_manifest
-    from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint
-
     say = progress or (lambda _msg: None)
     wanted = parse_precisions(precisions)
     profile = Profile(max_batch=max_batch, max_candidates=max_candidates)
@@ -125,8 +126,6 @@ def export_bundle(
 def _refuse_engine_options(backend: object, targets: object, opt_level: int | None, timing_cache: object) -> None:
     """An ONNX-only export refuses the options only engine builds read, as trtexec refuses an
     option it would ignore: a user who asked for sm89 plans must not get a bundle without them."""
-    from astro_trt.engines.backend import AUTO, PORTABLE, target_names
-
     given = {"--backend": backend if backend != AUTO else None,
              "--targets": targets if target_names(targets) != [PORTABLE] else None,
              "--opt-level": opt_level, "--timing-cache": timing_cache}
@@ -138,14 +137,9 @@ def _refuse_engine_options(backend: object, targets: object, opt_level: int | No
                           "to build engines")
 
 
-def _export_precision(model: Any, stage: Path, precision: str, lowerings: list, build: Any,
+def _export_precision(model: Any, stage: Path, precision: str, lowerings: list, build: BuildSettings,
                       say: Progress) -> dict[str, Any]:
     """Export (and build) one precision, trying the lowerings in order; returns its manifest parts."""
-    from astro_trt.engines.build import build_engine
-    from astro_trt.engines.bundle import engine_relpath, onnx_relpath
-    from astro_trt.exporter.check import check_graphs
-    from astro_trt.exporter.export import export_onnx
-
     failures: dict[str, str] = {}
     for index, lowering in enumerate(lowerings):
         onnx_dir = stage / "onnx" / precision

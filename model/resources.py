@@ -18,6 +18,12 @@ from pathlib import Path
 
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ConfigError, DataError
+from astro_trt.lazy import lazy_import
+
+# The memory estimates are read by light modules (the serving bounds): the model itself loads
+# only when its weights are counted.
+torch = lazy_import("torch")
+astro = lazy_import("astro_trt.model.astro")
 
 # Share of the machine's memory one command may plan to use: the rest is the interpreter,
 # torch, ONNX Runtime and whatever else runs there.
@@ -41,12 +47,8 @@ def machine_memory() -> int:
 
 def parameter_count(cfg: ASTROConfig) -> int:
     """Exact number of weights of ASTRO(cfg), from a model on the meta device (nothing allocated)."""
-    import torch
-
-    from astro_trt.model.astro import ASTRO
-
     with torch.device("meta"):
-        model = ASTRO(cfg)
+        model = astro.ASTRO(cfg)
     return sum(p.numel() for p in model.state_dict().values())
 
 

@@ -13,6 +13,7 @@ from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BackendError
 from astro_trt.runtime.onnxruntime import OrtRunner
 from astro_trt.runtime.runner import Runner
+from astro_trt.runtime.tensorrt import TrtRunner
 
 COMPUTES = ("auto", "ort", "trt")
 
@@ -28,8 +29,6 @@ def make_compute(bundle: Bundle, precision: str, kind: str = "auto", threads: in
     if kind not in COMPUTES:
         raise BackendError(f"compute '{kind}' is unknown; choose one of {list(COMPUTES)}")
     if kind == "trt" or (kind == "auto" and bundle.backend is not None and _gpu_visible()):
-        from astro_trt.runtime.tensorrt import TrtRunner  # imports the engines' runtime: only with a GPU
-
         return TrtRunner(bundle, precision, graphs=SPLIT_GRAPHS)
     return OrtRunner.from_bundle(bundle, precision, threads, only=SPLIT_GRAPHS, profiles=True)
 

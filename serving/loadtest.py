@@ -16,12 +16,15 @@ from typing import Any
 import numpy as np
 
 from astro_trt.choices import comma_list
+from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
 from astro_trt.lazy import lazy_import
 from astro_trt.reports import by_kind, figure, json_bytes, markdown_table, png_bytes, write_files
 from astro_trt.serving import client as tc
 from astro_trt.serving.defaults import check_seconds, check_workload
-from astro_trt.serving.workload import Workload
+from astro_trt.serving.service import Recommender
+from astro_trt.serving.source import load_served_bundle
+from astro_trt.serving.workload import Workload, make_workload
 
 ticker = lazy_import("matplotlib.ticker")  # only the plot needs it
 
@@ -233,9 +236,6 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     """``astro-trt loadtest``: ``clients`` concurrent clients against astro_recommend at ``url``
     (host:port of HTTP) for ``duration`` seconds per protocol, with an optional in-process baseline
     on ``bundle_dir`` before and after; the report and the paths of loadtest.{json,md,png}."""
-    from astro_trt.config import ASTROConfig
-    from astro_trt.serving.workload import make_workload
-
     check_workload(clients=clients, users=users, pages=pages, candidates=candidates, seed=seed)
     check_seconds(duration, "--duration")
     check_seconds(baseline_seconds, "--baseline-seconds")
@@ -260,9 +260,6 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     workload = make_workload(cfg, users=users, pages=pages, candidates=candidates, seed=seed, tag="in-process")
     baselines, recommender = [], None
     if bundle_dir is not None:
-        from astro_trt.serving.service import Recommender
-        from astro_trt.serving.source import load_served_bundle
-
         bundle = load_served_bundle(bundle_dir)
         # The same precision and ONNX Runtime threads as the served model, read from its config.
         threads = int(params["ort_threads"]) if params.get("ort_threads") else None

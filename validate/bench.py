@@ -13,11 +13,14 @@ timed on the first K candidates of each user and its latency scaled by M / K (th
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,13 @@ import numpy as np
 
 from astro_trt.choices import split_list
 from astro_trt.config import ASTROConfig
+from astro_trt.contract import GRAPHS
+from astro_trt.engines.bundle import write_report
 from astro_trt.errors import DataError
+from astro_trt.model.synthetic import synthetic_batch
 from astro_trt.reports import by_kind, json_bytes, markdown_table, plot_throughput, write_files
+from astro_trt.runtime.onnxruntime import OrtRunner
+from astro_trt.settings import ORT_THREADS
 
 DEFAULT_CANDIDATES = (64, 256, 1024)
 DEFAULT_USERS = (1, 8, 32)
@@ -143,8 +151,6 @@ class BenchResult:
 def machine_info(threads: int | None) -> dict[str, Any]:
     """What a reader needs to compare figures across machines: CPU, cores, threads, versions,
     and the load average when the run started (other processes sharing the cores)."""
-    from importlib import metadata
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -227,8 +233,6 @@ def run_bench(
     """Time ``runner`` (runtime/runner.py: encode/score/full) on synthetic requests of U users x M
     candidates, with ``peers`` (name -> runner) timing the same split alongside. The naive path
     takes at most ``naive_pairs`` pairs per call (default: the memory budget of the config)."""
-    from astro_trt.model.synthetic import synthetic_batch
-
     threads = getattr(runner, "threads", None)
     result = BenchResult(cfg, runner.runtime, runner.precision, source, warmup, repetitions, threads,
                          machine=machine_info(threads))
@@ -394,8 +398,6 @@ def write_bench_reports(result: BenchResult, reports_dir: Path) -> dict[str, Pat
 
 def write_bench_to_bundle(result: BenchResult, bundle_dir: Path) -> dict[str, Path]:
     """The bench report under BUNDLE/reports/bench/, recorded in the manifest."""
-    from astro_trt.engines.bundle import write_report
-
     files = bench_files(result)
     return by_kind(dict(zip(files, write_report(bundle_dir, BENCH_REPORT, files), strict=True)))
 
@@ -410,8 +412,6 @@ __all__ = [
 def operator_profile(trace: Path, graph_runs: int) -> dict[str, Any]:
     """An ONNX Runtime profile file -> {"total_us", "nodes", "ops": [(op type, us), ...]}, per node
     the fastest of its runs (the others shared the cores with whatever else ran), summed by type."""
-    import json
-
     events = json.loads(Path(trace).read_text())
     per_node: dict[str, list[float]] = {}
     op_of: dict[str, str] = {}
@@ -432,13 +432,6 @@ def profile_ort(
 ) -> dict[str, Any]:
     """Per-operator breakdown of the encoder, scorer and full model at each M (one user), from
     separate profiling sessions so that the timed sessions run without the profiler."""
-    import tempfile
-
-    from astro_trt.contract import GRAPHS
-    from astro_trt.model.synthetic import synthetic_batch
-    from astro_trt.runtime.onnxruntime import OrtRunner
-    from astro_trt.settings import ORT_THREADS
-
     limit = naive_pairs or naive_pairs_limit(cfg)
     out: dict[str, Any] = {}
     for m in candidates:
