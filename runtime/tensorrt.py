@@ -34,9 +34,9 @@ class TrtRunner(Runner):
     runtime = "trt"
     host_kv = False  # a cache from another runner is moved to the device by _put_kv
 
-    def __init__(self, bundle: Any, precision: str, *, graphs: tuple[str, ...] = GRAPHS,
-                 cuda_graphs: bool = False) -> None:
-        self.session = Session(bundle, precision, cuda_graphs=cuda_graphs, graphs=graphs)
+    def __init__(self, bundle: Any, precision: str = "fp16", *, device: str = "cuda",
+                 graphs: tuple[str, ...] = GRAPHS, cuda_graphs: bool = False) -> None:
+        self.session = Session(bundle, precision, device=device, cuda_graphs=cuda_graphs, graphs=graphs)
         super().__init__(self.session.cfg, precision, {g: self.session.bundle.profile(g) for g in graphs})
 
     def _put(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
