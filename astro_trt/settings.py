@@ -23,6 +23,10 @@ def _env_threads() -> int:
 # ONNX Runtime intra-op threads of validate, bench and bisect: the bench and CI machines give us
 # two cores (ASTRO_ORT_THREADS overrides; 0 is one per core).
 ORT_THREADS = _env_threads()
+# ...of what bench and bench-memory time: one request per core is the serving layout, and on a
+# shared machine two threads per request slow the split (~350 small nodes, each waiting for a
+# descheduled thread)...
+BENCH_THREADS = 1
 # ...and of a served model's scorer: the server's own threads (HTTP, gRPC, the stub) need a core
 # too, and spinning intra-op threads lose badly on a shared machine (measured on 2 cores: 6.0 ms
 # per 256-candidate page with 1 thread, 16.5 ms with 2 while other work ran).

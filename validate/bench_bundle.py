@@ -27,6 +27,7 @@ from astro_trt.runtime.gate import check_profile
 from astro_trt.runtime.onnxruntime import OrtRunner
 from astro_trt.runtime.tensorrt import make_trt_runner
 from astro_trt.runtime.torch_runner import TorchRunner
+from astro_trt.settings import BENCH_THREADS
 from astro_trt.validate.bench import (
     DEFAULT_USERS,
     parse_candidates,
@@ -58,7 +59,7 @@ def bench_bundle(
     peer: bool = True,
     use_compile: bool = False,
     profile: bool = False,
-    threads: int = 1,
+    threads: int = BENCH_THREADS,
     repetitions: int = 5,
     warmup: int = 1,
     out: str | Path | None = None,

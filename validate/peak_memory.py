@@ -32,6 +32,7 @@ from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
 from astro_trt.lazy import lazy_import
 from astro_trt.ort_session import onnx_session
+from astro_trt.settings import BENCH_THREADS
 
 # The parent exports the graphs with torch; the probe (``_child``, this module run as a fresh
 # process) must load only numpy and onnxruntime, so everything else is named lazily.
@@ -68,7 +69,7 @@ def measure(graph: Path | str, feeds: Path, *, runs: int, threads: int, memory_p
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: int = 5, threads: int = 1,
+def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: int = 5, threads: int = BENCH_THREADS,
                       plain: bool = True, seed: int = 0,
                       progress: Callable[[str], None] | None = None) -> list[MemoryPoint]:
     """Export a random ``cfg`` model's full model (fp32) and measure it on ``users`` x

@@ -16,6 +16,7 @@ from astro_trt.contract import EXPORT_LOWERINGS
 from astro_trt.engines.describe import pin_line
 from astro_trt.errors import GateError
 from astro_trt.lazy import lazy_import
+from astro_trt.settings import BENCH_THREADS
 from astro_trt.validate.choices import DATA_CHOICES, RUNTIMES
 from astro_trt.validate.gates import Gates
 from astro_trt.validate.peak_memory import full_model_memory, to_json
@@ -115,7 +116,7 @@ def _print_gates(report) -> None:
               help="Time the same split in PyTorch eager (and torch.compile with --compile) alongside.")
 @click.option("--compile", "use_compile", is_flag=True, help="Add a torch.compile peer (compiles per shape: slow).")
 @click.option("--profile", is_flag=True, help="Add ONNX Runtime's per-operator breakdown (one user) to the report.")
-@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+@click.option("--threads", type=click.IntRange(1), default=BENCH_THREADS, show_default=True,
               help="Intra-op threads of every runtime and path. One request per core is the serving layout; on "
                    "a shared machine two threads per request slow the split (~350 small nodes, each waiting for a "
                    "descheduled second thread) far more than the naive path (README, Measured).")
@@ -162,7 +163,8 @@ def _print_bench(result) -> None:
 @click.option("--candidates", default=1024, show_default=True, type=click.IntRange(1, 16384),
               help="Candidates per user (M).")
 @click.option("--runs", default=5, show_default=True, type=click.IntRange(1, 100), help="Calls per probe.")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 256), help="Intra-op threads.")
+@click.option("--threads", default=BENCH_THREADS, show_default=True, type=click.IntRange(1, 256),
+              help="Intra-op threads.")
 @click.option("--plain/--no-plain", default=True, show_default=True,
               help="Also measure the unchunked graph (every pair at once) for comparison.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
