@@ -232,6 +232,12 @@ def check_destination(out: str | Path, what: str = "--out") -> None:
         raise ArtifactError(f"{what} {out}: {ancestor} is not writable by this user; choose a writable folder")
 
 
+def refuse_existing(out: Path, force: bool, error: type[AstroError] = ArtifactError) -> None:
+    """The one refusal of an output that exists when ``force`` was not given."""
+    if out.exists() and not force:
+        raise error(f"{out} already exists; choose another --out or pass --force (force=True) to replace it")
+
+
 def check_replaceable(out: str | Path, what: str = "--out") -> None:
     """Refuse an output that replacing would delete the folder this process (and the user's
     shell) stands in: the current folder or one above it, ``/`` included."""

@@ -9,7 +9,7 @@ the table lacks reaches ONNX Runtime as a raw error; a profile of 10^6 users is 
   the graphs index with the request's ids;
 - tensors stored outside an ONNX file name a file the manifest lists (so hashed and inside the
   bundle), at offsets within it, before ONNX Runtime or TensorRT opens anything;
-- profiles stay within what an engine profile may ask for (engines/build.py MAX_PROFILE_DIM),
+- profiles stay within what an engine profile may ask for (astro_trt/settings.py MAX_PROFILE_DIM, the builder's bound),
   and the engines' recorded I/O has the manifest's profile and the contract's names.
 """
 
@@ -23,11 +23,11 @@ from astro_trt import precision as _precision
 from astro_trt.arguments import as_path
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import CAND_ITEMS, GraphIO, graph_io
-from astro_trt.engines.build import MAX_PROFILE_DIM
 from astro_trt.engines.graph_facts import ELEM_TYPES, GraphFacts, read_graph_facts
 from astro_trt.errors import BundleError
 from astro_trt.manifest import inside
 from astro_trt.manifest_schema import FIX
+from astro_trt.settings import MAX_PROFILE_DIM
 
 # Names the exporter gives the embedding tables (model/astro.py state-dict names); a suffix
 # (a quantized copy) keeps the prefix.

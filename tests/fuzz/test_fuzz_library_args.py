@@ -150,7 +150,7 @@ def test_every_public_function_refuses_bad_types_and_sizes(tmp_path):
     for name, call in cases.items():
         tally.python(name, call)
     # A runner of the bundle is bounded by the bundle's profile, named in the refusal.
-    runner = astro_trt.OrtRunner.from_bundle(loaded, "fp32")
+    runner = astro_trt.OrtRunner.from_bundle(loaded, "fp32", profiles=True)
     batch = astro_trt.synthetic_batch(loaded.config, 1, 1, seed=0)
     state = runner.encode(batch.history)
     huge = torch.ones((1, 2 * 10**7), dtype=torch.int64)
