@@ -98,6 +98,26 @@ def _copy_is_the_bundle(repo: Path, bundle) -> str | None:
     return None
 
 
+def _write_and_judge(tally: Tally, case: str, sandbox: Path, bundle_dir: Path, out: Path) -> None:
+    """Load the bundle and write its repository: a one-line refusal, or a repository whose bundle
+    copy is exactly the manifest's files with nothing opened outside (the planted thing left
+    behind), is clean."""
+    with opened_files() as record:
+        try:
+            bundle = load_bundle(bundle_dir)
+            write_repository(bundle, out)
+        except AstroError as exc:
+            tally.record(case, Outcome("refused", str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 -- what the category looks for
+            tally.record(case, Outcome("traceback", repr(exc)))
+            return
+    leaks = _leaks(record, sandbox, bundle_dir, out)
+    wrong = _copy_is_the_bundle(out, bundle)
+    tally.record(case, Outcome("traceback", f"opened {leaks}; {wrong}") if leaks or wrong
+                 else Outcome("refused", "left behind"))
+
+
 def test_repository_writer_copies_only_the_bundle(tmp_path):
     sandbox = _sandbox(tmp_path)
     tally = Tally("repository writer")
@@ -105,21 +125,7 @@ def test_repository_writer_copies_only_the_bundle(tmp_path):
         bundle_dir = _fresh(sandbox, f"planted-{i}")
         (bundle_dir / "reports").mkdir(exist_ok=True)
         plant(bundle_dir / "reports" / "p")
-        bundle = load_bundle(bundle_dir)
-        out = sandbox / f"planted-{i}" / "repo"
-        with opened_files() as record:
-            try:
-                write_repository(bundle, out)
-            except AstroError as exc:
-                tally.record(name, Outcome("refused", str(exc)))
-                continue
-            except Exception as exc:  # noqa: BLE001 -- what the category looks for
-                tally.record(name, Outcome("traceback", repr(exc)))
-                continue
-        leaks = _leaks(record, sandbox, bundle_dir, out)
-        wrong = _copy_is_the_bundle(out, bundle)
-        tally.record(name, Outcome("traceback", f"opened {leaks}; {wrong}") if leaks or wrong
-                     else Outcome("refused", "left behind"))
+        _write_and_judge(tally, name, sandbox, bundle_dir, sandbox / f"planted-{i}" / "repo")
     for i, (name, swap) in enumerate(_swapped(sandbox).items()):
         bundle_dir = _fresh(sandbox, f"swapped-{i}")
         bundle = load_bundle(bundle_dir)
@@ -166,19 +172,5 @@ def test_repository_writer_seeded_mixtures(tmp_path):
             name, plant = kinds[int(rng.integers(len(kinds)))]
             plant(folder / f"p{j}")
             planted.append(f"{name} in {folder.relative_to(bundle_dir)}")
-        case = "; ".join(planted)
-        out = sandbox / f"mix-{i}" / "repo"
-        with opened_files() as record:
-            try:
-                write_repository(load_bundle(bundle_dir), out)
-            except AstroError as exc:
-                tally.record(case, Outcome("refused", str(exc)))
-                continue
-            except Exception as exc:  # noqa: BLE001 -- what the category looks for
-                tally.record(case, Outcome("traceback", repr(exc)))
-                continue
-        leaks = _leaks(record, sandbox, bundle_dir, out)
-        wrong = _copy_is_the_bundle(out, load_bundle(bundle_dir))
-        tally.record(case, Outcome("traceback", f"opened {leaks}; {wrong}") if leaks or wrong
-                     else Outcome("refused", "left behind"))
+        _write_and_judge(tally, "; ".join(planted), sandbox, bundle_dir, sandbox / f"mix-{i}" / "repo")
     tally.check()
