@@ -28,6 +28,7 @@ PEAKS: dict[str, tuple[float, float]] = {
     "A100": (312e12, 2.0e12),
 }
 INDEX_BYTES = 8  # times, lengths and thresholds are int64
+IMPLS = ("triton", "reference", "sdpa-dense-mask", "flex")  # what run_benchmark times (kernel_impls.py)
 # The GPUs every kernel and the split get a predicted time for, before any measurement (PEAKS keys).
 PREDICTED_ON = ("H100", "H200")
 # float32 kernels multiply in IEEE fp32 on the CUDA cores (no TF32): H100 SXM and H200 67 TFLOPS.
@@ -242,7 +243,8 @@ def _time_ms(fn: Callable[[], object], warmup: int, repeat: int) -> float:
 
 
 def run_benchmark(configs: list[str], candidates: list[int], dtype: str = "fp16", batch: int = 8,
-                  warmup: int = 3, repeat: int = 20, dense_mask_limit_gib: float = 4.0) -> list[Result]:
+                  warmup: int = 3, repeat: int = 20, dense_mask_limit_gib: float = 4.0,
+                  impls: tuple[str, ...] = IMPLS) -> list[Result]:
     import torch
 
     if not torch.cuda.is_available():
@@ -259,7 +261,7 @@ def run_benchmark(configs: list[str], candidates: list[int], dtype: str = "fp16"
     results = []
     for case in cases(configs, candidates, batch):
         args = make_inputs(case, get(dtype).torch())
-        for impl, fn, dense_bytes in implementations(case, args):
+        for impl, fn, dense_bytes in implementations(case, args, impls):
             if dense_bytes > dense_mask_limit_gib * 2**30:
                 results.append(make_result(case, impl, None, dtype, peak,
                                            note=f"skipped: dense mask {dense_bytes / 2**30:.1f} GiB"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from astro_trt.contract import PRECISIONS
+from astro_trt.validate.kernel_bench import IMPLS
 
 
 def _names(text: str, choices: list[str] | tuple[str, ...], option: str) -> list[str]:
@@ -28,6 +29,8 @@ def _names(text: str, choices: list[str] | tuple[str, ...], option: str) -> list
               help=f"Comma list of precisions ({', '.join(PRECISIONS)}).")
 @click.option("--batch", type=click.IntRange(min=1, max=4096), default=8, show_default=True, help="Users per batch.")
 @click.option("--repeat", type=click.IntRange(min=1), default=20, show_default=True, help="Timed runs (median).")
+@click.option("--impl", "impls", default=",".join(IMPLS), show_default=True,
+              help="Comma list of the implementations to time.")
 @click.option("--compile-only", is_flag=True,
               help="No GPU: compile the kernels for --targets and print ptxas' registers, spills and shared "
                    "memory per kernel x target x block configuration, and the predicted times.")
@@ -35,8 +38,8 @@ def _names(text: str, choices: list[str] | tuple[str, ...], option: str) -> list
               help="--compile-only: comma list of GPU targets.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
-def bench_kernels(configs: str, candidates: str, dtypes: str, batch: int, repeat: int, compile_only: bool,
-                  targets: str, json_out: Path | None) -> None:
+def bench_kernels(configs: str, candidates: str, dtypes: str, batch: int, repeat: int, impls: str,
+                  compile_only: bool, targets: str, json_out: Path | None) -> None:
     """Time both attention kernels against the reference, SDPA with a dense mask and FlexAttention,
     beside the time an H100 and an H200 would take at their peaks."""
     from astro_trt.config import PRESETS
@@ -47,6 +50,7 @@ def bench_kernels(configs: str, candidates: str, dtypes: str, batch: int, repeat
     names = _names(configs, list(PRESETS), "--config")
     precisions = _names(dtypes, PRECISIONS, "--dtype")
     counts = parse_candidates(candidates)
+    chosen_impls = tuple(_names(impls, IMPLS, "--impl"))
     report: dict = {}
     measured: dict = {}
     if compile_only:
@@ -57,7 +61,8 @@ def bench_kernels(configs: str, candidates: str, dtypes: str, batch: int, repeat
         click.echo(aot.format_resources(resources))
         report["resources"] = [aot.resources_json(r) for r in resources]
     else:
-        by_dtype = {d: kb.run_benchmark(names, counts, dtype=d, batch=batch, repeat=repeat) for d in precisions}
+        by_dtype = {d: kb.run_benchmark(names, counts, dtype=d, batch=batch, repeat=repeat,
+                                              impls=chosen_impls) for d in precisions}
         results = [r for rows in by_dtype.values() for r in rows]
         click.echo(kb.format_table(results))
         report["results"] = kb.results_json(results)
