@@ -61,7 +61,13 @@ class BlockConfig:
 # (ptxas: 255 registers, up to 900 bytes of spills), the [BLOCK_M, BLOCK_N] int64 time-bucket
 # compares being the bulk; 64 x 32 with 8 warps compiled without spills (docs/kernels.md).
 PREFERRED = ((64, 32), (32, 32), (16, 16))
-WIDE_TILE = 64 * 32  # tiles this large get 8 warps, smaller ones 4
+WIDE_TILE = 64 * 32  # tiles this large get 8 warps, smaller ones 4 ...
+# ... except in float32, whose 32 x 32 and 16 x 32 candidate tiles spilled 8-12 bytes with 4 warps.
+WIDE_ELEMENT = 4
+
+
+def warps(block_m: int, block_n: int, element_bytes: int) -> int:
+    return 8 if block_m * block_n >= WIDE_TILE or element_bytes >= WIDE_ELEMENT else 4
 
 
 def next_power_of_2(x: int) -> int:
@@ -92,7 +98,7 @@ def choose(rows: int, cols: int, head_dim: int, element_bytes: int, target: str)
     for block_m, block_n in PREFERRED:
         block_m = min(block_m, max(16, next_power_of_2(rows)))
         block_n = min(block_n, max(16, next_power_of_2(max(cols, 1))))
-        cfg = BlockConfig(block_m, block_n, head_block(head_dim), num_warps=8 if block_m * block_n >= WIDE_TILE else 4)
+        cfg = BlockConfig(block_m, block_n, head_block(head_dim), num_warps=warps(block_m, block_n, element_bytes))
         if shared_bound(cfg, element_bytes) <= limit:
             return cfg
     raise DataError(f"no block configuration of the attention kernels fits {target} for head dim {head_dim} "
