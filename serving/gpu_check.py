@@ -13,9 +13,11 @@ entry point of the package and the step that covers it; the report repeats the l
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -25,7 +27,27 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from astro_trt.contract import GRAPHS
+from astro_trt.engines.backend import BACKENDS, capturing_logger
+from astro_trt.engines.bundle import load_bundle
 from astro_trt.errors import AstroError, BackendError, DataError
+from astro_trt.lazy import lazy_import
+from astro_trt.model.synthetic import synthetic_batch
+from astro_trt.plugins.kernels.blocks import target_of
+from astro_trt.runtime.tensorrt import TrtRunner
+from astro_trt.serving import client as tc
+from astro_trt.serving.compute import make_compute
+from astro_trt.serving.config_pbtxt import RECOMMEND
+from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+from astro_trt.serving.server import TritonServer, find_triton, unavailable_reason
+from astro_trt.serving.service import Recommender
+from astro_trt.serving.source import load_served_bundle
+from astro_trt.serving.workload import make_workload
+from astro_trt.tolerances import FP32_MAX_ABS
+
+torch = lazy_import("torch")
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (tests/ lives there)
 BUDGET_SECONDS = 480  # the whole check: 8 minutes
@@ -97,9 +119,9 @@ GPU_ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "candidate_attention)": ("pytest-gpu", "kernels"),
     "plugins/kernels/blocks.py: the block configuration chosen for the device's target": ("pytest-gpu", "kernels"),
     "validate/kernel_bench.py + kernel_impls.py: bench-kernels timed (Triton, reference, SDPA)": ("kernels",),
-    "engines/runtime.py: Session (plans deserialized, encode/score/full on the device)": ("trt-plans", "pytest-gpu"),
-    "validate/runners.py: TrtRunner (validate / bench --runtime trt)": ("bench-trt", "pytest-gpu"),
-    "serving/compute.py: TrtCompute (astro_recommend with compute=trt)": ("served-trt",),
+    "engines/runtime.py: Session (plans deserialized, engines run on the device)": ("trt-plans", "pytest-gpu"),
+    "runtime/tensorrt.py: TrtRunner (validate / bench --runtime trt)": ("trt-plans", "bench-trt", "pytest-gpu"),
+    "serving/compute.py: make_compute -> TrtRunner (astro_recommend with compute=trt)": ("served-trt",),
     "plugins/tensorrt/plugin.py: the TensorRT plugins (full TensorRT only)": (),
     "engines/build.py with --backend tensorrt (full TensorRT builds on the GPU)": (),
 }
@@ -113,8 +135,6 @@ def missing_packages(steps: tuple[Step, ...]) -> dict[str, list[str]]:
     for step in steps:
         for package in step.needs:
             if package == "tritonserver":
-                from astro_trt.serving.server import unavailable_reason
-
                 absent = unavailable_reason() is not None
             else:
                 absent = importlib.util.find_spec(package) is None
@@ -203,8 +223,6 @@ def run_step(step: Step, ctx: Context, dry_run: bool, seconds: float) -> StepRes
 def run_gpu_check(bundle: Path, out: Path, *, dry_run: bool = False, skip: list[str] | None = None,
                   budget: float = BUDGET_SECONDS, progress: Callable[[str], None] = lambda _: None) -> dict:
     """Run the steps (or their dry runs) against ``bundle``, write OUT/gpu-check.{json,md}; the report."""
-    from astro_trt.engines.bundle import load_bundle
-
     steps = select_steps(skip or [])
     check_packages(steps)
     load_bundle(bundle)  # a bad bundle is refused before any step
@@ -266,10 +284,6 @@ def report_markdown(report: dict) -> str:
 
 # ----------------------------------------------------------------------------------------- probes
 def probe_environment(bundle: Path, out: Path, dry_run: bool) -> dict:
-    import platform
-
-    import torch
-
     env: dict = {"python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda}
     for module in ("triton", "tensorrt_rtx", "onnxruntime", "tritonclient"):
         try:
@@ -278,8 +292,6 @@ def probe_environment(bundle: Path, out: Path, dry_run: bool) -> dict:
             env[module] = "absent"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        from astro_trt.plugins.kernels.blocks import target_of
-
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
                    kernel_target=target_of((props.major, props.minor)), memory_gib=round(props.total_memory / 2**30, 1))
     elif not dry_run:
@@ -293,13 +305,7 @@ def probe_environment(bundle: Path, out: Path, dry_run: bool) -> dict:
 
 def probe_plans(bundle_dir: Path, out: Path, dry_run: bool) -> dict:
     """Each plan deserialized alone (so a failure names its plan and TensorRT's message), then the
-    engines of each precision run once through engines/runtime.Session: encode, score, full."""
-    import torch
-
-    from astro_trt.contract import GRAPHS
-    from astro_trt.engines.backend import BACKENDS, capturing_logger
-    from astro_trt.engines.bundle import load_bundle
-
+    engines of each precision run once through runtime/tensorrt.py's TrtRunner: encode, score, full."""
     bundle = load_bundle(bundle_dir)
     if bundle.backend is None:
         raise DataError(f"{bundle_dir} has no engines (exported with --no-engines); export it with engines")
@@ -325,19 +331,16 @@ def probe_plans(bundle_dir: Path, out: Path, dry_run: bool) -> dict:
         report["plans"][key]["deserialized"] = engine is not None
         if engine is None:
             report["plans"][key]["error"] = " | ".join(logger.errors[-3:]) or "deserialize returned None"
-    from astro_trt.engines.runtime import Session
-    from astro_trt.model.synthetic import synthetic_batch
-
     report["runs"] = {}
     for precision in bundle.precisions:
         try:
-            session = Session(bundle, precision)
+            runner = TrtRunner(bundle, precision)
             batch = synthetic_batch(bundle.config, batch=1, candidates=64, seed=0)
-            state = session.encode(batch.history)
-            logits = session.score(state, batch.cand_items).float().cpu()
-            full = session.full(batch.history, batch.cand_items).float().cpu()
-            report["runs"][precision] = {"ran": True, "finite": bool(torch.isfinite(logits).all()),
-                                         "max_abs_split_vs_full": float((logits - full).abs().max())}
+            state = runner.encode(batch.history)
+            logits = runner.score(state, batch.history, batch.cand_items)
+            full = runner.full(batch.history, batch.cand_items)
+            report["runs"][precision] = {"ran": True, "finite": bool(np.isfinite(logits).all()),
+                                         "max_abs_split_vs_full": float(np.abs(logits - full).max())}
         except Exception as exc:  # noqa: BLE001 - the report says what TensorRT said, per precision
             report["runs"][precision] = {"ran": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
     (out / "trt-plans.json").write_text(json.dumps(report, indent=2))
@@ -352,18 +355,6 @@ def probe_plans(bundle_dir: Path, out: Path, dry_run: bool) -> dict:
 def probe_served(bundle_dir: Path, out: Path, dry_run: bool, users: int = 4, candidates: int = 64) -> dict:
     """astro_recommend served by a real tritonserver (compute=auto, which is trt where a GPU and the
     bundle's engines are: checked here first) against the in-process Recommender on ONNX Runtime."""
-    import numpy as np
-
-    from astro_trt.serving import client as tc
-    from astro_trt.serving.compute import make_compute
-    from astro_trt.serving.config_pbtxt import RECOMMEND
-    from astro_trt.serving.repository import PYTHON_MODELS, write_repository
-    from astro_trt.serving.server import TritonServer, find_triton
-    from astro_trt.serving.service import Recommender
-    from astro_trt.serving.source import load_served_bundle
-    from astro_trt.serving.workload import make_workload
-    from astro_trt.tolerances import FP32_MAX_ABS
-
     find_triton()
     bundle = load_served_bundle(bundle_dir)
     precision = "fp32" if "fp32" in bundle.precisions else bundle.precisions[0]
@@ -379,7 +370,7 @@ def probe_served(bundle_dir: Path, out: Path, dry_run: bool, users: int = 4, can
         return report
     served_kind = type(make_compute(bundle, precision, "auto")).__name__
     report["served_compute"] = served_kind
-    if served_kind != "TrtCompute":
+    if served_kind != TrtRunner.__name__:
         raise BackendError(f"astro_recommend would serve with {served_kind}, not TensorRT: no GPU device node or "
                            "no engines in the bundle")
     with TritonServer(repo, models=PYTHON_MODELS) as server:

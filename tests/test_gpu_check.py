@@ -35,7 +35,7 @@ def test_dry_run_reaches_every_step_and_leaves_the_bundle_alone(tmp_path, capsys
     assert (out / "served-repo" / "astro_recommend" / "config.pbtxt").is_file()
     # The report names every GPU-side entry point and which step covers it (or that none can here).
     covered = {e["entry_point"].split(":")[0] for e in report["entry_points"]}
-    assert {"plugins/kernels/ops.py", "engines/runtime.py", "serving/compute.py", "validate/runners.py"} <= covered
+    assert {"plugins/kernels/ops.py", "engines/runtime.py", "serving/compute.py", "runtime/tensorrt.py"} <= covered
     md = (out / "gpu-check.md").read_text()
     assert "## GPU-side entry points" in md and "served-trt" in md
     assert "report:" in capsys.readouterr().out
@@ -44,7 +44,7 @@ def test_dry_run_reaches_every_step_and_leaves_the_bundle_alone(tmp_path, capsys
 def test_every_module_that_touches_cuda_is_a_listed_entry_point():
     listed = {e.split(":")[0].split(" ")[0] for e in gpu_check.GPU_ENTRY_POINTS}
     touching = set()
-    for folder in ("plugins", "model", "exporter", "engines", "validate", "serving"):
+    for folder in ("plugins", "model", "exporter", "engines", "runtime", "validate", "serving"):
         for path in (ROOT / folder).rglob("*.py"):
             text = path.read_text()
             if any(s in text for s in ("torch.cuda.", "is_cuda", 'device="cuda"', "deserialize_cuda_engine")):
@@ -78,7 +78,7 @@ def test_a_hanging_step_is_ended_at_its_time_box_and_the_next_still_runs(tmp_pat
     fine = Step("kernels", "ok", (), 30, lambda c: [[c.python, "-c", "print('fine')"]], lambda c: [])
     monkeypatch.setattr(gpu_check, "STEPS", (slow, fine))
     monkeypatch.setattr(gpu_check, "STEP_NAMES", ("environment", "kernels"))
-    monkeypatch.setattr("astro_trt.engines.bundle.load_bundle", lambda _: None)  # no bundle is read
+    monkeypatch.setattr(gpu_check, "load_bundle", lambda _: None)  # no bundle is read
     bundle = tmp_path / "b"
     bundle.mkdir()
     report = gpu_check.run_gpu_check(bundle, tmp_path / "out")

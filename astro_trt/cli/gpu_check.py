@@ -6,7 +6,12 @@ from pathlib import Path
 
 import click
 
+from astro_trt.choices import split_list
 from astro_trt.errors import GateError
+from astro_trt.lazy import lazy_import
+
+# The check imports the serving and runtime stages: loaded when the command runs, not for --help.
+gpu_check_lib = lazy_import("astro_trt.serving.gpu_check")
 
 
 @click.command("gpu-check")
@@ -23,13 +28,12 @@ def gpu_check(bundle_dir: Path, out: Path, dry_run: bool, skip: str, budget: int
     benchmark against its predictions, the bundle's TensorRT-RTX plans on this GPU, bench and
     validate with --runtime trt against ONNX Runtime, and astro_recommend served with compute=trt.
     Exit 1 when a step failed; the report says which and why."""
-    from astro_trt.serving.gpu_check import ok, run_gpu_check
-
-    report = run_gpu_check(bundle_dir, out, dry_run=dry_run, skip=[s.strip() for s in skip.split(",") if s.strip()],
-                           budget=budget, progress=lambda msg: click.echo(msg, err=True))
+    steps_left_out = [str(s) for s in split_list(skip) or ()]
+    report = gpu_check_lib.run_gpu_check(bundle_dir, out, dry_run=dry_run, skip=steps_left_out, budget=budget,
+                                         progress=lambda msg: click.echo(msg, err=True))
     for step in report["steps"]:
         click.echo(f"{step['name']:<12} {step['status']:<12} {step['seconds']:6.1f} s")
     click.echo(f"report: {out / 'gpu-check.md'}")
-    if not ok(report):
+    if not gpu_check_lib.ok(report):
         bad = [s["name"] for s in report["steps"] if s["status"] not in ("passed", "skipped", "reached-gpu")]
         raise GateError(f"gpu-check: {', '.join(bad)} did not pass; see {out / 'gpu-check.md'}")

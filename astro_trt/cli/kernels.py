@@ -8,17 +8,16 @@ from pathlib import Path
 
 import click
 
+from astro_trt.choices import comma_list
+from astro_trt.config import PRESETS
 from astro_trt.contract import PRECISIONS
-from astro_trt.validate.kernel_bench import IMPLS
+from astro_trt.lazy import lazy_import
+from astro_trt.plugins.kernels.blocks import TARGETS
+from astro_trt.validate.kernel_cases import IMPLS
 
-
-def _names(text: str, choices: list[str] | tuple[str, ...], option: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    bad = [n for n in names if n not in choices]
-    if bad or not names:
-        raise click.BadParameter(f"{bad or text!r} not in {list(choices)}; pass a comma list of them",
-                                 param_hint=option)
-    return names
+aot = lazy_import("astro_trt.plugins.kernels.aot")
+bench_lib = lazy_import("astro_trt.validate.bench")
+kernel_bench = lazy_import("astro_trt.validate.kernel_bench")
 
 
 @click.command("bench-kernels")
@@ -34,7 +33,7 @@ def _names(text: str, choices: list[str] | tuple[str, ...], option: str) -> list
 @click.option("--compile-only", is_flag=True,
               help="No GPU: compile the kernels for --targets and print ptxas' registers, spills and shared "
                    "memory per kernel x target x block configuration, and the predicted times.")
-@click.option("--targets", default="sm_80,sm_86,sm_89,sm_90,sm_100", show_default=True,
+@click.option("--targets", default=",".join(TARGETS), show_default=True,
               help="--compile-only: comma list of GPU targets.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
@@ -42,38 +41,32 @@ def bench_kernels(configs: str, candidates: str, dtypes: str, batch: int, repeat
                   compile_only: bool, targets: str, json_out: Path | None) -> None:
     """Time both attention kernels against the reference, SDPA with a dense mask and FlexAttention,
     beside the time an H100 and an H200 would take at their peaks."""
-    from astro_trt.config import PRESETS
-    from astro_trt.plugins.kernels.blocks import TARGETS
-    from astro_trt.validate import kernel_bench as kb
-    from astro_trt.validate.bench import parse_candidates
-
-    names = _names(configs, list(PRESETS), "--config")
-    precisions = _names(dtypes, PRECISIONS, "--dtype")
-    counts = parse_candidates(candidates)
-    chosen_impls = tuple(_names(impls, IMPLS, "--impl"))
+    names = comma_list(configs, list(PRESETS), "--config")
+    precisions = comma_list(dtypes, PRECISIONS, "--dtype")
+    counts = bench_lib.parse_candidates(candidates)
+    chosen_impls = tuple(comma_list(impls, IMPLS, "--impl"))
     report: dict = {}
     measured: dict = {}
     if compile_only:
-        from astro_trt.plugins.kernels import aot
-
-        chosen = _names(targets, list(TARGETS), "--targets")
-        resources = aot.compile_jobs(aot.launcher_jobs(names, precisions, chosen))
+        resources = aot.compile_jobs(aot.launcher_jobs(names, precisions, comma_list(targets, list(TARGETS),
+                                                                                     "--targets")))
         click.echo(aot.format_resources(resources))
         report["resources"] = [aot.resources_json(r) for r in resources]
     else:
-        by_dtype = {d: kb.run_benchmark(names, counts, dtype=d, batch=batch, repeat=repeat,
-                                              impls=chosen_impls) for d in precisions}
+        by_dtype = {d: kernel_bench.run_benchmark(names, counts, dtype=d, batch=batch, repeat=repeat,
+                                                  impls=chosen_impls) for d in precisions}
         results = [r for rows in by_dtype.values() for r in rows]
-        click.echo(kb.format_table(results))
-        report["results"] = kb.results_json(results)
-        measured = {d: kb.measured_triton(rows) for d, rows in by_dtype.items()}
+        click.echo(kernel_bench.format_table(results))
+        report["results"] = kernel_bench.results_json(results)
+        measured = {d: kernel_bench.measured_triton(rows) for d, rows in by_dtype.items()}
     report["predicted"], report["split"] = {}, {}
     for dtype in precisions:
-        kernels = kb.predicted_kernels(kb.cases(names, counts, batch), dtype, measured.get(dtype))
-        split = kb.predicted_split(names, counts, batch, dtype)
+        kernels = kernel_bench.predicted_kernels(kernel_bench.cases(names, counts, batch), dtype, measured.get(dtype))
+        split = kernel_bench.predicted_split(names, counts, batch, dtype)
         click.echo(f"\npredicted, {dtype}, {batch} users (measured: the Triton kernel on this GPU)\n"
-                   f"{kb.format_predicted(kernels)}\n\nsplit end to end, {dtype}, {batch} users\n"
-                   f"{kb.format_predicted(split)}")
-        report["predicted"][dtype], report["split"][dtype] = kb.predicted_json(kernels), kb.predicted_json(split)
+                   f"{kernel_bench.format_predicted(kernels)}\n\nsplit end to end, {dtype}, {batch} users\n"
+                   f"{kernel_bench.format_predicted(split)}")
+        report["predicted"][dtype] = kernel_bench.predicted_json(kernels)
+        report["split"][dtype] = kernel_bench.predicted_json(split)
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))

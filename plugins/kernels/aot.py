@@ -12,6 +12,7 @@ the kernels are interpreted functions that Triton's compiler cannot take.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -25,8 +26,13 @@ from pathlib import Path
 
 from astro_trt.config import preset
 from astro_trt.errors import BackendError
+from astro_trt.lazy import lazy_import
 from astro_trt.plugins.kernels.blocks import TARGETS, BlockConfig, choose
 from astro_trt.plugins.operators import ACTIVATION, CANDIDATE, INDEX, MSA, Operator
+
+triton = lazy_import("triton")
+triton_backends = lazy_import("triton.backends.compiler")  # GPUTarget
+triton_compiler = lazy_import("triton.compiler")  # ASTSource
 
 OPERATORS = {"msa": MSA, "candidate": CANDIDATE}
 KERNELS = {"msa": ("multi_scale_self_attention", "msa_fwd_kernel"),
@@ -112,8 +118,6 @@ def _signature(kernel, op: Operator, dtype: str) -> tuple[dict, dict, dict]:
 
 
 def _ptxas() -> Path:
-    import triton
-
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
 
 
@@ -138,12 +142,6 @@ def parse_ptxas(text: str) -> dict[str, int]:
 
 def compile_job(job: Job) -> Resources:
     """Compile one binary here (Triton must not be in interpreter mode) and measure it with ptxas."""
-    import importlib
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     module_name, kernel_name = KERNELS[job.op]
     kernel = getattr(importlib.import_module(f"astro_trt.plugins.kernels.{module_name}"), kernel_name)
     signature, constexprs, attrs = _signature(kernel, OPERATORS[job.op], job.dtype)
@@ -154,8 +152,8 @@ def compile_job(job: Job) -> Resources:
     start = time.perf_counter()
     res = Resources(job)
     try:
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
-                                  target=GPUTarget("cuda", TARGETS[job.target].cc, 32),
+        compiled = triton.compile(triton_compiler.ASTSource(kernel, signature, constexprs, attrs),
+                                  target=triton_backends.GPUTarget("cuda", TARGETS[job.target].cc, 32),
                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
         ptx = compiled.asm["ptx"]
         arch = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
