@@ -1,0 +1,172 @@
+"""The int8 precision: fp32 graphs quantized by ONNX Runtime's own quantizer
+(``onnxruntime.quantization``), never by hand-inserted Q/DQ nodes.
+
+Two forms come out of the same fp32 graph, because the two runtimes want different ones:
+
+- ``dynamic_int8`` (what the bundle's ``onnx/int8/*.onnx`` hold, what ONNX Runtime runs):
+  ``quantize_dynamic`` with symmetric per-channel int8 weights. ONNX Runtime fuses each weight
+  MatMul into ``DynamicQuantizeMatMul`` (activations quantized per call to uint8, weights int8:
+  the VNNI u8s8 kernel). Measured on the climber scorer, one thread: the static QDQ form runs
+  ~1.2x slower than this one on ONNX Runtime's CPU provider (``QLinearMatMul`` with int8
+  activations plus the Q/DQ around it), and was 1.6x less accurate.
+- ``qdq_int8`` (what TensorRT builds its INT8 plans from): ``quantize_static`` in QDQ format,
+  symmetric int8 activations (calibrated on synthetic requests of the model's own config) and
+  symmetric per-channel int8 weights, the form TensorRT's explicit quantization parses.
+
+Only MatMuls whose right operand is a weight are quantized: the attention score and value
+products (activations on both sides), softmax, LayerNorm, GELU, the bias gathers and the embedding
+lookups stay float (docs/precision.md records the bisect that chose this).
+
+The model keeps each block's weights stacked as one ``[Nb, d, e]`` tensor (one batched MatMul for
+all blocks). ONNX Runtime's quantizer cannot give such a weight a scale per block and channel
+(``per_channel=True`` on it fails at run time: "MatMulIntegerToFloat ... b zero point is not
+valid"), so ``split_block_matmuls`` first rewrites each batched weight MatMul into one 2-D MatMul
+per block (Split the activation on the block axis, Concat the results): the arithmetic is the
+same, and each block's [d, e] weight gets its own per-channel scales.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BLOCK_SUFFIX = ".block"  # a per-block weight is named <stacked weight>.block<i>
+# The quantizer renames a weight and rewires its MatMul, so the bisect's anchors ("the input of the
+# MatMul with weight W", "the MatMul feeding the Add with bias B") would be lost. Before quantizing,
+# each weight MatMul's input passes through an Identity named ``W + INPUT_MARK`` whose output is
+# named ``<the MatMul's output> + INPUT_MARK``: ONNX Runtime and TensorRT drop Identity nodes, the
+# bisect (validate/bisect.py) finds its boundaries through them.
+INPUT_MARK = ":input"
+
+
+def weight_matmuls(graph: Any) -> list[Any]:
+    """The MatMul nodes of ``graph`` whose right operand is an initializer (a weight)."""
+    weights = {t.name for t in graph.initializer}
+    return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def split_block_matmuls(proto: Any) -> Any:
+    """Rewrite every MatMul by a stacked [Nb, d, e] weight into Nb 2-D MatMuls, and mark each
+    weight MatMul's input (INPUT_MARK), in place."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    matmuls = {n.name for n in weight_matmuls(graph)}
+    nodes, added, dropped = [], [], set()
+    for node in graph.node:
+        if node.name not in matmuls:
+            nodes.append(node)
+            continue
+        name = node.input[1]
+        marked = node.output[0] + INPUT_MARK
+        nodes.append(helper.make_node("Identity", [node.input[0]], [marked], name=name + INPUT_MARK))
+        w = numpy_helper.to_array(inits[name])
+        if w.ndim == 2:
+            nodes.append(helper.make_node("MatMul", [marked, name], list(node.output), name=node.name))
+            continue
+        dropped.add(name)
+        if w.shape[0] == 1:  # the fusion layer: one block, a plain 2-D weight
+            added.append(numpy_helper.from_array(np.ascontiguousarray(w[0]), name))
+            nodes.append(helper.make_node("MatMul", [marked, name], list(node.output), name=node.name))
+            continue
+        blocks = range(w.shape[0])
+        parts = [f"{node.name}/in{BLOCK_SUFFIX}{i}" for i in blocks]
+        outs = [f"{node.name}/out{BLOCK_SUFFIX}{i}" for i in blocks]
+        # The activation is [..., Nb, S, d]: its block axis is the third from the end.
+        nodes.append(helper.make_node("Split", [marked], parts, name=f"{node.name}/split", axis=-3,
+                                      num_outputs=len(parts)))
+        for i in blocks:
+            added.append(numpy_helper.from_array(np.ascontiguousarray(w[i]), f"{name}{BLOCK_SUFFIX}{i}"))
+            nodes.append(helper.make_node("MatMul", [parts[i], f"{name}{BLOCK_SUFFIX}{i}"], [outs[i]],
+                                          name=f"{node.name}{BLOCK_SUFFIX}{i}"))
+        nodes.append(helper.make_node("Concat", outs, list(node.output), name=f"{node.name}/concat", axis=-3))
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+    return proto
+
+
+def _quiet_quantizer() -> None:
+    # The quantizer logs "please run pre-processing" on every call through the root logger;
+    # pre-processing (symbolic shape inference) is for convolutional models and changes nothing here.
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+
+
+def dynamic_int8(proto: Any) -> Any:
+    """``proto`` (fp32, any graph of the contract) -> its int8 form for ONNX Runtime."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    split_block_matmuls(proto)
+    nodes = [n.name for n in weight_matmuls(proto.graph)]
+    _quiet_quantizer()
+    with tempfile.TemporaryDirectory(prefix="astro-int8-") as tmp:
+        out = Path(tmp) / "int8.onnx"
+        quantize_dynamic(proto, out, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
+                         op_types_to_quantize=["MatMul"], extra_options={"WeightSymmetric": True})
+        return onnx.load(str(out))
+
+
+class _Feeds:
+    """CalibrationDataReader over a list of feed dicts (what quantize_static reads)."""
+
+    def __init__(self, feeds: Iterable[Mapping[str, np.ndarray]]) -> None:
+        self._it = iter(list(feeds))
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return dict(next(self._it, None) or {}) or None
+
+
+def qdq_int8(proto: Any, calibration: Iterable[Mapping[str, np.ndarray]]) -> Any:
+    """``proto`` (fp32) -> its QDQ int8 form for TensorRT, activations calibrated (min/max) on
+    ``calibration`` (feed dicts of the graph's inputs)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    split_block_matmuls(proto)
+    nodes = [n.name for n in weight_matmuls(proto.graph)]
+    reader = type("Reader", (_Feeds, CalibrationDataReader), {})(calibration)
+    _quiet_quantizer()
+    with tempfile.TemporaryDirectory(prefix="astro-qdq-") as tmp:
+        src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
+        onnx.save_model(proto, str(src))
+        quantize_static(src, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+                        op_types_to_quantize=["MatMul"],
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        return onnx.load(str(out))
+
+
+def fake_quantize_weights(model: Any) -> Any:
+    """PyTorch's own int8 yardstick, in place: every weight the graphs quantize (each block's
+    [d, e] slice of a stacked weight, each Linear of the fusion head) rounded to symmetric int8
+    with a scale per output channel, as ``dynamic_int8`` stores it. The error of this model against
+    the oracle is what int8 weights alone cost; the runtime adds its activation rounding."""
+    import torch
+
+    from astro_trt.precision import STORAGE
+
+    int8 = STORAGE["int8"]
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("w_q", "w_k", "w_v", "w_1", "w_2"):  # [Nb, d_in, d_out]: a scale per block and column
+                axes: tuple[int, ...] = (param.dim() - 2,)
+            elif leaf == "weight" and ".fusion." in f".{name}" and param.dim() == 2:  # Linear [out, in]
+                axes = (1,)
+            else:
+                continue
+            stored, scale = int8.encode(param.detach().float().numpy(), axes)
+            param.copy_(torch.from_numpy(int8.decode(stored, scale)))
+    return model
+
+
+__all__ = ["dynamic_int8", "fake_quantize_weights", "qdq_int8", "split_block_matmuls", "weight_matmuls"]
