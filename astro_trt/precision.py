@@ -154,6 +154,13 @@ class Precision:
         return self.weights is not None and self.weights.scaled
 
     @property
+    def compute(self) -> str:
+        """What its graphs and engines compute in, in words (what `inspect` prints)."""
+        if self.weights is None:
+            return self.dtype.name
+        return f"{self.weights.name} weight MatMuls (a scale per channel), {self.dtype.name} elsewhere"
+
+    @property
     def bytes(self) -> int:
         return self.dtype.bytes
 

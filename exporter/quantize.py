@@ -51,41 +51,62 @@ def weight_matmuls(graph: Any) -> list[Any]:
 
 
 def split_block_matmuls(proto: Any) -> Any:
-    """Rewrite every MatMul by a stacked [Nb, d, e] weight into Nb 2-D MatMuls, and mark each
-    weight MatMul's input (INPUT_MARK), in place."""
+    """Rewrite the weight MatMuls for per-channel int8, in place: MatMuls by stacked [Nb, d, e]
+    weights that read the same input (a layer's q, k, v projections) become one MatMul by the
+    weights side by side ([d, 3e] per block: the input is quantized once, one larger GEMM), each
+    stacked weight becomes Nb 2-D MatMuls (Split on the block axis, Concat after), and every
+    weight MatMul's input is marked (INPUT_MARK)."""
     from onnx import helper, numpy_helper
 
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    matmuls = {n.name for n in weight_matmuls(graph)}
+    groups: dict[str, list[Any]] = {}  # input tensor -> the weight MatMuls reading it
+    for node in weight_matmuls(graph):
+        groups.setdefault(node.input[0], []).append(node)
+    first = {group[0].name: group for group in groups.values()}
+    grouped = {n.name for group in groups.values() for n in group}
     nodes, added, dropped = [], [], set()
     for node in graph.node:
-        if node.name not in matmuls:
+        if node.name not in grouped:
             nodes.append(node)
             continue
-        name = node.input[1]
+        if node.name not in first:
+            continue  # emitted with the first MatMul of its group
+        group = first[node.name]
+        for n in group:  # one mark per weight, all of the same tensor: the bisect's anchors
+            nodes.append(helper.make_node("Identity", [n.input[0]], [n.output[0] + INPUT_MARK],
+                                          name=n.input[1] + INPUT_MARK))
         marked = node.output[0] + INPUT_MARK
-        nodes.append(helper.make_node("Identity", [node.input[0]], [marked], name=name + INPUT_MARK))
-        w = numpy_helper.to_array(inits[name])
-        if w.ndim == 2:
-            nodes.append(helper.make_node("MatMul", [marked, name], list(node.output), name=node.name))
+        weights = [numpy_helper.to_array(inits[n.input[1]]) for n in group]
+        if weights[0].ndim == 2 or len({w.shape[:-1] for w in weights}) > 1:
+            for n in group:
+                nodes.append(helper.make_node("MatMul", [n.output[0] + INPUT_MARK, n.input[1]], list(n.output),
+                                              name=n.name))
             continue
-        dropped.add(name)
+        dropped.update(n.input[1] for n in group)
+        w = np.concatenate(weights, axis=-1)  # [Nb, d, sum of e]
+        base = "+".join(n.input[1] for n in group)
+        fused = node.output[0] + "/fused" if len(group) > 1 else node.output[0]
         if w.shape[0] == 1:  # the fusion layer: one block, a plain 2-D weight
-            added.append(numpy_helper.from_array(np.ascontiguousarray(w[0]), name))
-            nodes.append(helper.make_node("MatMul", [marked, name], list(node.output), name=node.name))
-            continue
-        blocks = range(w.shape[0])
-        parts = [f"{node.name}/in{BLOCK_SUFFIX}{i}" for i in blocks]
-        outs = [f"{node.name}/out{BLOCK_SUFFIX}{i}" for i in blocks]
-        # The activation is [..., Nb, S, d]: its block axis is the third from the end.
-        nodes.append(helper.make_node("Split", [marked], parts, name=f"{node.name}/split", axis=-3,
-                                      num_outputs=len(parts)))
-        for i in blocks:
-            added.append(numpy_helper.from_array(np.ascontiguousarray(w[i]), f"{name}{BLOCK_SUFFIX}{i}"))
-            nodes.append(helper.make_node("MatMul", [parts[i], f"{name}{BLOCK_SUFFIX}{i}"], [outs[i]],
-                                          name=f"{node.name}{BLOCK_SUFFIX}{i}"))
-        nodes.append(helper.make_node("Concat", outs, list(node.output), name=f"{node.name}/concat", axis=-3))
+            added.append(numpy_helper.from_array(np.ascontiguousarray(w[0]), base))
+            nodes.append(helper.make_node("MatMul", [marked, base], [fused], name=node.name))
+        else:
+            blocks = range(w.shape[0])
+            parts = [f"{node.name}/in{BLOCK_SUFFIX}{i}" for i in blocks]
+            outs = [f"{node.name}/out{BLOCK_SUFFIX}{i}" for i in blocks]
+            # The activation is [..., Nb, S, d]: its block axis is the third from the end.
+            nodes.append(helper.make_node("Split", [marked], parts, name=f"{node.name}/split", axis=-3,
+                                          num_outputs=len(parts)))
+            for i in blocks:
+                added.append(numpy_helper.from_array(np.ascontiguousarray(w[i]), f"{base}{BLOCK_SUFFIX}{i}"))
+                nodes.append(helper.make_node("MatMul", [parts[i], f"{base}{BLOCK_SUFFIX}{i}"], [outs[i]],
+                                              name=f"{node.name}{BLOCK_SUFFIX}{i}"))
+            nodes.append(helper.make_node("Concat", outs, [fused], name=f"{node.name}/concat", axis=-3))
+        if len(group) > 1:
+            sizes = f"{node.name}/sizes"
+            added.append(numpy_helper.from_array(np.array([x.shape[-1] for x in weights], dtype=np.int64), sizes))
+            nodes.append(helper.make_node("Split", [fused, sizes], [n.output[0] for n in group],
+                                          name=f"{node.name}/unfuse", axis=-1))
     kept = [t for t in graph.initializer if t.name not in dropped]
     del graph.node[:]
     graph.node.extend(nodes)

@@ -107,6 +107,7 @@ class BenchResult:
     machine: dict[str, Any] = field(default_factory=dict)
     peer_notes: dict[str, str] = field(default_factory=dict)  # peer -> why it did not run, or how it ran
     profile: dict[str, Any] = field(default_factory=dict)  # "M=256" -> graph -> per-op breakdown
+    ceiling: dict[str, Any] = field(default_factory=dict)  # int8: "M=1024" -> scorers vs bare MatMuls (ceiling.py)
 
     def predicted_gain(self, candidates: int, *, head: bool = False) -> float:
         """ASTRO's arithmetic (docs/model.md §6): per candidate, layer and block the naive path
@@ -135,6 +136,7 @@ class BenchResult:
                             predicted_gain_with_head=self.predicted_gain(p.candidates, head=True))
                        for p in self.points],
             "profile": self.profile,
+            **({"ceiling": self.ceiling} if self.ceiling else {}),
         }
 
 
@@ -268,6 +270,7 @@ def _machine_line(result: BenchResult) -> str:
 
 
 def bench_markdown(result: BenchResult, plot_name: str) -> str:
+    from astro_trt.validate.ceiling import ceiling_markdown
     from astro_trt.validate.report import markdown_table
 
     c = result.config
@@ -307,7 +310,7 @@ times faster this runtime's split is.
 {notes}
 ![throughput vs candidates]({plot_name})
 
-{_profile_markdown(result)}{_gap_explanation(result)}
+{ceiling_markdown(result.ceiling, result.threads)}{_profile_markdown(result)}{_gap_explanation(result)}
 """
 
 
