@@ -138,7 +138,8 @@ def storage(name: str) -> Storage:
 class Precision:
     name: str  # what --precision and the manifest say: fp32, fp16, bf16
     dtype: DType  # of the weights, the activations and the kv_cache in this precision
-    # Unit in the last place at 1.0; the tolerance floor of a half precision is a few of these.
+    # Unit in the last place at 1.0 (a quantized precision: one step of its integers relative to
+    # the largest, 2^-7 for int8); the tolerance floor of a non-reference precision is a few of these.
     eps: float
     # Whether ONNX Runtime's CPU provider runs graphs in it (it has no bfloat16 Add, MatMul, ...).
     ort_cpu: bool
