@@ -14,9 +14,9 @@ from astro_trt.config import ASTROConfig
 from astro_trt.contract import HISTORY_INPUTS, ITEM_SCORER, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
 from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history
-from astro_trt.errors import DataError
-from astro_trt.serving.cache import UserCache, fingerprint
-from astro_trt.serving.compute import Compute, make_compute
+from astro_trt.errors import BackendError, DataError
+from astro_trt.serving.cache import DEFAULT_CACHE_DTYPE, StateCodec, UserCache, fingerprint
+from astro_trt.serving.compute import Compute, OrtCompute, make_compute
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES
 
 # What identifies an encoded history: everything but the request time, which only the scorer reads.
@@ -51,10 +51,15 @@ class Recommender:
     in the cache."""
 
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 compute: str = "auto", threads: int | None = None, engine: Compute | None = None) -> None:
+                 compute: str = "auto", threads: int | None = None, engine: Compute | None = None,
+                 cache_dtype: str = DEFAULT_CACHE_DTYPE) -> None:
         self.cfg = bundle.config
         self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}  # tuples already, as gate_profiles gives
+        self.codec = StateCodec(cache_dtype)
         self.compute = engine or make_compute(bundle, precision, compute, threads)
+        if not self.codec.identity and not isinstance(self.compute, OrtCompute):
+            raise BackendError(f"--cache-dtype {cache_dtype} packs states on the host, but {self.compute.name} keeps "
+                               "them on the device; serve with ONNX Runtime or --cache-dtype fp32")
         self.cache = UserCache(cache_bytes)
         self.encodes = 0  # users encoded since start
 
@@ -63,14 +68,18 @@ class Recommender:
         batch = cand.shape[0]
         keys = _keys(user_keys, batch)
         prints = [fingerprint(arrays, FINGERPRINT_INPUTS, b) for b in range(batch)]
-        states: list[Any] = [self.cache.get(k, p) for k, p in zip(keys, prints, strict=True)]
+        cached = [self.cache.get(k, p) for k, p in zip(keys, prints, strict=True)]
+        states: list[Any] = [None if c is None else self.codec.unpack(c) for c in cached]
         missing = [b for b, s in enumerate(states) if s is None]
         if missing:
             fresh = self.compute.encode({n: a[missing] for n, a in arrays.items()})
             self.encodes += len(missing)
             for b, state in zip(missing, fresh, strict=True):
-                states[b] = state
-                self.cache.put(keys[b], prints[b], state, self.compute.nbytes(state))
+                # A page scores from the state as the cache keeps it: the same logits hit or miss.
+                packed = self.codec.pack(state)
+                states[b] = self.codec.unpack(packed)
+                self.cache.put(keys[b], prints[b], packed,
+                               self.compute.nbytes(state) if self.codec.identity else packed.nbytes)
         encoded = np.zeros(batch, dtype=bool)
         encoded[missing] = True
         return Page(self.compute.score(states, arrays, cand), encoded)
