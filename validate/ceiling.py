@@ -85,15 +85,20 @@ def scorer_ceiling(
         batch = synthetic_batch(cfg, 1, m, seed=seed + m, empty_block_prob=0.0)
         h, c = batch.history, batch.cand_items
         caches = {name: r.encode(h) for name, r in scorers.items()}
+        # A bare call does a fraction of the scorer's work; it is repeated until it does as many
+        # multiply-adds, so that both are timed over the same span of a shared machine's drift.
+        per_call = m * sum(k * n for k, n in shapes)
+        repeat = max(1, round(scorer_macs(cfg, m) / per_call))
         with tempfile.TemporaryDirectory(prefix="astro-ceiling-") as tmp:
             bare = bare_matmuls(m, shapes, threads, Path(tmp))
             calls = {f"scorer {name}": (lambda r=r, kv=caches[name], h=h, c=c: r.score(kv, h, c))
                      for name, r in scorers.items()}
-            calls.update({name: (lambda s=s, f=f: s.run(None, f)) for name, (s, f) in bare.items()})
+            calls.update({name: (lambda s=s, f=f, n=repeat: [s.run(None, f) for _ in range(n)])
+                          for name, (s, f) in bare.items()})
             seconds = time_interleaved(calls, warmup=warmup, repetitions=repetitions)
         ms = {name: float(np.median(t)) * 1e3 for name, t in seconds.items()}
         macs = {name: scorer_macs(cfg, m) for name in calls if name.startswith("scorer ")}
-        macs.update(dict.fromkeys(bare, m * sum(k * n for k, n in shapes)))
+        macs.update(dict.fromkeys(bare, repeat * per_call))
         rate = {name: 2 * macs[name] / (ms[name] * 1e-3) / 1e9 for name in calls}
         point: dict[str, Any] = {"ms": ms, "gops": rate, "share": {
             f"{s} of {b}": rate[s] / rate[b] for s in calls if s.startswith("scorer ") for b in bare}}
@@ -120,7 +125,7 @@ def ceiling_markdown(ceiling: Mapping[str, Any], threads: int | None) -> str:
             f"Scorers and bare MatMuls timed in turn, {threads or 'default'} ONNX Runtime thread(s); GOP/s "
             "counts two operations per multiply-add (the scorer's by the arithmetic above, with the head). "
             "The bare MatMuls are the scorer's per-token weight products at its shapes: q/k/v side by side, "
-            "the FFN's two.\n\n"
+            "the FFN's two, called until they do the scorer's multiply-adds (ms is for all the calls).\n\n"
             + markdown_table(["point", "timed", "ms", "GOP/s", "share of the bare rate"], rows)
             + (f"\n\nint8 scorer over the fp32 scorer: {speedups}.\n\n" if speedups else "\n\n"))
 
