@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from astro_trt.exporter.custom_ops import ExportOps
+from astro_trt.exporter.quantize import fake_quantize_weights
 from astro_trt.model.astro import ASTRO, BlockLayer
 from astro_trt.precision import get
 
@@ -31,8 +32,6 @@ def model_in_precision(model: ASTRO, precision: str, *, export_ops: bool) -> AST
     if export_ops:
         out.ops = ExportOps()
     elif record.quantized:
-        from astro_trt.exporter.quantize import fake_quantize_weights
-
         fake_quantize_weights(out)
     return out
 

@@ -35,6 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.lazy import lazy_import
+from astro_trt.precision import STORAGE
+
+onnx = lazy_import("onnx")
+ort_quantization = lazy_import("onnxruntime.quantization")
+torch = lazy_import("torch")
+
 BLOCK_SUFFIX = ".block"  # a per-block weight is named <stacked weight>.block<i>
 # The quantizer renames a weight and rewires its MatMul, so the bisect's anchors ("the input of the
 # MatMul with weight W", "the MatMul feeding the Add with bias B") would be lost. Before quantizing,
@@ -56,8 +63,7 @@ def split_block_matmuls(proto: Any) -> Any:
     weights side by side ([d, 3e] per block: the input is quantized once, one larger GEMM), each
     stacked weight becomes Nb 2-D MatMuls (Split on the block axis, Concat after), and every
     weight MatMul's input is marked (INPUT_MARK)."""
-    from onnx import helper, numpy_helper
-
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     groups: dict[str, list[Any]] = {}  # input tensor -> the weight MatMuls reading it
@@ -123,16 +129,15 @@ def _quiet_quantizer() -> None:
 
 def dynamic_int8(proto: Any) -> Any:
     """``proto`` (fp32, any graph of the contract) -> its int8 form for ONNX Runtime."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    QuantType = ort_quantization.QuantType  # noqa: N806 - the quantizer's own name
     split_block_matmuls(proto)
     nodes = [n.name for n in weight_matmuls(proto.graph)]
     _quiet_quantizer()
     with tempfile.TemporaryDirectory(prefix="astro-int8-") as tmp:
         out = Path(tmp) / "int8.onnx"
-        quantize_dynamic(proto, out, weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
-                         op_types_to_quantize=["MatMul"], extra_options={"WeightSymmetric": True})
+        ort_quantization.quantize_dynamic(proto, out, weight_type=QuantType.QInt8, per_channel=True,
+                                          nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
+                                          extra_options={"WeightSymmetric": True})
         return onnx.load(str(out))
 
 
@@ -149,18 +154,16 @@ class _Feeds:
 def qdq_int8(proto: Any, calibration: Iterable[Mapping[str, np.ndarray]]) -> Any:
     """``proto`` (fp32) -> its QDQ int8 form for TensorRT, activations calibrated (min/max) on
     ``calibration`` (feed dicts of the graph's inputs)."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
+    q = ort_quantization
     split_block_matmuls(proto)
     nodes = [n.name for n in weight_matmuls(proto.graph)]
-    reader = type("Reader", (_Feeds, CalibrationDataReader), {})(calibration)
+    reader = type("Reader", (_Feeds, q.CalibrationDataReader), {})(calibration)
     _quiet_quantizer()
     with tempfile.TemporaryDirectory(prefix="astro-qdq-") as tmp:
         src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
         onnx.save_model(proto, str(src))
-        quantize_static(src, out, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
+        q.quantize_static(src, out, reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
+                          activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8, nodes_to_quantize=nodes,
                         op_types_to_quantize=["MatMul"],
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
         return onnx.load(str(out))
@@ -171,10 +174,6 @@ def fake_quantize_weights(model: Any) -> Any:
     [d, e] slice of a stacked weight, each Linear of the fusion head) rounded to symmetric int8
     with a scale per output channel, as ``dynamic_int8`` stores it. The error of this model against
     the oracle is what int8 weights alone cost; the runtime adds its activation rounding."""
-    import torch
-
-    from astro_trt.precision import STORAGE
-
     int8 = STORAGE["int8"]
     with torch.no_grad():
         for name, param in model.named_parameters():

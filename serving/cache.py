@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from astro_trt.contract import KV_CACHE_AXES
+from astro_trt.contract import KV_CACHE_AXES, dtype_bytes, kv_cache_layout
 from astro_trt.errors import ConfigError, DataError
 from astro_trt.precision import STORAGE
 
@@ -146,8 +146,6 @@ class StateCodec:
 
 def cache_capacity(cfg: Any, precision: str, cache_dtype: str, cache_bytes: int) -> tuple[int, int]:
     """(bytes one user's state takes in the cache, users that fit in ``cache_bytes``)."""
-    from astro_trt.contract import dtype_bytes, kv_cache_layout
-
     layout = kv_cache_layout(cfg, precision)
     per_user = StateCodec(cache_dtype).state_bytes([int(d) for d in layout.shape[1:]], dtype_bytes(layout.dtype))
     return per_user, cache_bytes // per_user

@@ -33,6 +33,8 @@ from astro_trt.serving.defaults import (
     check_ort_threads,
     check_port,
 )
+from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+from astro_trt.serving.source import load_served_bundle
 
 HOST = "127.0.0.1"
 _INSTALL = "pip install 'astro-trt[serve]' (nvidia-pytriton ships tritonserver)"
@@ -256,9 +258,6 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
                  progress: Callable[[str], None] = lambda _: None) -> None:
     """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by
     tritonserver on 127.0.0.1 until SIGINT or SIGTERM; ``show`` gets the endpoints."""
-    from astro_trt.serving.repository import PYTHON_MODELS, write_repository
-    from astro_trt.serving.source import load_served_bundle
-
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     for what, port in ports.items():
         check_port(port, what)

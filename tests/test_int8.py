@@ -144,9 +144,10 @@ def test_ml100k_int8_changes_no_task_auc_by_more_than_the_gate(tmp_path):
     split, AUC per task against the fp32 oracle (measured 2.2e-5, 4.5e-6; gate 1e-3)."""
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.model.metrics import evaluate
+    from astro_trt.runtime.onnxruntime import OrtRunner
+    from astro_trt.runtime.torch_runner import TorchRunner
     from astro_trt.tolerances import INT8_AUC_DELTA
     from astro_trt.validate.parity import load_batches
-    from astro_trt.validate.runners import OrtRunner, TorchRunner
 
     ckpt = load_checkpoint(EXAMPLE)
     result = export_onnx(ckpt.model, tmp_path, precision="int8", attention="plugin")
@@ -207,8 +208,9 @@ def report_cfg(bundle: Path):
 
 def test_the_ceiling_times_both_scorers_and_the_bare_matmuls(int8_bundle):
     from astro_trt.engines.bundle import load_bundle
-    from astro_trt.validate.ceiling import ceiling_markdown, scorer_ceiling, scorer_macs
-    from astro_trt.validate.runners import OrtRunner
+    from astro_trt.runtime.onnxruntime import OrtRunner
+    from astro_trt.validate.bench import ceiling_markdown
+    from astro_trt.validate.ceiling import scorer_ceiling, scorer_macs
 
     bundle = load_bundle(int8_bundle)
     cfg = bundle.config

@@ -19,6 +19,13 @@ from typing import Any
 import numpy as np
 
 from astro_trt.config import ASTROConfig
+from astro_trt.exporter.quantize import dynamic_int8
+from astro_trt.lazy import lazy_import
+from astro_trt.model.synthetic import synthetic_batch
+from astro_trt.ort_session import onnx_session
+from astro_trt.validate.bench import time_interleaved
+
+onnx = lazy_import("onnx")
 
 
 def scorer_macs(cfg: ASTROConfig, candidates: int) -> int:
@@ -39,8 +46,7 @@ def matmul_shapes(cfg: ASTROConfig) -> list[tuple[int, int]]:
 
 def _matmul_graph(rows: int, shapes: Sequence[tuple[int, int]], seed: int = 0) -> Any:
     """One graph of independent MatMuls [rows, K] x [K, N] (random weights as initializers)."""
-    from onnx import TensorProto, helper, numpy_helper
-
+    TensorProto, helper, numpy_helper = onnx.TensorProto, onnx.helper, onnx.numpy_helper  # noqa: N806
     rng = np.random.default_rng(seed)
     nodes, inputs, outputs, inits = [], [], [], []
     for i, (k, n) in enumerate(shapes):
@@ -54,11 +60,6 @@ def _matmul_graph(rows: int, shapes: Sequence[tuple[int, int]], seed: int = 0) -
 
 def bare_matmuls(rows: int, shapes: Sequence[tuple[int, int]], threads: int, tmp: Path) -> dict[str, Any]:
     """name -> (session, feeds) of the fp32 and the int8 (quantize_dynamic, per channel) MatMuls."""
-    import onnx
-
-    from astro_trt.exporter.ort_session import onnx_session
-    from astro_trt.exporter.quantize import dynamic_int8
-
     fp32 = _matmul_graph(rows, shapes)
     paths = {"MatMul fp32": tmp / "matmul_fp32.onnx", "DynamicQuantizeMatMul int8": tmp / "matmul_int8.onnx"}
     onnx.save_model(fp32, str(paths["MatMul fp32"]))
@@ -76,9 +77,6 @@ def scorer_ceiling(
     ``scorers`` (name -> runner with encode/score, e.g. "int8" and "fp32") and of the bare fp32
     and int8 MatMuls at the scorer's shapes ([M, K] x [K, N]), each scorer's share of each bare
     rate, and the int8 scorer's speed-up over the fp32 one."""
-    from astro_trt.model.synthetic import synthetic_batch
-    from astro_trt.validate.bench import time_interleaved
-
     shapes = matmul_shapes(cfg)
     out: dict[str, Any] = {}
     for m in candidates:
@@ -108,26 +106,4 @@ def scorer_ceiling(
     return out
 
 
-def ceiling_markdown(ceiling: Mapping[str, Any], threads: int | None) -> str:
-    """The report section: one row per timed thing and M."""
-    if not ceiling:
-        return ""
-    from astro_trt.validate.report import markdown_table
-
-    rows = []
-    for point, figures in ceiling.items():
-        for name, ms in figures["ms"].items():
-            shares = [f"{v * 100:.0f}% of {k.split(' of ')[1]}" for k, v in figures["share"].items()
-                      if k.startswith(f"{name} of ")]
-            rows.append((point, name, f"{ms:.2f}", f"{figures['gops'][name]:.1f}", "; ".join(shares)))
-    speedups = "; ".join(f"{p}: {f['int8_speedup']:.2f}x" for p, f in ceiling.items() if "int8_speedup" in f)
-    return ("## The int8 scorer against its ceiling (one user, same run)\n\n"
-            f"Scorers and bare MatMuls timed in turn, {threads or 'default'} ONNX Runtime thread(s); GOP/s "
-            "counts two operations per multiply-add (the scorer's by the arithmetic above, with the head). "
-            "The bare MatMuls are the scorer's per-token weight products at its shapes: q/k/v side by side, "
-            "the FFN's two, called until they do the scorer's multiply-adds (ms is for all the calls).\n\n"
-            + markdown_table(["point", "timed", "ms", "GOP/s", "share of the bare rate"], rows)
-            + (f"\n\nint8 scorer over the fp32 scorer: {speedups}.\n\n" if speedups else "\n\n"))
-
-
-__all__ = ["bare_matmuls", "ceiling_markdown", "matmul_shapes", "scorer_ceiling", "scorer_macs"]
+__all__ = ["bare_matmuls", "matmul_shapes", "scorer_ceiling", "scorer_macs"]

@@ -8,9 +8,15 @@ from pathlib import Path
 import click
 
 from astro_trt.errors import GateError
+from astro_trt.lazy import lazy_import
 from astro_trt.serving import defaults as lim
-from astro_trt.serving.cache import CACHE_DTYPES, DEFAULT_CACHE_DTYPE
+from astro_trt.serving.cache import CACHE_DTYPES, DEFAULT_CACHE_DTYPE, cache_capacity
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
+from astro_trt.serving.repository import write_repository
+from astro_trt.serving.server import serve_bundle
+from astro_trt.serving.source import load_served_bundle, served_precision
+
+loadtest_lib = lazy_import("astro_trt.serving.loadtest")
 
 _THREADS = click.option("--ort-threads", default=DEFAULT_ORT_THREADS, show_default=True,
                         type=click.IntRange(0, lim.MAX_ORT_THREADS),
@@ -40,9 +46,6 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
            ort_threads: int, expect_sha256: str | None) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime models, gate, ensemble,
     per-user cache model) from BUNDLE_DIR."""
-    from astro_trt.serving.repository import write_repository
-    from astro_trt.serving.source import load_served_bundle
-
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     repo = write_repository(bundle, out, precision=precision, force=force, cache_bytes=cache_mib << 20,
                             ort_threads=ort_threads or None, cache_dtype=cache_dtype)
@@ -53,9 +56,6 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
 
 def _capacity_line(bundle: object, precision: str | None, cache_dtype: str, cache_mib: int) -> str:
     """Users the per-user cache holds, in this --cache-mib and per GiB, against an fp32 cache."""
-    from astro_trt.serving.cache import DEFAULT_CACHE_DTYPE, cache_capacity
-    from astro_trt.serving.source import served_precision
-
     served = served_precision(bundle, precision)
     per_user, users = cache_capacity(bundle.config, served, cache_dtype, cache_mib << 20)  # type: ignore[attr-defined]
     plain, _ = cache_capacity(bundle.config, served, DEFAULT_CACHE_DTYPE, 1)  # type: ignore[attr-defined]
@@ -78,8 +78,6 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
           cache_mib: int, cache_dtype: str, ort_threads: int, expect_sha256: str | None) -> None:
     """Serve BUNDLE_DIR with tritonserver on 127.0.0.1 (astro_recommend and astro_gate, ONNX
     Runtime on the CPU) until Ctrl-C or SIGTERM."""
-    from astro_trt.serving.server import serve_bundle
-
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                  precision=precision, cache_bytes=cache_mib << 20, ort_threads=ort_threads or None,
                  cache_dtype=cache_dtype, expect_sha256=expect_sha256, show=click.echo,
@@ -113,13 +111,11 @@ def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, durati
              out_dir: Path) -> None:
     """N concurrent clients against astro_recommend at URL (host:port of HTTP) for a bounded time:
     requests/s, candidates/s, latency percentiles, errors. Exit 1 when any request failed."""
-    from astro_trt.serving.loadtest import run_loadtest
-
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    report, paths = run_loadtest(url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration,
-                                 users=users, pages=pages, candidates=candidates, bundle_dir=bundle_dir,
-                                 baseline_seconds=baseline_seconds, seed=seed, note=note, out_dir=out_dir,
-                                 progress=say)
+    report, paths = loadtest_lib.run_loadtest(
+        url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration, users=users, pages=pages,
+        candidates=candidates, bundle_dir=bundle_dir, baseline_seconds=baseline_seconds, seed=seed, note=note,
+        out_dir=out_dir, progress=say)
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
     if report.failed:
