@@ -147,8 +147,9 @@ def _export_precision(model: Any, stage: Path, precision: str, lowerings: list, 
     for index, lowering in enumerate(lowerings):
         onnx_dir = stage / "onnx" / precision
         engine_dir = stage / "engines" / precision
-        # The QDQ form an int8 engine is built from lives beside the stage, not in the bundle.
-        sources_dir = Path(tempfile.mkdtemp(prefix=".engine-sources-", dir=stage.parent))
+        # The QDQ form an int8 engine is built from: inside the stage, so that an interrupted export
+        # leaves nothing behind, and removed before the manifest lists the bundle's files.
+        sources_dir = Path(tempfile.mkdtemp(prefix=".engine-sources-", dir=stage))
         try:
             say(f"{precision}: export ONNX ({lowering.effective})")
             result = export_onnx(model, onnx_dir, precision=precision, attention=lowering.export_as,
