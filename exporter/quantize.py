@@ -27,9 +27,10 @@ same, and each block's [d, e] weight gets its own per-channel scales.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,18 @@ def split_block_matmuls(proto: Any) -> Any:
     return proto
 
 
-def _quiet_quantizer() -> None:
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
     # The quantizer logs "please run pre-processing" on every call through the root logger;
     # pre-processing (symbolic shape inference) is for convolutional models and changes nothing here.
-    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    # The root logger's level is put back afterwards: the caller's own warnings still show.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def dynamic_int8(proto: Any) -> Any:
@@ -132,8 +141,7 @@ def dynamic_int8(proto: Any) -> Any:
     QuantType = ort_quantization.QuantType  # noqa: N806 - the quantizer's own name
     split_block_matmuls(proto)
     nodes = [n.name for n in weight_matmuls(proto.graph)]
-    _quiet_quantizer()
-    with tempfile.TemporaryDirectory(prefix="astro-int8-") as tmp:
+    with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="astro-int8-") as tmp:
         out = Path(tmp) / "int8.onnx"
         ort_quantization.quantize_dynamic(proto, out, weight_type=QuantType.QInt8, per_channel=True,
                                           nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"],
@@ -158,8 +166,7 @@ def qdq_int8(proto: Any, calibration: Iterable[Mapping[str, np.ndarray]]) -> Any
     split_block_matmuls(proto)
     nodes = [n.name for n in weight_matmuls(proto.graph)]
     reader = type("Reader", (_Feeds, q.CalibrationDataReader), {})(calibration)
-    _quiet_quantizer()
-    with tempfile.TemporaryDirectory(prefix="astro-qdq-") as tmp:
+    with _quiet_quantizer(), tempfile.TemporaryDirectory(prefix="astro-qdq-") as tmp:
         src, out = Path(tmp) / "fp32.onnx", Path(tmp) / "qdq.onnx"
         onnx.save_model(proto, str(src))
         q.quantize_static(src, out, reader, quant_format=q.QuantFormat.QDQ, per_channel=True,
