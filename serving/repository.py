@@ -79,7 +79,7 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
             (stage / name / VERSION).mkdir(parents=True)
         _write(stage / pbtxt.RECOMMEND / "config.pbtxt",
                pbtxt.recommend_config(io, profiles, config, precision=precision, cache_bytes=cache_bytes,
-                                      ort_threads=ort_threads))
+                                      ort_threads=ort_threads, bundle_sha256=bundle.manifest_sha256))
         _write(stage / pbtxt.RECOMMEND / VERSION / "model.py", _model_source("recommend"))
         shutil.copytree(bundle.directory, stage / pbtxt.RECOMMEND / VERSION / "bundle")
         _write(stage / "README.md", repository_readme(bundle, precision, io, profiles, plans=plans,

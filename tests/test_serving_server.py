@@ -153,9 +153,11 @@ def test_gate_model_refuses_and_passes_checked_tensors(clients, bundle):
 
 def test_load_test_cli_against_the_server(server, bundle, tmp_path):
     out = tmp_path / "load"
+    key_file = tmp_path / "key"
+    key_file.write_text(server.api_key + "\n")
     main(["loadtest", server.endpoints.http, "--grpc-url", server.endpoints.grpc, "--clients", "2", "--duration", "1",
           "--users", "2", "--pages", "2", "--candidates", "8", "--bundle", str(bundle.directory),
-          "--baseline-seconds", "0.5", "--out", str(out)])
+          "--baseline-seconds", "0.5", "--out", str(out), "--api-key-file", str(key_file)])
     report = json.loads((out / "loadtest.json").read_text())
     assert report["failed_requests"] == 0
     assert [p["name"] for p in report["phases"]] == ["http", "grpc"]
@@ -226,7 +228,7 @@ def test_serve_refuses_a_busy_port_in_one_line(bundle):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: tritonserver exited") and f"127.0.0.1:{port}" in last and "in use" in last
+    assert last.startswith("error: tritonserver cannot start") and f"127.0.0.1:{port}" in last and "in use" in last
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,9 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
 def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, precision: str | None,
           cache_mib: int, ort_threads: int, expect_sha256: str | None) -> None:
     """Serve BUNDLE_DIR with tritonserver on 127.0.0.1 (astro_recommend and astro_gate, ONNX
-    Runtime on the CPU) until Ctrl-C or SIGTERM."""
+    Runtime on the CPU) until Ctrl-C or SIGTERM: inference, health, metadata and metrics open,
+    model control off, management APIs behind a key written to a file only this user reads; a
+    server that dies is restarted with its cause logged."""
     from astro_trt.serving.server import serve_bundle
 
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
@@ -86,18 +88,23 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
 @click.option("--note", default="", help="A line for the report (e.g. what else shared the machine).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("loadtest"), show_default=True,
               help="Where loadtest.{json,md,png} go.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
+              help="The file astro-trt serve named on its 'management key' line: the served model's config and "
+                   "statistics are management APIs behind that key.")
 def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, duration: float, users: int, pages: int,
              candidates: int, bundle_dir: Path | None, baseline_seconds: float, seed: int, note: str,
-             out_dir: Path) -> None:
+             out_dir: Path, api_key_file: Path | None) -> None:
     """N concurrent clients against astro_recommend at URL (host:port of HTTP) for a bounded time:
     requests/s, candidates/s, latency percentiles, errors. Exit 1 when any request failed."""
     from astro_trt.serving.loadtest import run_loadtest
+    from astro_trt.serving.server import read_api_key
 
+    api_key = None if api_key_file is None else read_api_key(api_key_file)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     report, paths = run_loadtest(url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration,
                                  users=users, pages=pages, candidates=candidates, bundle_dir=bundle_dir,
                                  baseline_seconds=baseline_seconds, seed=seed, note=note, out_dir=out_dir,
-                                 progress=say)
+                                 progress=say, api_key=api_key)
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
     if report.failed:
