@@ -12,6 +12,7 @@ import ctypes
 import importlib.util
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astro_trt.errors import BackendError, DataError
+from astro_trt.model.resources import machine_memory
 from astro_trt.serving import lockdown
 from astro_trt.serving.defaults import (
     DEFAULT_CACHE_BYTES,
@@ -150,15 +152,25 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child after fork must not load libraries
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """preexec_fn: the kernel SIGKILLs the server when the thread that started it ends, even by
-    SIGKILL (no orphan server answering on its ports). A parent already gone before prctl took
-    effect is caught by the getppid check."""
-    def arm() -> None:
+def default_memory_limit(cache_bytes: int = 0) -> int:
+    """Bytes of private memory each server process may map: half this machine's memory plus the
+    per-user cache. A request body declaring a bigger tensor (Triton's HTTP front end allocates
+    the declared shape before any model sees it) then fails its allocation at once instead of
+    taking the machine's memory."""
+    return machine_memory() // 2 + cache_bytes
+
+
+def _child_setup(parent: int, memory_limit: int) -> Callable[[], None]:
+    """preexec_fn: RLIMIT_DATA (inherited by the Python stubs) and the parent-death signal: the
+    kernel SIGKILLs the server when the thread that started it ends, even by SIGKILL (no orphan
+    server answering on its ports). A parent already gone before prctl took effect is caught by
+    the getppid check."""
+    def setup() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
         _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
-    return arm
+    return setup
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -188,7 +200,8 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, *, models: Sequence[str], http_port: int = 0, grpc_port: int = 0,
                  metrics_port: int = 0, startup_timeout: float = 180.0, env: dict[str, str] | None = None,
-                 cancel: threading.Event | None = None, api_key: str | None = None) -> None:
+                 cancel: threading.Event | None = None, api_key: str | None = None,
+                 memory_limit: int | None = None) -> None:
         self.repository = Path(repository).resolve()
         self.models = list(models)
         self.ports = {k: p or free_port() for k, p in
@@ -199,6 +212,7 @@ class TritonServer:
         self.endpoints = Endpoints(*(f"{HOST}:{self.ports[k]}" for k in ("http", "grpc", "metrics")))
         # The operator's key to the management APIs (lockdown.py); clients get inference only.
         self.api_key = api_key or lockdown.new_api_key()
+        self.memory_limit = memory_limit or default_memory_limit()
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
 
@@ -264,11 +278,11 @@ class TritonServer:
             raise
         log = open(self.log_path, "wb")  # noqa: SIM115 - the server writes it until stop()
         try:
-            # Its own process group (stop() ends the stubs with it) and the parent-death signal:
-            # a SIGKILLed caller leaves no server behind.
+            # Its own process group (stop() ends the stubs with it), the parent-death signal (a
+            # SIGKILLed caller leaves no server behind) and a memory bound.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=self._env(install), start_new_session=True,
-                                            preexec_fn=_die_with_parent(os.getpid()))
+                                            preexec_fn=_child_setup(os.getpid(), self.memory_limit))
         finally:
             log.close()
         try:
@@ -427,7 +441,7 @@ def supervise(server: TritonServer, stop: threading.Event, *, progress: Callable
         server = TritonServer(server.repository, models=server.models, http_port=server.ports["http"],
                               grpc_port=server.ports["grpc"], metrics_port=server.ports["metrics"],
                               startup_timeout=server.startup_timeout, env=server.extra_env, cancel=server.cancel,
-                              api_key=server.api_key)
+                              api_key=server.api_key, memory_limit=server.memory_limit)
         began = time.monotonic()
         server.start()
         progress(f"tritonserver restarted in {time.monotonic() - began:.1f} s")
@@ -463,7 +477,8 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
             repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_bytes,
                                     ort_threads=ort_threads)
             server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
-                                  metrics_port=metrics_port, cancel=stop)
+                                  metrics_port=metrics_port, cancel=stop,
+                                  memory_limit=default_memory_limit(cache_bytes))
             key_file = _write_key(Path(tmp) / "api-key", server.api_key)
             progress("starting tritonserver ...")
             server.start()
