@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from astro_trt.artifacts import _pid_alive
 from astro_trt.errors import BackendError, DataError
 from astro_trt.model.resources import machine_memory
 from astro_trt.serving import lockdown
@@ -103,16 +104,6 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _mine(path: Path) -> bool:
     try:
         return not path.is_symlink() and path.lstat().st_uid == os.getuid()
@@ -130,15 +121,18 @@ def sweep_stale(tmp: str | Path | None = None) -> list[Path]:
         match = _RUN_DIR.fullmatch(run.name)
         if not match or not _mine(run) or not run.is_dir() or _pid_alive(int(match[1])):
             continue
-        for child in run.iterdir():
-            if child.name != LOG_NAME:
-                if child.is_dir() and not child.is_symlink():
-                    shutil.rmtree(child, ignore_errors=True)
-                else:
-                    child.unlink(missing_ok=True)
-                removed.append(child)
-        if not any(run.iterdir()):
-            run.rmdir()
+        try:  # another start may sweep the same folder at the same time
+            for child in run.iterdir():
+                if child.name != LOG_NAME:
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+                    removed.append(child)
+            if not any(run.iterdir()):
+                run.rmdir()
+        except OSError:
+            continue
     shm = Path("/dev/shm")
     for region in shm.iterdir() if shm.is_dir() else ():
         match = _STUB_SHM.fullmatch(region.name)
@@ -195,8 +189,11 @@ class Endpoints:
 
 
 class TritonServer:
-    """``with TritonServer(repo, models=[...]) as server:`` starts tritonserver and waits until
-    every model is ready; leaving the block (or ``stop()``) ends it and its Python stubs."""
+    """``with TritonServer(repo, models=[...]) as server:`` starts tritonserver, locked down
+    (lockdown.py: only ``models`` load, management APIs behind ``api_key``), and waits until
+    every model is ready; leaving the block (or ``stop()``) ends it and its Python stubs. The
+    server also ends when the thread that started it ends (parent-death signal): start it from
+    a thread that lives as long as the server should."""
 
     def __init__(self, repository: str | Path, *, models: Sequence[str], http_port: int = 0, grpc_port: int = 0,
                  metrics_port: int = 0, startup_timeout: float = 180.0, env: dict[str, str] | None = None,
