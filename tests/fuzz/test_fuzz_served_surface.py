@@ -36,7 +36,13 @@ from tiny_bundle import pristine_bundle
 from astro_trt.engines.bundle import load_bundle
 from astro_trt.serving import client as tc
 from astro_trt.serving.lockdown import KEY_HEADER, MANAGEMENT_APIS
-from astro_trt.serving.server import free_port, read_api_key, sweep_stale, unavailable_reason
+from astro_trt.serving.server import (
+    default_memory_limit,
+    free_port,
+    read_api_key,
+    sweep_stale,
+    unavailable_reason,
+)
 
 pytestmark = [pytest.mark.fuzz,
               pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))]
@@ -251,7 +257,9 @@ CRASHERS = {
     "10^5-deep array in data": (b'{"inputs":[{"name":"cand_items","datatype":"INT64","shape":[1,1],"data":'
                                 + b"[" * 10**5 + b"1" + b"]" * 10**5 + b"}]}"),
     "shape [2^31, 3, 50]": json.dumps({"inputs": [_tensor("hist_items", [2**31, 3, 50], [1])]}).encode(),
-    "candidates [2, 2^30]": json.dumps({"inputs": [_tensor("cand_items", [2, 2**30], [1, 2])]}).encode(),
+    # 2^30 (16 GiB) as the campaign sent, or more where half the machine's memory is more than that
+    "candidates [2, 2^30]": json.dumps({"inputs": [_tensor("cand_items", [2, max(2**30, default_memory_limit(
+        1 << 20) // 16 + 1)], [1, 2])]}).encode(),
     "shape [1, 2^62] (its byte size overflows)": json.dumps({"inputs": [_tensor("cand_items", [1, 2**62], [1])]})
     .encode(),
 }
