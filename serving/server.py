@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from astro_trt.artifacts import _pid_alive
-from astro_trt.errors import BackendError, DataError
+from astro_trt.artifacts import _pid_alive, as_path, read_regular_file
+from astro_trt.errors import AstroError, BackendError, DataError, one_line
 from astro_trt.model.resources import machine_memory
 from astro_trt.serving import lockdown
 from astro_trt.serving.defaults import (
@@ -405,14 +405,14 @@ def _write_key(path: Path, api_key: str) -> Path:
 def read_api_key(path: str | Path) -> str:
     """The key `serve` wrote (its ``management key`` line names the file), for the management
     APIs (statistics, model config) the load test reads."""
-    try:
-        key = Path(path).read_text(errors="strict").strip()
-    except (OSError, UnicodeError, ValueError) as exc:
-        raise DataError(f"--api-key-file {path}: cannot read it ({type(exc).__name__}); pass the file "
+    try:  # a regular file of a few bytes: never a FIFO, a device or /dev/zero
+        key = read_regular_file(as_path(path, "--api-key-file", DataError), max_bytes=4096).decode().strip()
+    except (AstroError, OSError, UnicodeError, ValueError) as exc:
+        raise DataError(f"--api-key-file {path}: cannot read it ({one_line(exc, 120)}); pass the file "
                         "astro-trt serve named on its 'management key' line") from None
     if not key or len(key) > 256 or any(c in key for c in ",:= \n"):
-        raise DataError(f"--api-key-file {path}: not a key astro-trt serve wrote; pass the file it named on its "
-                        "'management key' line")
+        raise DataError(f"--api-key-file {path}: not a key astro-trt serve wrote; pass the file astro-trt serve "
+                        "named on its 'management key' line")
     return key
 
 

@@ -332,6 +332,11 @@ def test_loadtest_checks_out_bundle_and_server_before_the_run(server, bundle, tm
         assert named in message and "\n" not in message, (what, message)
         assert time.monotonic() - began < 30, what  # refused before the 60 s run, not after it
     assert not (tmp_path / "r").exists()
+    from astro_trt.serving.server import read_api_key
+
+    for path in ("/dev/zero", tmp_path, tmp_path / "missing", existing, None):  # a key file is a short regular file
+        with pytest.raises(AstroError, match="^--api-key-file .*; pass the file astro-trt serve named"):
+            read_api_key(path)
     # The command line: exit 2 and one line, naming the option.
     proc = subprocess.run([sys.executable, "-m", "astro_trt.cli", "loadtest", url, "--out", "/proc/astro-x",
                            "--api-key-file", str(tmp_path / "missing-key")], capture_output=True, text=True,

@@ -275,6 +275,34 @@ MALFORMED = [b"", b"{", b"[]", b"null", b'{"inputs": [}', b'{"inputs": 3}', b'{"
              json.dumps({"inputs": [_tensor("cand_items", [2**63 - 1, 2**63 - 1], [1])]}).encode()]
 
 
+def _grpc_bodies(served: Served, tally: Tally) -> None:
+    """The same declared shapes over gRPC (built with the raw protobuf stub: tritonclient would
+    refuse them): Triton's gRPC front end checks the request before it allocates (measured)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    channel = grpc.insecure_channel(served.grpc)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    shapes = {"hist_items": [2**31, 3, 50], "cand_items": [2, 2**30], "hist_lengths": [1, 2**62]}
+    try:
+        for name, shape in shapes.items():
+            for raw in (True, False):
+                request = service_pb2.ModelInferRequest(model_name="astro_recommend")
+                tensor = request.inputs.add(name=name, datatype="INT64", shape=shape)
+                if raw:
+                    request.raw_input_contents.append(b"\0" * 16)
+                else:
+                    tensor.contents.int64_contents.extend([1, 2])
+                try:
+                    stub.ModelInfer(request, timeout=60)
+                    outcome = Outcome("accepted")
+                except grpc.RpcError as exc:
+                    outcome = _clean_reply(str(exc.code()), exc.details() or "")
+                tally.record(f"grpc {name} {shape} {'raw' if raw else 'contents'}", outcome)
+    finally:
+        channel.close()
+
+
 def test_hostile_bodies_are_survived_or_restarted_with_the_cause_kept(served):
     tally = Tally("hostile-bodies")
     path = "/v2/models/astro_recommend/infer"
@@ -284,6 +312,7 @@ def test_hostile_bodies_are_survived_or_restarted_with_the_cause_kept(served):
         if outcome.kind == "refused" and not (isinstance(status, int) and 400 <= status < 600):
             outcome = Outcome("accepted", f"{status} {text[:200]}")
         tally.record(f"malformed #{i} {body[:40]!r}", outcome)
+    _grpc_bodies(served, tally)
     assert "died" not in served.log(), "a malformed body killed the server"
     restarts = []
     for name, body in CRASHERS.items():
