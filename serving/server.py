@@ -48,6 +48,8 @@ _RUN_DIR = re.compile(rf"(?:{SERVER_PREFIX}|{REPO_PREFIX})(\d+)-.+")
 _STUB_SHM = re.compile(r"astro(\d+)p\d+_.+")
 # Lines every start on a machine without a GPU logs: never the cause of an exit.
 _NOISE = ("CudaDriverHelper", "DCGM", "NVML", "CUDA", "pinned memory")
+# Triton's last words after a model failed to load: the line before them names the model.
+_SUMMARY = ("failed to load all models",)
 # serve restarts a dead server at once, but gives up (exit 2, cause named) after this many
 # deaths within the window: a server that cannot stay up is not hidden behind restarts.
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 60.0
@@ -328,6 +330,7 @@ class TritonServer:
         lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines()
                  if (ln[:1] == "E" or "error" in ln.lower() or "terminate called" in ln)
                  and not any(n in ln for n in _NOISE)]
+        lines = [ln for ln in lines if not any(g in ln for g in _SUMMARY)] or lines
         return lines[-1].strip()[:300] if lines else "no error line in its log"
 
     def exit_cause(self) -> str:
@@ -417,11 +420,11 @@ def read_api_key(path: str | Path) -> str:
 
 
 def supervise(server: TritonServer, stop: threading.Event, *, progress: Callable[[str], None],
-              poll_s: float = 0.25) -> TritonServer:
+              poll_s: float = 0.25, max_restarts: int = MAX_RESTARTS) -> TritonServer:
     """Keep ``server`` up until ``stop`` is set: a server that dies (a body that crashes Triton's
     own HTTP front end, a kill, the kernel's OOM killer) is restarted at once on the same ports,
-    repository and key, its cause logged and its log kept. More than MAX_RESTARTS deaths within
-    RESTART_WINDOW_S end it with BackendError naming the last cause and log. Returns the server
+    repository and key, its cause logged and its log kept. More than ``max_restarts`` deaths
+    within RESTART_WINDOW_S end it with BackendError naming the last cause and log. Returns the server
     that is running when ``stop`` is set."""
     deaths: list[float] = []
     while not stop.wait(poll_s):
@@ -431,7 +434,7 @@ def supervise(server: TritonServer, stop: threading.Event, *, progress: Callable
         server.stop(keep_log=True)
         now = time.monotonic()
         deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
-        if len(deaths) > MAX_RESTARTS:
+        if len(deaths) > max_restarts:
             raise BackendError(f"tritonserver died {len(deaths)} times within {RESTART_WINDOW_S:.0f} s, last "
                                f"({cause}); see {log}")
         progress(f"tritonserver died ({cause}); its log is kept at {log}; restarting ...")

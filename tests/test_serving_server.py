@@ -199,6 +199,39 @@ def test_server_killed_under_load_restarts_and_serves(server, bundle):
     assert np.abs(logits - reference_logits(bundle, good)).max() <= FP32_TOL
 
 
+def test_a_server_that_keeps_dying_ends_supervision_naming_the_cause_and_a_kept_log(server):
+    from astro_trt.errors import BackendError
+    from astro_trt.serving.server import supervise
+
+    server.kill()
+    said = []
+    with pytest.raises(BackendError) as exc:
+        supervise(server, threading.Event(), progress=said.append, max_restarts=0)
+    message = str(exc.value)
+    assert message.startswith("tritonserver died 1 times within 60 s") and "killed by SIGKILL" in message, message
+    assert "DCGM" not in message and "\n" not in message and not said
+    log = Path(message.rsplit("see ", 1)[1])
+    assert log.is_file() and "Started HTTPService" in log.read_text()  # the dead server's whole log, kept
+    server.start()  # the module's server again, for the tests after this one
+
+
+def test_a_server_that_fails_to_start_names_the_cause_and_keeps_its_log(bundle, tmp_path):
+    from astro_trt.errors import BackendError
+
+    repo = write_repository(bundle, tmp_path / "models", cache_bytes=1 << 20)
+    (repo / pbtxt.GATE / "config.pbtxt").write_text("this is not protobuf text {")
+    broken = TritonServer(repo, models=PYTHON_MODELS, startup_timeout=120)
+    try:
+        with pytest.raises(BackendError) as exc:
+            broken.start()
+        message = str(exc.value)
+        assert message.startswith("tritonserver exited while starting (exit status") and "DCGM" not in message
+        assert pbtxt.GATE in message, message  # the real cause: the config it could not read
+        assert Path(message.rsplit("see ", 1)[1]).is_file()
+    finally:
+        broken.stop()
+
+
 def test_serve_command_prints_endpoints_and_stops_on_sigterm(bundle):
     ports = [str(free_port()) for _ in range(3)]
     cmd = [sys.executable, "-m", "astro_trt.cli", "serve", str(bundle.directory), "--http-port", ports[0],
