@@ -156,16 +156,17 @@ def default_memory_limit(cache_bytes: int = 0) -> int:
     return machine_memory() // 2 + cache_bytes
 
 
-def _child_setup(parent: int, memory_limit: int) -> Callable[[], None]:
+def _child_setup(parent: int, memory_limit: int, die_with_parent: bool) -> Callable[[], None]:
     """preexec_fn: RLIMIT_DATA (inherited by the Python stubs) and the parent-death signal: the
     kernel SIGKILLs the server when the thread that started it ends, even by SIGKILL (no orphan
     server answering on its ports). A parent already gone before prctl took effect is caught by
     the getppid check."""
     def setup() -> None:
         resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-        _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:
-            os._exit(1)
+        if die_with_parent:
+            _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(1)
     return setup
 
 
@@ -193,9 +194,8 @@ class Endpoints:
 class TritonServer:
     """``with TritonServer(repo, models=[...]) as server:`` starts tritonserver, locked down
     (lockdown.py: only ``models`` load, management APIs behind ``api_key``), and waits until
-    every model is ready; leaving the block (or ``stop()``) ends it and its Python stubs. The
-    server also ends when the thread that started it ends (parent-death signal): start it from
-    a thread that lives as long as the server should."""
+    every model is ready; leaving the block (or ``stop()``) ends it and its Python stubs.
+    Started from the main thread, the server also ends when this process ends, even by SIGKILL."""
 
     def __init__(self, repository: str | Path, *, models: Sequence[str], http_port: int = 0, grpc_port: int = 0,
                  metrics_port: int = 0, startup_timeout: float = 180.0, env: dict[str, str] | None = None,
@@ -281,7 +281,8 @@ class TritonServer:
             # SIGKILLed caller leaves no server behind) and a memory bound.
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             env=self._env(install), start_new_session=True,
-                                            preexec_fn=_child_setup(os.getpid(), self.memory_limit))
+                                            preexec_fn=_child_setup(os.getpid(), self.memory_limit,
+                                                                    self._die_with_parent()))
         finally:
             log.close()
         try:
@@ -302,6 +303,13 @@ class TritonServer:
                 except OSError:
                     raise BackendError(f"tritonserver cannot start: {HOST}:{port} (--{kind}-port) is already in use; "
                                        f"stop what listens there or choose another --{kind}-port") from None
+
+    @staticmethod
+    def _die_with_parent() -> bool:
+        """The parent-death signal fires when the starting *thread* ends: armed when the main
+        thread starts the server (`serve`); a server started from another thread relies on
+        stop() and its process group instead."""
+        return threading.current_thread() is threading.main_thread()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
