@@ -15,12 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from astro_trt.artifacts import check_destination
+from astro_trt.artifacts import as_path, check_destination
 from astro_trt.choices import comma_list
+from astro_trt.config import ASTROConfig
 from astro_trt.errors import ArtifactError, DataError, one_line
+from astro_trt.lazy import lazy_import
+from astro_trt.reports import by_kind, figure, json_bytes, markdown_table, png_bytes, write_files
 from astro_trt.serving import client as tc
 from astro_trt.serving.defaults import check_seconds, check_workload
-from astro_trt.serving.workload import Workload
+from astro_trt.serving.lockdown import admin_headers
+from astro_trt.serving.service import Recommender
+from astro_trt.serving.source import load_served_bundle
+from astro_trt.serving.workload import Workload, make_workload
+
+ticker = lazy_import("matplotlib.ticker")  # only the plot needs it
 
 
 @dataclass
@@ -181,8 +189,6 @@ class LoadReport:
 
 
 def report_markdown(report: LoadReport, plot: str) -> str:
-    from astro_trt.validate.report import markdown_table
-
     rows = []
     for p in report.baselines + report.phases:
         ratio = report.ratio(p) if p in report.phases else None
@@ -207,15 +213,8 @@ def report_markdown(report: LoadReport, plot: str) -> str:
 
 
 def plot_load(report: LoadReport) -> bytes:
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     runs: Sequence[Phase] = report.baselines + report.phases
-    fig, (bars, cdf) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (bars, cdf) = figure(1, 2, figsize=(11, 4.2))
     bars.bar([p.name.replace(" ", "\n") for p in runs], [p.candidates_per_s for p in runs], color="tab:blue")
     bars.set_ylabel("candidates scored per second")
     bars.set_title("throughput")
@@ -224,15 +223,13 @@ def plot_load(report: LoadReport) -> bytes:
         if lat.size:
             cdf.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=f"{p.name} ({p.clients} clients)")
     cdf.set_xscale("log")
-    cdf.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    cdf.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    cdf.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    cdf.xaxis.set_minor_formatter(ticker.NullFormatter())
     cdf.set_xlabel("latency ms (log)")
     cdf.set_ylabel("fraction of requests")
     cdf.set_title("latency")
     cdf.grid(alpha=0.3)
     cdf.legend()
-    from astro_trt.validate.report import png_bytes
-
     return png_bytes(fig)
 
 
@@ -240,8 +237,6 @@ REPORT_FILES = ("loadtest.json", "loadtest.png", "loadtest.md")
 
 
 def write_load_reports(report: LoadReport, out: Path) -> dict[str, Path]:
-    from astro_trt.validate.report import by_kind, json_bytes, write_files
-
     json_name, png_name, md_name = REPORT_FILES
     files = {json_name: json_bytes(report.to_dict()), png_name: plot_load(report),
              md_name: report_markdown(report, png_name).encode()}
@@ -305,11 +300,6 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     on ``bundle_dir`` (which must be the served bundle) before and after; the report and the paths
     of loadtest.{json,md,png}. ``api_key``: the operator's key (see serving/lockdown.py) for the
     served model's config and statistics. Everything is checked before the first request."""
-    from astro_trt.artifacts import as_path
-    from astro_trt.config import ASTROConfig
-    from astro_trt.serving.lockdown import admin_headers
-    from astro_trt.serving.workload import make_workload
-
     check_workload(clients=clients, users=users, pages=pages, candidates=candidates, seed=seed)
     check_seconds(duration, "--duration")
     check_seconds(baseline_seconds, "--baseline-seconds")
@@ -344,16 +334,12 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     cfg = ASTROConfig.from_dict(astro_config, source=f"{url} astro_recommend config")
     bundle = None
     if bundle_dir is not None:
-        from astro_trt.serving.source import load_served_bundle
-
         bundle = load_served_bundle(as_path(bundle_dir, "--bundle", DataError))
         check_served_bundle(params, bundle, url)
     _server_times(url, headers)  # the statistics answer before the run, not after it
     workload = make_workload(cfg, users=users, pages=pages, candidates=candidates, seed=seed, tag="in-process")
     baselines, recommender = [], None
     if bundle is not None:
-        from astro_trt.serving.service import Recommender
-
         # The same precision and ONNX Runtime threads as the served model, read from its config.
         threads = int(params["ort_threads"]) if params.get("ort_threads") else None
         recommender = Recommender(bundle, params["precision"], compute="ort", threads=threads)

@@ -38,6 +38,8 @@ from astro_trt.serving.defaults import (
     check_ort_threads,
     check_port,
 )
+from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+from astro_trt.serving.source import load_served_bundle
 
 HOST = "127.0.0.1"
 LOG_NAME = "tritonserver.log"
@@ -464,9 +466,6 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by
     a locked-down tritonserver (lockdown.py) on 127.0.0.1 and restarted if it dies, until SIGINT
     or SIGTERM; ``show`` gets the endpoints and the file holding the management key."""
-    from astro_trt.serving.repository import PYTHON_MODELS, write_repository
-    from astro_trt.serving.source import load_served_bundle
-
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     for what, port in ports.items():
         check_port(port, what)

@@ -6,6 +6,7 @@ One server for the module; every server is stopped in a finally."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
@@ -19,14 +20,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 from serving_fixture import reference_logits, request, tiny_bundle
+from validate_bundle_fixture import make_bundle, random_checkpoint
 
 from astro_trt.cli import main
 from astro_trt.engines.bundle import load_bundle
+from astro_trt.errors import AstroError, BackendError
 from astro_trt.serving import client as tc
 from astro_trt.serving import config_pbtxt as pbtxt
-from astro_trt.serving.loadtest import served_phase
+from astro_trt.serving.loadtest import run_loadtest, served_phase
+from astro_trt.serving.lockdown import KEY_HEADER, MANAGEMENT_APIS, OPEN_APIS, tritonserver_args
 from astro_trt.serving.repository import PYTHON_MODELS, write_repository
-from astro_trt.serving.server import TritonServer, free_port, unavailable_reason
+from astro_trt.serving.server import (
+    LOG_NAME,
+    REPO_PREFIX,
+    SERVER_PREFIX,
+    TritonServer,
+    free_port,
+    read_api_key,
+    supervise,
+    sweep_stale,
+    unavailable_reason,
+)
 from astro_trt.serving.workload import make_workload
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -200,9 +214,6 @@ def test_server_killed_under_load_restarts_and_serves(server, bundle):
 
 
 def test_a_server_that_keeps_dying_ends_supervision_naming_the_cause_and_a_kept_log(server):
-    from astro_trt.errors import BackendError
-    from astro_trt.serving.server import supervise
-
     server.kill()
     said = []
     with pytest.raises(BackendError) as exc:
@@ -216,8 +227,6 @@ def test_a_server_that_keeps_dying_ends_supervision_naming_the_cause_and_a_kept_
 
 
 def test_a_server_that_fails_to_start_names_the_cause_and_keeps_its_log(bundle, tmp_path):
-    from astro_trt.errors import BackendError
-
     repo = write_repository(bundle, tmp_path / "models", cache_bytes=1 << 20)
     (repo / pbtxt.GATE / "config.pbtxt").write_text("this is not protobuf text {")
     broken = TritonServer(repo, models=PYTHON_MODELS, startup_timeout=120)
@@ -309,8 +318,6 @@ def test_ensemble_runs_gate_encoder_scorer(ensemble_server, bundle):
 @pytest.fixture
 def unrelated_server():
     """An HTTP server that answers 200 with JSON that is not Triton's to every request."""
-    import http.server
-
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             body = b'{"hello": "world", "parameters": {"astro_config": {"string_value": "[1, 2]"}}}'
@@ -336,11 +343,6 @@ def unrelated_server():
 
 
 def test_loadtest_checks_out_bundle_and_server_before_the_run(server, bundle, tmp_path, unrelated_server):
-    from validate_bundle_fixture import make_bundle, random_checkpoint
-
-    from astro_trt.errors import AstroError
-    from astro_trt.serving.loadtest import run_loadtest
-
     other = make_bundle(tmp_path / "other", random_checkpoint(tmp_path / "ckpt", seed=4), precisions=("fp32",))
     existing = tmp_path / "a-file"
     existing.write_text("not a folder")
@@ -365,8 +367,6 @@ def test_loadtest_checks_out_bundle_and_server_before_the_run(server, bundle, tm
         assert named in message and "\n" not in message, (what, message)
         assert time.monotonic() - began < 30, what  # refused before the 60 s run, not after it
     assert not (tmp_path / "r").exists()
-    from astro_trt.serving.server import read_api_key
-
     for path in ("/dev/zero", tmp_path, tmp_path / "missing", existing, None):  # a key file is a short regular file
         with pytest.raises(AstroError, match="^--api-key-file .*; pass the file astro-trt serve named"):
             read_api_key(path)
@@ -379,8 +379,6 @@ def test_loadtest_checks_out_bundle_and_server_before_the_run(server, bundle, tm
 
 
 def test_tritonserver_args_lock_every_management_api():
-    from astro_trt.serving.lockdown import KEY_HEADER, MANAGEMENT_APIS, OPEN_APIS, tritonserver_args
-
     args = tritonserver_args("/models", api_key="k3y", http_port=1, grpc_port=2, metrics_port=3)
     assert "--model-control-mode=none" in args and not any(a.startswith("--load-model") for a in args)
     for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
@@ -393,8 +391,6 @@ def test_tritonserver_args_lock_every_management_api():
 
 
 def test_sweep_removes_dead_runs_but_keeps_their_logs_and_live_runs(tmp_path):
-    from astro_trt.serving.server import LOG_NAME, REPO_PREFIX, SERVER_PREFIX, sweep_stale
-
     dead = subprocess.Popen(["true"])  # a pid that has just ended
     dead.wait()
     crashed = tmp_path / f"{SERVER_PREFIX}{dead.pid}-abc"

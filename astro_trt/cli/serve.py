@@ -8,8 +8,14 @@ from pathlib import Path
 import click
 
 from astro_trt.errors import GateError
+from astro_trt.lazy import lazy_import
 from astro_trt.serving import defaults as lim
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
+from astro_trt.serving.repository import write_repository
+from astro_trt.serving.server import read_api_key, serve_bundle
+from astro_trt.serving.source import load_served_bundle
+
+loadtest_lib = lazy_import("astro_trt.serving.loadtest")
 
 _THREADS = click.option("--ort-threads", default=DEFAULT_ORT_THREADS, show_default=True,
                         type=click.IntRange(0, lim.MAX_ORT_THREADS),
@@ -34,9 +40,6 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
            expect_sha256: str | None) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime models, gate, ensemble,
     per-user cache model) from BUNDLE_DIR."""
-    from astro_trt.serving.repository import write_repository
-    from astro_trt.serving.source import load_served_bundle
-
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     repo = write_repository(bundle, out, precision=precision, force=force, cache_bytes=cache_mib << 20,
                             ort_threads=ort_threads or None)
@@ -59,8 +62,6 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
     Runtime on the CPU) until Ctrl-C or SIGTERM: inference, health, metadata and metrics open,
     model control off, management APIs behind a key written to a file only this user reads; a
     server that dies is restarted with its cause logged."""
-    from astro_trt.serving.server import serve_bundle
-
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                  precision=precision, cache_bytes=cache_mib << 20, ort_threads=ort_threads or None,
                  expect_sha256=expect_sha256, show=click.echo, progress=lambda msg: click.echo(msg, err=True))
@@ -96,15 +97,12 @@ def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, durati
              out_dir: Path, api_key_file: Path | None) -> None:
     """N concurrent clients against astro_recommend at URL (host:port of HTTP) for a bounded time:
     requests/s, candidates/s, latency percentiles, errors. Exit 1 when any request failed."""
-    from astro_trt.serving.loadtest import run_loadtest
-    from astro_trt.serving.server import read_api_key
-
     api_key = None if api_key_file is None else read_api_key(api_key_file)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
-    report, paths = run_loadtest(url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration,
-                                 users=users, pages=pages, candidates=candidates, bundle_dir=bundle_dir,
-                                 baseline_seconds=baseline_seconds, seed=seed, note=note, out_dir=out_dir,
-                                 progress=say, api_key=api_key)
+    report, paths = loadtest_lib.run_loadtest(
+        url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration, users=users, pages=pages,
+        candidates=candidates, bundle_dir=bundle_dir, baseline_seconds=baseline_seconds, seed=seed, note=note,
+        out_dir=out_dir, progress=say, api_key=api_key)
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
     if report.failed:
