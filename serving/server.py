@@ -8,11 +8,9 @@ through the first ``python3`` on PATH, so this environment's bin directory goes 
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import re
-import resource
 import shutil
 import signal
 import socket
@@ -146,10 +144,6 @@ def sweep_stale(tmp: str | Path | None = None) -> list[Path]:
     return removed
 
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)  # loaded here: the child after fork must not load libraries
-
-
 def default_memory_limit(cache_bytes: int = 0) -> int:
     """Bytes of private memory each server process may map: half this machine's memory plus the
     per-user cache. A request body declaring a bigger tensor (Triton's HTTP front end allocates
@@ -158,18 +152,26 @@ def default_memory_limit(cache_bytes: int = 0) -> int:
     return machine_memory() // 2 + cache_bytes
 
 
-def _child_setup(parent: int, memory_limit: int, die_with_parent: bool) -> Callable[[], None]:
-    """preexec_fn: RLIMIT_DATA (inherited by the Python stubs) and the parent-death signal: the
-    kernel SIGKILLs the server when the thread that started it ends, even by SIGKILL (no orphan
-    server answering on its ports). A parent already gone before prctl took effect is caught by
-    the getppid check."""
-    def setup() -> None:
-        resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
-        if die_with_parent:
-            _libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-            if os.getppid() != parent:
-                os._exit(1)
-    return setup
+# Run in the child between fork and tritonserver: the memory bound (inherited by the Python
+# stubs) and the parent-death signal (PR_SET_PDEATHSIG = 1: the kernel SIGKILLs the server when the
+# thread that started it ends, even by SIGKILL, so no orphan keeps answering on its ports; the
+# getppid check catches a parent gone before prctl took effect), then exec. A small interpreter
+# of its own rather than preexec_fn: preexec_fn makes Python fork and run code in the child, and
+# there grpcio's fork handlers abort when this process holds gRPC clients (seen in the tests).
+_LAUNCH = """import ctypes, os, resource, sys
+parent, limit, pdeath, argv = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4:]
+resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+if pdeath:
+    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+os.execv(argv[0], argv)
+"""
+
+
+def _launched(command: Sequence[str], memory_limit: int, die_with_parent: bool) -> list[str]:
+    return [sys.executable, "-I", "-S", "-c", _LAUNCH, str(os.getpid()), str(memory_limit),
+            "1" if die_with_parent else "0", *command]
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -281,10 +283,9 @@ class TritonServer:
         try:
             # Its own process group (stop() ends the stubs with it), the parent-death signal (a
             # SIGKILLed caller leaves no server behind) and a memory bound.
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            env=self._env(install), start_new_session=True,
-                                            preexec_fn=_child_setup(os.getpid(), self.memory_limit,
-                                                                    self._die_with_parent()))
+            self.process = subprocess.Popen(_launched(command, self.memory_limit, self._die_with_parent()),
+                                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            env=self._env(install), start_new_session=True)
         finally:
             log.close()
         try:
