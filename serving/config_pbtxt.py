@@ -172,7 +172,8 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
 
 
 def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any], *,
-                     precision: str, cache_bytes: int, ort_threads: int | None, bundle_sha256: str = "") -> str:
+                     precision: str, cache_bytes: int, ort_threads: int | None, cache_dtype: str = "fp32",
+                     bundle_sha256: str = "") -> str:
     """The Python model that keeps a per-user cache of encoded state across requests;
     ``bundle_sha256`` (the manifest digest) lets a client tell which bundle is served."""
     request = request_tensors(io)
@@ -186,6 +187,7 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
         # One instance: the cache lives in the instance, so a second one would encode users twice.
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
         "parameters": _parameters({"bundle": "bundle", "precision": precision, "cache_bytes": str(cache_bytes),
+                                   "cache_dtype": cache_dtype,
                                    "compute": "auto", "ort_threads": "" if ort_threads is None else str(ort_threads),
                                    "astro_config": dict(config), "bundle_sha256": bundle_sha256}),
     }) + "\n"

@@ -29,6 +29,7 @@ from astro_trt.artifacts import _pid_alive, as_path, read_regular_file
 from astro_trt.errors import AstroError, BackendError, DataError, one_line
 from astro_trt.model.resources import machine_memory
 from astro_trt.serving import lockdown
+from astro_trt.serving.cache import check_cache_dtype
 from astro_trt.serving.defaults import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_ORT_THREADS,
@@ -461,7 +462,7 @@ def supervise(server: TritonServer, stop: threading.Event, *, progress: Callable
 
 def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  precision: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 ort_threads: int | None = DEFAULT_ORT_THREADS,
+                 ort_threads: int | None = DEFAULT_ORT_THREADS, cache_dtype: str = "fp32",
                  expect_sha256: str | None = None, show: Callable[[str], None] = print,
                  progress: Callable[[str], None] = lambda _: None) -> None:
     """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by
@@ -472,6 +473,7 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
         check_port(port, what)
     check_cache_bytes(cache_bytes)
     check_ort_threads(ort_threads)
+    check_cache_dtype(cache_dtype)
     if len(set(ports.values())) < len(ports):
         raise DataError(f"{', '.join(f'{k} {v}' for k, v in ports.items())}: each endpoint needs its own port; "
                         "choose three different ports")
@@ -483,7 +485,7 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     try:
         with tempfile.TemporaryDirectory(prefix=f"{REPO_PREFIX}{os.getpid()}-") as tmp:
             repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_bytes,
-                                    ort_threads=ort_threads)
+                                    ort_threads=ort_threads, cache_dtype=cache_dtype)
             server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
                                   metrics_port=metrics_port, cancel=stop,
                                   memory_limit=default_memory_limit(cache_bytes))

@@ -13,11 +13,12 @@ import numpy as np
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import CAND_ITEMS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
-from astro_trt.errors import DataError
+from astro_trt.errors import BackendError, DataError
 from astro_trt.runtime import gate
 from astro_trt.runtime.gate import Ranges
+from astro_trt.runtime.onnxruntime import OrtRunner
 from astro_trt.runtime.runner import Runner
-from astro_trt.serving.cache import UserCache, fingerprint
+from astro_trt.serving.cache import DEFAULT_CACHE_DTYPE, StateCodec, UserCache, fingerprint
 from astro_trt.serving.compute import make_compute
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES
 
@@ -54,10 +55,15 @@ class Recommender:
     one upload to the device, which the encoder and the scorer both read)."""
 
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 compute: str = "auto", threads: int | None = None, engine: Runner | None = None) -> None:
+                 compute: str = "auto", threads: int | None = None, engine: Runner | None = None,
+                 cache_dtype: str = DEFAULT_CACHE_DTYPE) -> None:
         self.cfg = bundle.config
         self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}  # tuples already, as gate_profiles gives
+        self.codec = StateCodec(cache_dtype)
         self.compute = engine or make_compute(bundle, precision, compute, threads)
+        if not self.codec.identity and not isinstance(self.compute, OrtRunner):
+            raise BackendError(f"--cache-dtype {cache_dtype} packs states on the host, but {self.compute.name} keeps "
+                               "them on the device; serve with ONNX Runtime or --cache-dtype fp32")
         self.cache = UserCache(cache_bytes)
         self.encodes = 0  # users encoded since start
 
@@ -66,7 +72,8 @@ class Recommender:
         batch = cand.shape[0]
         keys = _keys(user_keys, batch)
         prints = [fingerprint(arrays, FINGERPRINT_INPUTS, b) for b in range(batch)]
-        states: list[Any] = [self.cache.get(k, p) for k, p in zip(keys, prints, strict=True)]
+        cached = [self.cache.get(k, p) for k, p in zip(keys, prints, strict=True)]
+        states: list[Any] = [None if c is None else self.codec.unpack(c) for c in cached]
         missing = [b for b, s in enumerate(states) if s is None]
         # What the graphs of this page read, put into the runner's form once (TensorRT: one upload).
         io = self.compute.io
@@ -77,8 +84,11 @@ class Recommender:
             fresh = self.compute.split(self.compute.encode_checked(rows))
             self.encodes += len(missing)
             for b, state in zip(missing, fresh, strict=True):
-                states[b] = state
-                self.cache.put(keys[b], prints[b], state, self.compute.nbytes(state))
+                # A page scores from the state as the cache keeps it: the same logits hit or miss.
+                packed = self.codec.pack(state)
+                states[b] = self.codec.unpack(packed)
+                self.cache.put(keys[b], prints[b], packed,
+                               self.compute.nbytes(state) if self.codec.identity else packed.nbytes)
         encoded = np.zeros(batch, dtype=bool)
         encoded[missing] = True
         return Page(self.compute.score_checked(self.compute.stack(states), feeds), encoded)

@@ -10,10 +10,11 @@ import click
 from astro_trt.errors import GateError
 from astro_trt.lazy import lazy_import
 from astro_trt.serving import defaults as lim
+from astro_trt.serving.cache import CACHE_DTYPES, DEFAULT_CACHE_DTYPE, cache_capacity
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 from astro_trt.serving.repository import write_repository
 from astro_trt.serving.server import read_api_key, serve_bundle
-from astro_trt.serving.source import load_served_bundle
+from astro_trt.serving.source import load_served_bundle, served_precision
 
 loadtest_lib = lazy_import("astro_trt.serving.loadtest")
 
@@ -26,6 +27,10 @@ _PRECISION = click.option("--precision", default=None, help="Graphs to serve (de
 _CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_default=True,
                       type=click.IntRange(lim.MIN_CACHE_MIB, lim.max_cache_mib()),
                       help="astro_recommend's per-user cache of encoded state, in MiB.")
+_CACHE_DTYPE = click.option("--cache-dtype", default=DEFAULT_CACHE_DTYPE, show_default=True,
+                            type=click.Choice(CACHE_DTYPES),
+                            help="How astro_recommend keeps each user's state: as the runtime returns it (fp32), "
+                                 "or fp16, or int8 with a scale per head and block (ONNX Runtime compute).")
 
 
 @click.command("triton")
@@ -34,17 +39,29 @@ _CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_def
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @_PRECISION
 @_CACHE
+@_CACHE_DTYPE
 @_THREADS
 @_SHA
-def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cache_mib: int, ort_threads: int,
-           expect_sha256: str | None) -> None:
+def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cache_mib: int, cache_dtype: str,
+           ort_threads: int, expect_sha256: str | None) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime models, gate, ensemble,
     per-user cache model) from BUNDLE_DIR."""
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     repo = write_repository(bundle, out, precision=precision, force=force, cache_bytes=cache_mib << 20,
-                            ort_threads=ort_threads or None)
+                            ort_threads=ort_threads or None, cache_dtype=cache_dtype)
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     click.echo(f"model repository {repo}: {', '.join(models)} (see {repo / 'README.md'})")
+    click.echo(_capacity_line(bundle, precision, cache_dtype, cache_mib))
+
+
+def _capacity_line(bundle: object, precision: str | None, cache_dtype: str, cache_mib: int) -> str:
+    """Users the per-user cache holds, in this --cache-mib and per GiB, against an fp32 cache."""
+    served = served_precision(bundle, precision)
+    per_user, users = cache_capacity(bundle.config, served, cache_dtype, cache_mib << 20)  # type: ignore[attr-defined]
+    plain, _ = cache_capacity(bundle.config, served, DEFAULT_CACHE_DTYPE, 1)  # type: ignore[attr-defined]
+    return (f"astro_recommend cache ({cache_dtype}): {per_user:,} bytes per user, {users:,} users in {cache_mib} MiB, "
+            f"{(1 << 30) // per_user:,} per GiB ({plain / per_user:.2f}x the users of the runtime's own state, "
+            f"{plain:,} bytes)")
 
 
 @click.command("serve")
@@ -54,17 +71,19 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
 @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, lim.MAX_PORT))
 @_PRECISION
 @_CACHE
+@_CACHE_DTYPE
 @_THREADS
 @_SHA
 def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, precision: str | None,
-          cache_mib: int, ort_threads: int, expect_sha256: str | None) -> None:
+          cache_mib: int, cache_dtype: str, ort_threads: int, expect_sha256: str | None) -> None:
     """Serve BUNDLE_DIR with tritonserver on 127.0.0.1 (astro_recommend and astro_gate, ONNX
     Runtime on the CPU) until Ctrl-C or SIGTERM: inference, health, metadata and metrics open,
     model control off, management APIs behind a key written to a file only this user reads; a
     server that dies is restarted with its cause logged."""
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                  precision=precision, cache_bytes=cache_mib << 20, ort_threads=ort_threads or None,
-                 expect_sha256=expect_sha256, show=click.echo, progress=lambda msg: click.echo(msg, err=True))
+                 cache_dtype=cache_dtype, expect_sha256=expect_sha256, show=click.echo,
+                 progress=lambda msg: click.echo(msg, err=True))
 
 
 @click.command("loadtest")
