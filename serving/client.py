@@ -69,26 +69,36 @@ def recommend(protocol: str, client: Any, user_key: bytes, tensors: Mapping[str,
     return result.as_numpy("logits"), result.as_numpy(ENCODED).reshape(-1)
 
 
-def served_config(url: str, model: str = RECOMMEND) -> dict[str, Any]:
-    """The model's config.pbtxt parameters (strings) as the server reports them over HTTP."""
+def served_config(url: str, model: str = RECOMMEND, headers: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The model's config.pbtxt parameters (strings) as the server reports them over HTTP
+    (a management API: ``headers`` carry the operator's key, see lockdown.py). A reply that is
+    not a model config raises ValueError."""
     client = connect("http", url)
     try:
-        config = client.get_model_config(model)
+        config = client.get_model_config(model, headers=dict(headers or {}))
     finally:
         client.close()
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    parameters = config.get("parameters") if isinstance(config, dict) else None
+    if not isinstance(parameters, dict) or not all(isinstance(v, dict) for v in parameters.values()):
+        raise ValueError(f"the reply is not a Triton model config of {model} (no parameters)")
+    return {k: str(v.get("string_value", "")) for k, v in parameters.items()}
 
 
-def server_times(url: str, model: str = RECOMMEND) -> dict[str, float]:
-    """Triton's cumulative statistics of ``model`` (over HTTP): successful requests and the
-    nanoseconds they spent queued and computing."""
+def server_times(url: str, model: str = RECOMMEND, headers: Mapping[str, str] | None = None) -> dict[str, float]:
+    """Triton's cumulative statistics of ``model`` (over HTTP; a management API like
+    served_config): successful requests and the nanoseconds they spent queued and computing.
+    A reply that is not Triton's statistics raises ValueError."""
     client = connect("http", url)
     try:
-        stats = client.get_inference_statistics(model)["model_stats"][0]["inference_stats"]
+        reply = client.get_inference_statistics(model, headers=dict(headers or {}))
     finally:
         client.close()
-    return {"count": stats["success"]["count"], "queue_ns": stats["queue"]["ns"],
-            "compute_ns": stats["compute_infer"]["ns"]}
+    try:
+        stats = reply["model_stats"][0]["inference_stats"]
+        return {"count": int(stats["success"]["count"]), "queue_ns": int(stats["queue"]["ns"]),
+                "compute_ns": int(stats["compute_infer"]["ns"])}
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise ValueError(f"the reply is not Triton's statistics of {model}") from None
 
 
 __all__ = ["PROTOCOLS", "server_times", "TIMEOUT_S", "connect", "infer", "inputs", "recommend", "served_config"]

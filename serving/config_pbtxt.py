@@ -172,8 +172,10 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
 
 
 def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any], *,
-                     precision: str, cache_bytes: int, ort_threads: int | None, cache_dtype: str = "fp32") -> str:
-    """The Python model that keeps a per-user cache of encoded state across requests."""
+                     precision: str, cache_bytes: int, ort_threads: int | None, cache_dtype: str = "fp32",
+                     bundle_sha256: str = "") -> str:
+    """The Python model that keeps a per-user cache of encoded state across requests;
+    ``bundle_sha256`` (the manifest digest) lets a client tell which bundle is served."""
     request = request_tensors(io)
     key, encoded = USER_KEY_SPEC, ENCODED_SPEC
     return render({
@@ -187,7 +189,7 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
         "parameters": _parameters({"bundle": "bundle", "precision": precision, "cache_bytes": str(cache_bytes),
                                    "cache_dtype": cache_dtype,
                                    "compute": "auto", "ort_threads": "" if ort_threads is None else str(ort_threads),
-                                   "astro_config": dict(config)}),
+                                   "astro_config": dict(config), "bundle_sha256": bundle_sha256}),
     }) + "\n"
 
 

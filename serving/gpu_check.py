@@ -380,7 +380,7 @@ def probe_served(bundle_dir: Path, out: Path, dry_run: bool, users: int = 4, can
             key, tensors = workload.request(i)
             got, _ = tc.recommend("http", client, key, tensors)
             errors.append(float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max()))
-        report["served_config"] = tc.served_config(server.endpoints.http, RECOMMEND)
+        report["served_config"] = tc.served_config(server.endpoints.http, RECOMMEND, headers=server.admin_headers)
     report["max_abs"] = max(errors)
     report["limit"] = FP32_MAX_ABS
     (out / "served-trt.json").write_text(json.dumps(report, indent=2, default=str))

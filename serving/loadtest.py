@@ -8,7 +8,7 @@ import itertools
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -16,13 +16,15 @@ from typing import Any
 import numpy as np
 
 from astro_trt.arguments import as_path, callback, instance
+from astro_trt.artifacts import check_destination
 from astro_trt.choices import comma_list
 from astro_trt.config import ASTROConfig
-from astro_trt.errors import DataError
+from astro_trt.errors import ArtifactError, DataError, one_line
 from astro_trt.lazy import lazy_import
 from astro_trt.reports import by_kind, figure, json_bytes, markdown_table, png_bytes, write_files
 from astro_trt.serving import client as tc
 from astro_trt.serving.defaults import check_seconds, check_workload
+from astro_trt.serving.lockdown import admin_headers
 from astro_trt.serving.service import Recommender
 from astro_trt.serving.source import load_served_bundle
 from astro_trt.serving.workload import Workload, make_workload
@@ -110,18 +112,27 @@ def _run(name: str, clients: int, seconds: float, work: Callable[[Any, int], tup
 
 
 def served_phase(protocol: str, url: str, workload: Workload, *, clients: int, seconds: float,
-                 stats_url: str | None = None) -> Phase:
+                 stats_url: str | None = None, headers: Mapping[str, str] | None = None) -> Phase:
     """``clients`` clients of ``protocol`` at ``url`` for ``seconds``; with ``stats_url`` (the
-    HTTP endpoint) the server's own queue and compute time per request are added."""
-    before = tc.server_times(stats_url) if stats_url else None
+    HTTP endpoint; ``headers`` carry the operator's key to Triton's statistics) the server's own
+    queue and compute time per request are added."""
+    before = _server_times(stats_url, headers) if stats_url else None
     phase = _served(protocol, url, workload, clients=clients, seconds=seconds)
     if before is not None:
-        after = tc.server_times(stats_url)
+        after = _server_times(stats_url, headers)
         count = after["count"] - before["count"]
         if count > 0:
             phase.server_queue_ms = (after["queue_ns"] - before["queue_ns"]) / count / 1e6
             phase.server_compute_ms = (after["compute_ns"] - before["compute_ns"]) / count / 1e6
     return phase
+
+
+def _server_times(url: str, headers: Mapping[str, str] | None) -> dict[str, float]:
+    try:
+        return tc.server_times(url, headers=headers)
+    except Exception as exc:  # noqa: BLE001 - whatever the client raises, the message is one line
+        raise DataError(f"{url}: no statistics of astro_recommend ({one_line(exc)}); pass the --api-key-file "
+                        "astro-trt serve named, against a server of astro-trt serve") from None
 
 
 def _served(protocol: str, url: str, workload: Workload, *, clients: int, seconds: float) -> Phase:
@@ -223,20 +234,73 @@ def plot_load(report: LoadReport) -> bytes:
     return png_bytes(fig)
 
 
+REPORT_FILES = ("loadtest.json", "loadtest.png", "loadtest.md")
+
+
 def write_load_reports(report: LoadReport, out: Path) -> dict[str, Path]:
-    files = {"loadtest.json": json_bytes(report.to_dict()), "loadtest.png": plot_load(report),
-             "loadtest.md": report_markdown(report, "loadtest.png").encode()}
+    json_name, png_name, md_name = REPORT_FILES
+    files = {json_name: json_bytes(report.to_dict()), png_name: plot_load(report),
+             md_name: report_markdown(report, png_name).encode()}
     return by_kind(write_files(Path(out), files))
+
+
+def check_report_destination(out: Path) -> None:
+    """Before the run: a folder the reports can be written to, where a report name is free or a
+    previous report (a regular file), never a link or a folder a run would fail on at its end."""
+    check_destination(out, "--out")
+    for name in REPORT_FILES:
+        path = Path(out) / name
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise ArtifactError(f"--out {out}: {name} there is not a report file (a link or not a regular file); "
+                                "remove it or choose another --out")
+
+
+def served_params(url: str, headers: Mapping[str, str] | None) -> dict[str, str]:
+    """astro_recommend's config parameters from the server at ``url``, or DataError in one line:
+    no server, a server without the key, or one that is not astro-trt's."""
+    try:
+        params = tc.served_config(url, headers=headers)
+    except Exception as exc:  # noqa: BLE001 - whatever the client raises, the message is one line
+        text = one_line(exc)
+        fix = ("pass --api-key-file with the file astro-trt serve named on its 'management key' line"
+               if "restricted" in text else "start one with astro-trt serve")
+        raise DataError(f"no astro_recommend model config at {url} ({text}); {fix}") from None
+    missing = [k for k in ("astro_config", "precision") if not params.get(k)]
+    if missing:
+        raise DataError(f"{url} serves an astro_recommend without {', '.join(missing)} in its config: not a model "
+                        "of astro-trt; point loadtest at astro-trt serve")
+    return params
+
+
+def check_served_bundle(params: Mapping[str, str], bundle: Any, url: str) -> None:
+    """The baseline bundle must be the served one: the same manifest digest (repositories that
+    predate the digest parameter: the same model config)."""
+    served = params.get("bundle_sha256", "")
+    if served and served != bundle.manifest_sha256:
+        raise DataError(f"--bundle {bundle.directory} (manifest sha256 {bundle.manifest_sha256[:16]}...) is not the "
+                        f"bundle served at {url} ({served[:16]}...); pass the served bundle")
+    try:
+        same = json.loads(params["astro_config"]) == bundle.manifest["config"]
+    except ValueError:
+        same = False
+    if not same:
+        raise DataError(f"--bundle {bundle.directory} has another model config than the one served at {url}; "
+                        "pass the served bundle")
+    if params["precision"] not in bundle.precisions:
+        raise DataError(f"--bundle {bundle.directory} has no {params['precision']} graphs, which {url} serves; "
+                        "pass the served bundle")
 
 
 def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http,grpc", clients: int = 8,
                  duration: float = 60.0, users: int = 32, pages: int = 8, candidates: int = 256,
                  bundle_dir: Path | None = None, baseline_seconds: float = 20.0, seed: int = 0, note: str = "",
                  out_dir: Path = Path("loadtest"), progress: Callable[[str], None] = lambda _: None,
-                 ) -> tuple[LoadReport, dict[str, Path]]:
+                 api_key: str | None = None) -> tuple[LoadReport, dict[str, Path]]:
     """``astro-trt loadtest``: ``clients`` concurrent clients against astro_recommend at ``url``
     (host:port of HTTP) for ``duration`` seconds per protocol, with an optional in-process baseline
-    on ``bundle_dir`` before and after; the report and the paths of loadtest.{json,md,png}."""
+    on ``bundle_dir`` (which must be the served bundle) before and after; the report and the paths
+    of loadtest.{json,md,png}. ``api_key``: the operator's key (see serving/lockdown.py) for the
+    served model's config and statistics. Everything is checked before the first request."""
     instance(url, "url", str, "the server's host:port")
     callback(progress, "progress")
     out_dir = as_path(out_dir, "out_dir (--out)")
@@ -244,6 +308,13 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     check_workload(clients=clients, users=users, pages=pages, candidates=candidates, seed=seed)
     check_seconds(duration, "--duration")
     check_seconds(baseline_seconds, "--baseline-seconds")
+    if not isinstance(url, str) or not url:
+        raise DataError(f"URL {url!r}: expected host:port of the server's HTTP endpoint; pass e.g. 127.0.0.1:8000")
+    if api_key is not None and not isinstance(api_key, str):
+        raise DataError(f"api_key: expected the key string, got {type(api_key).__name__}; pass the key astro-trt "
+                        "serve wrote (read_api_key(path))")
+    check_report_destination(out_dir)
+    headers = admin_headers(api_key) if api_key else None
     url = url.removeprefix("http://")
     protocols = comma_list(protocol, tc.PROTOCOLS, "--protocol", DataError)
     if grpc_url is None:
@@ -256,16 +327,23 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
         host, _, port = value.removeprefix("http://").rpartition(":")
         if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise DataError(f"{what} {value!r} must be host:port with a port in 1..65535; pass the server's address")
+    params = served_params(url, headers)
     try:
-        params = tc.served_config(url)
-    except Exception as exc:  # noqa: BLE001 - whatever the client raises, the message is one line
-        raise DataError(f"no astro_recommend model at {url} ({str(exc).splitlines()[0]}); "
-                        "start one with astro-trt serve") from None
-    cfg = ASTROConfig.from_dict(json.loads(params["astro_config"]), source=f"{url} astro_recommend config")
+        astro_config = json.loads(params["astro_config"])
+    except ValueError:
+        astro_config = None
+    if not isinstance(astro_config, dict):
+        raise DataError(f"{url} serves an astro_recommend whose astro_config is not a JSON object: not a model of "
+                        "astro-trt; point loadtest at astro-trt serve")
+    cfg = ASTROConfig.from_dict(astro_config, source=f"{url} astro_recommend config")
+    bundle = None
+    if bundle_dir is not None:
+        bundle = load_served_bundle(as_path(bundle_dir, "--bundle", DataError))
+        check_served_bundle(params, bundle, url)
+    _server_times(url, headers)  # the statistics answer before the run, not after it
     workload = make_workload(cfg, users=users, pages=pages, candidates=candidates, seed=seed, tag="in-process")
     baselines, recommender = [], None
-    if bundle_dir is not None:
-        bundle = load_served_bundle(bundle_dir)
+    if bundle is not None:
         # The same precision and ONNX Runtime threads as the served model, read from its config.
         threads = int(params["ort_threads"]) if params.get("ort_threads") else None
         recommender = Recommender(bundle, params["precision"], compute="ort", threads=threads)
@@ -276,7 +354,7 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
         progress(f"{proto}: {clients} clients for {duration:.0f} s ...")
         # Each run's user keys are its own, so no run is served from another's cache.
         phases.append(served_phase(proto, url if proto == "http" else grpc_url, replace(workload, tag=proto),
-                                   clients=clients, seconds=duration, stats_url=url))
+                                   clients=clients, seconds=duration, stats_url=url, headers=headers))
     if recommender is not None:
         progress(f"in-process baseline again ({baseline_seconds / 2:.0f} s) ...")
         baselines.append(inprocess_phase(recommender, replace(workload, tag="in-process-after"),
@@ -288,4 +366,5 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     return report, paths
 
 
-__all__ = ["LoadReport", "Phase", "inprocess_phase", "run_loadtest", "served_phase", "write_load_reports"]
+__all__ = ["REPORT_FILES", "LoadReport", "Phase", "check_report_destination", "check_served_bundle",
+           "inprocess_phase", "run_loadtest", "served_params", "served_phase", "write_load_reports"]

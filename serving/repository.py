@@ -91,7 +91,8 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
             (stage / name / VERSION).mkdir(parents=True)
         _write(stage / pbtxt.RECOMMEND / "config.pbtxt",
                pbtxt.recommend_config(io, profiles, config, precision=precision, cache_bytes=cache_bytes,
-                                      ort_threads=ort_threads, cache_dtype=cache_dtype))
+                                      ort_threads=ort_threads, cache_dtype=cache_dtype,
+                                      bundle_sha256=bundle.manifest_sha256))
         _write(stage / pbtxt.RECOMMEND / VERSION / "model.py", _model_source("recommend"))
         _write(stage / "README.md", repository_readme(bundle, precision, io, profiles, plans=plans,
                                                       cache_bytes=cache_bytes))

@@ -6,25 +6,41 @@ One server for the module; every server is stopped in a finally."""
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 from serving_fixture import reference_logits, request, tiny_bundle
+from validate_bundle_fixture import make_bundle, random_checkpoint
 
 from astro_trt.cli import main
 from astro_trt.engines.bundle import load_bundle
+from astro_trt.errors import AstroError, BackendError
 from astro_trt.serving import client as tc
 from astro_trt.serving import config_pbtxt as pbtxt
-from astro_trt.serving.loadtest import served_phase
+from astro_trt.serving.loadtest import run_loadtest, served_phase
+from astro_trt.serving.lockdown import KEY_HEADER, MANAGEMENT_APIS, OPEN_APIS, tritonserver_args
 from astro_trt.serving.repository import PYTHON_MODELS, write_repository
-from astro_trt.serving.server import TritonServer, free_port, unavailable_reason
+from astro_trt.serving.server import (
+    LOG_NAME,
+    REPO_PREFIX,
+    SERVER_PREFIX,
+    TritonServer,
+    free_port,
+    read_api_key,
+    supervise,
+    sweep_stale,
+    unavailable_reason,
+)
 from astro_trt.serving.workload import make_workload
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
@@ -153,9 +169,11 @@ def test_gate_model_refuses_and_passes_checked_tensors(clients, bundle):
 
 def test_load_test_cli_against_the_server(server, bundle, tmp_path):
     out = tmp_path / "load"
+    key_file = tmp_path / "key"
+    key_file.write_text(server.api_key + "\n")
     main(["loadtest", server.endpoints.http, "--grpc-url", server.endpoints.grpc, "--clients", "2", "--duration", "1",
           "--users", "2", "--pages", "2", "--candidates", "8", "--bundle", str(bundle.directory),
-          "--baseline-seconds", "0.5", "--out", str(out)])
+          "--baseline-seconds", "0.5", "--out", str(out), "--api-key-file", str(key_file)])
     report = json.loads((out / "loadtest.json").read_text())
     assert report["failed_requests"] == 0
     assert [p["name"] for p in report["phases"]] == ["http", "grpc"]
@@ -195,6 +213,34 @@ def test_server_killed_under_load_restarts_and_serves(server, bundle):
     assert np.abs(logits - reference_logits(bundle, good)).max() <= FP32_TOL
 
 
+def test_a_server_that_keeps_dying_ends_supervision_naming_the_cause_and_a_kept_log(server):
+    server.kill()
+    said = []
+    with pytest.raises(BackendError) as exc:
+        supervise(server, threading.Event(), progress=said.append, max_restarts=0)
+    message = str(exc.value)
+    assert message.startswith("tritonserver died 1 times within 60 s") and "killed by SIGKILL" in message, message
+    assert "DCGM" not in message and "\n" not in message and not said
+    log = Path(message.rsplit("see ", 1)[1])
+    assert log.is_file() and "Started HTTPService" in log.read_text()  # the dead server's whole log, kept
+    server.start()  # the module's server again, for the tests after this one
+
+
+def test_a_server_that_fails_to_start_names_the_cause_and_keeps_its_log(bundle, tmp_path):
+    repo = write_repository(bundle, tmp_path / "models", cache_bytes=1 << 20)
+    (repo / pbtxt.GATE / "config.pbtxt").write_text("this is not protobuf text {")
+    broken = TritonServer(repo, models=PYTHON_MODELS, startup_timeout=120)
+    try:
+        with pytest.raises(BackendError) as exc:
+            broken.start()
+        message = str(exc.value)
+        assert message.startswith("tritonserver exited while starting (exit status") and "DCGM" not in message
+        assert pbtxt.GATE in message, message  # the real cause: the config it could not read
+        assert Path(message.rsplit("see ", 1)[1]).is_file()
+    finally:
+        broken.stop()
+
+
 def test_serve_command_prints_endpoints_and_stops_on_sigterm(bundle):
     ports = [str(free_port()) for _ in range(3)]
     cmd = [sys.executable, "-m", "astro_trt.cli", "serve", str(bundle.directory), "--http-port", ports[0],
@@ -226,7 +272,7 @@ def test_serve_refuses_a_busy_port_in_one_line(bundle):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: tritonserver exited") and f"127.0.0.1:{port}" in last and "in use" in last
+    assert last.startswith("error: tritonserver cannot start") and f"127.0.0.1:{port}" in last and "in use" in last
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +313,96 @@ def test_ensemble_runs_gate_encoder_scorer(ensemble_server, bundle):
         assert "INVALID_ARGUMENT" in str(exc.value.status())
     finally:
         client.close()
+
+
+@pytest.fixture
+def unrelated_server():
+    """An HTTP server that answers 200 with JSON that is not Triton's to every request."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            body = b'{"hello": "world", "parameters": {"astro_config": {"string_value": "[1, 2]"}}}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_loadtest_checks_out_bundle_and_server_before_the_run(server, bundle, tmp_path, unrelated_server):
+    other = make_bundle(tmp_path / "other", random_checkpoint(tmp_path / "ckpt", seed=4), precisions=("fp32",))
+    existing = tmp_path / "a-file"
+    existing.write_text("not a folder")
+    (tmp_path / "taken" / "loadtest.json").mkdir(parents=True)
+    url, key = server.endpoints.http, server.api_key
+    cases = {  # what each refusal must name
+        "--out under /proc": (dict(out_dir=Path("/proc/astro-x"), api_key=key), "--out"),
+        "--out an existing file": (dict(out_dir=existing, api_key=key), "--out"),
+        "--out with a folder named loadtest.json": (dict(out_dir=tmp_path / "taken", api_key=key), "loadtest.json"),
+        "no key": (dict(out_dir=tmp_path / "r"), "--api-key-file"),
+        "a wrong key": (dict(out_dir=tmp_path / "r", api_key="guess"), "--api-key-file"),
+        "--bundle of another model": (dict(out_dir=tmp_path / "r", api_key=key, bundle_dir=other), "not the bundle"),
+        "an unrelated server": (dict(out_dir=tmp_path / "r", api_key=key, url=unrelated_server), "not a model"),
+    }
+    for what, (kwargs, named) in cases.items():
+        kwargs = {"url": url, **kwargs}
+        began = time.monotonic()
+        with pytest.raises(AstroError) as exc:
+            run_loadtest(kwargs.pop("url"), duration=60, baseline_seconds=60, clients=1, users=1, pages=1,
+                         candidates=4, **kwargs)
+        message = str(exc.value)
+        assert named in message and "\n" not in message, (what, message)
+        assert time.monotonic() - began < 30, what  # refused before the 60 s run, not after it
+    assert not (tmp_path / "r").exists()
+    for path in ("/dev/zero", tmp_path, tmp_path / "missing", existing, None):  # a key file is a short regular file
+        with pytest.raises(AstroError, match="^--api-key-file .*; pass the file astro-trt serve named"):
+            read_api_key(path)
+    # The command line: exit 2 and one line, naming the option.
+    proc = subprocess.run([sys.executable, "-m", "astro_trt.cli", "loadtest", url, "--out", "/proc/astro-x",
+                           "--api-key-file", str(tmp_path / "missing-key")], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: --api-key-file")
+
+
+def test_tritonserver_args_lock_every_management_api():
+    args = tritonserver_args("/models", api_key="k3y", http_port=1, grpc_port=2, metrics_port=3)
+    assert "--model-control-mode=none" in args and not any(a.startswith("--load-model") for a in args)
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        (value,) = [a.split("=", 1)[1] for a in args if a.startswith(flag + "=")]
+        apis, header = value.split(":")
+        assert set(apis.split(",")) == set(MANAGEMENT_APIS) and not set(OPEN_APIS) & set(MANAGEMENT_APIS)
+        assert header == f"{KEY_HEADER}=k3y"
+    with pytest.raises(ValueError):
+        tritonserver_args("/models", api_key="a:b", http_port=1, grpc_port=2, metrics_port=3)
+
+
+def test_sweep_removes_dead_runs_but_keeps_their_logs_and_live_runs(tmp_path):
+    dead = subprocess.Popen(["true"])  # a pid that has just ended
+    dead.wait()
+    crashed = tmp_path / f"{SERVER_PREFIX}{dead.pid}-abc"
+    (crashed / "backends" / "python").mkdir(parents=True)
+    (crashed / LOG_NAME).write_text("E... the cause\n")
+    repo = tmp_path / f"{REPO_PREFIX}{dead.pid}-def"
+    (repo / "models" / "astro_recommend").mkdir(parents=True)
+    live = tmp_path / f"{REPO_PREFIX}{os.getpid()}-ghi"
+    (live / "models").mkdir(parents=True)
+    other = tmp_path / "astro-repo-notapid"
+    other.mkdir()
+    removed = sweep_stale(tmp_path)
+    assert crashed / "backends" in removed and repo / "models" in removed
+    assert sorted(p.name for p in crashed.iterdir()) == [LOG_NAME] and not repo.exists()
+    assert (live / "models").is_dir() and other.is_dir()

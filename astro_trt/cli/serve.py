@@ -13,7 +13,7 @@ from astro_trt.serving import defaults as lim
 from astro_trt.serving.cache import CACHE_DTYPES, DEFAULT_CACHE_DTYPE, cache_capacity
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 from astro_trt.serving.repository import write_repository
-from astro_trt.serving.server import serve_bundle
+from astro_trt.serving.server import read_api_key, serve_bundle
 from astro_trt.serving.source import load_served_bundle, served_precision
 
 loadtest_lib = lazy_import("astro_trt.serving.loadtest")
@@ -77,7 +77,9 @@ def _capacity_line(bundle: object, precision: str | None, cache_dtype: str, cach
 def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, precision: str | None,
           cache_mib: int, cache_dtype: str, ort_threads: int, expect_sha256: str | None) -> None:
     """Serve BUNDLE_DIR with tritonserver on 127.0.0.1 (astro_recommend and astro_gate, ONNX
-    Runtime on the CPU) until Ctrl-C or SIGTERM."""
+    Runtime on the CPU) until Ctrl-C or SIGTERM: inference, health, metadata and metrics open,
+    model control off, management APIs behind a key written to a file only this user reads; a
+    server that dies is restarted with its cause logged."""
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                  precision=precision, cache_bytes=cache_mib << 20, ort_threads=ort_threads or None,
                  cache_dtype=cache_dtype, expect_sha256=expect_sha256, show=click.echo,
@@ -106,16 +108,20 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
 @click.option("--note", default="", help="A line for the report (e.g. what else shared the machine).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("loadtest"), show_default=True,
               help="Where loadtest.{json,md,png} go.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
+              help="The file astro-trt serve named on its 'management key' line: the served model's config and "
+                   "statistics are management APIs behind that key.")
 def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, duration: float, users: int, pages: int,
              candidates: int, bundle_dir: Path | None, baseline_seconds: float, seed: int, note: str,
-             out_dir: Path) -> None:
+             out_dir: Path, api_key_file: Path | None) -> None:
     """N concurrent clients against astro_recommend at URL (host:port of HTTP) for a bounded time:
     requests/s, candidates/s, latency percentiles, errors. Exit 1 when any request failed."""
+    api_key = None if api_key_file is None else read_api_key(api_key_file)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     report, paths = loadtest_lib.run_loadtest(
         url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration, users=users, pages=pages,
         candidates=candidates, bundle_dir=bundle_dir, baseline_seconds=baseline_seconds, seed=seed, note=note,
-        out_dir=out_dir, progress=say)
+        out_dir=out_dir, progress=say, api_key=api_key)
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
     if report.failed:
