@@ -250,7 +250,7 @@ class TritonServer:
 
 def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  precision: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 ort_threads: int | None = DEFAULT_ORT_THREADS,
+                 ort_threads: int | None = DEFAULT_ORT_THREADS, batching: bool = True,
                  expect_sha256: str | None = None, show: Callable[[str], None] = print,
                  progress: Callable[[str], None] = lambda _: None) -> None:
     """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by
@@ -273,7 +273,7 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     try:
         with tempfile.TemporaryDirectory(prefix="astro-repo-") as tmp:
             repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_bytes,
-                                    ort_threads=ort_threads)
+                                    ort_threads=ort_threads, batching=batching)
             server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
                                   metrics_port=metrics_port, cancel=stop)
             progress("starting tritonserver ...")

@@ -17,6 +17,8 @@ _THREADS = click.option("--ort-threads", default=DEFAULT_ORT_THREADS, show_defau
 _SHA = click.option("--expect-sha256", default=None,
                     help="Refuse the bundle unless its manifest has this sha256 (pins what is served).")
 _PRECISION = click.option("--precision", default=None, help="Graphs to serve (default: fp32 when the bundle has it).")
+_BATCHING = click.option("--batching/--no-batching", default=True, show_default=True,
+                         help="astro_recommend merges concurrent requests (Triton's dynamic batcher).")
 _CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_default=True,
                       type=click.IntRange(lim.MIN_CACHE_MIB, lim.max_cache_mib()),
                       help="astro_recommend's per-user cache of encoded state, in MiB.")
@@ -29,9 +31,10 @@ _CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_def
 @_PRECISION
 @_CACHE
 @_THREADS
+@_BATCHING
 @_SHA
 def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cache_mib: int, ort_threads: int,
-           expect_sha256: str | None) -> None:
+           batching: bool, expect_sha256: str | None) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime models, gate, ensemble,
     per-user cache model) from BUNDLE_DIR."""
     from astro_trt.serving.repository import write_repository
@@ -39,7 +42,7 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
 
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     repo = write_repository(bundle, out, precision=precision, force=force, cache_bytes=cache_mib << 20,
-                            ort_threads=ort_threads or None)
+                            ort_threads=ort_threads or None, batching=batching)
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     click.echo(f"model repository {repo}: {', '.join(models)} (see {repo / 'README.md'})")
 
@@ -52,16 +55,18 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
 @_PRECISION
 @_CACHE
 @_THREADS
+@_BATCHING
 @_SHA
 def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, precision: str | None,
-          cache_mib: int, ort_threads: int, expect_sha256: str | None) -> None:
+          cache_mib: int, ort_threads: int, batching: bool, expect_sha256: str | None) -> None:
     """Serve BUNDLE_DIR with tritonserver on 127.0.0.1 (astro_recommend and astro_gate, ONNX
     Runtime on the CPU) until Ctrl-C or SIGTERM."""
     from astro_trt.serving.server import serve_bundle
 
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                  precision=precision, cache_bytes=cache_mib << 20, ort_threads=ort_threads or None,
-                 expect_sha256=expect_sha256, show=click.echo, progress=lambda msg: click.echo(msg, err=True))
+                 batching=batching, expect_sha256=expect_sha256, show=click.echo,
+                 progress=lambda msg: click.echo(msg, err=True))
 
 
 @click.command("loadtest")
