@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from astro_trt.serving.config_pbtxt import ENCODED, RECOMMEND, USER_KEY
+from astro_trt.serving.proxy import USER_KEY_HEADER
 
 PROTOCOLS = ("http", "grpc")
 TIMEOUT_S = 60.0  # a request that takes longer counts as failed, so no client waits for ever
@@ -58,8 +59,16 @@ def infer(protocol: str, client: Any, tensors: Mapping[str, np.ndarray], user_ke
           model: str = RECOMMEND) -> Any:
     """One request; returns the InferResult (``as_numpy("logits")``). Errors raise tritonclient's
     InferenceServerException (``.status()`` is "400" / "StatusCode.INVALID_ARGUMENT" for a refused
-    request)."""
-    kwargs = {"client_timeout": TIMEOUT_S} if protocol == "grpc" else {}
+    request). A ``user_key`` also travels as the X-User-Key header (gRPC metadata), which a proxy
+    in front of replicas routes by (proxy.py)."""
+    kwargs: dict[str, Any] = {"client_timeout": TIMEOUT_S} if protocol == "grpc" else {}
+    if user_key is not None:
+        # Header values are text: a key that is not UTF-8 travels hex-encoded (it only has to be stable).
+        try:
+            header = user_key.decode()
+        except UnicodeDecodeError:
+            header = user_key.hex()
+        kwargs["headers"] = {(USER_KEY_HEADER.lower() if protocol == "grpc" else USER_KEY_HEADER): header}
     return client.infer(model, inputs(protocol, tensors, user_key), **kwargs)
 
 

@@ -31,6 +31,7 @@ from astro_trt.serving.defaults import (
     check_cache_bytes,
     check_ort_threads,
     check_port,
+    check_replicas,
 )
 
 HOST = "127.0.0.1"
@@ -250,13 +251,18 @@ class TritonServer:
 
 def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  precision: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 ort_threads: int | None = DEFAULT_ORT_THREADS, batching: bool = True,
+                 ort_threads: int | None = DEFAULT_ORT_THREADS, batching: bool = True, replicas: int = 1,
                  expect_sha256: str | None = None, show: Callable[[str], None] = print,
                  progress: Callable[[str], None] = lambda _: None) -> None:
     """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by
-    tritonserver on 127.0.0.1 until SIGINT or SIGTERM; ``show`` gets the endpoints."""
+    tritonserver on 127.0.0.1 until SIGINT or SIGTERM; ``show`` gets the endpoints. With
+    ``replicas`` > 1, that many tritonservers behind HAProxy on the HTTP and gRPC ports, routing
+    users by their X-User-Key header (replicas.py)."""
+    from astro_trt.serving.replicas import Replicas
     from astro_trt.serving.repository import PYTHON_MODELS, write_repository
     from astro_trt.serving.source import load_served_bundle
+
+    check_replicas(replicas)
 
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     for what, port in ports.items():
@@ -267,6 +273,10 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
         raise DataError(f"{', '.join(f'{k} {v}' for k, v in ports.items())}: each endpoint needs its own port; "
                         "choose three different ports")
     find_triton()  # before any work: say how to install it
+    if replicas > 1:
+        from astro_trt.serving.proxy import find_haproxy
+
+        find_haproxy()
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -274,11 +284,16 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
         with tempfile.TemporaryDirectory(prefix="astro-repo-") as tmp:
             repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_bytes,
                                     ort_threads=ort_threads, batching=batching)
-            server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
-                                  metrics_port=metrics_port, cancel=stop)
-            progress("starting tritonserver ...")
+            server: TritonServer | Replicas
+            if replicas > 1:
+                server = Replicas(repo, models=PYTHON_MODELS, count=replicas, http_port=http_port,
+                                  grpc_port=grpc_port, metrics_port=metrics_port, cancel=stop)
+            else:
+                server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
+                                      metrics_port=metrics_port, cancel=stop)
+            progress("starting tritonserver ..." if replicas == 1 else f"starting {replicas} tritonservers ...")
             with server:
-                for line in server.endpoints.lines():
+                for line in server.lines() if isinstance(server, Replicas) else server.endpoints.lines():
                     show(line)
                 progress(f"models   {', '.join(PYTHON_MODELS)} (Ctrl-C stops)")
                 while not stop.wait(0.5):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from astro_trt.errors import GateError
+from astro_trt.errors import DataError, GateError
 from astro_trt.serving import defaults as lim
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 
@@ -56,23 +56,27 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
 @_CACHE
 @_THREADS
 @_BATCHING
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, lim.MAX_REPLICAS),
+              help="Tritonservers behind HAProxy (Debian package haproxy), users routed by their X-User-Key header.")
 @_SHA
 def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, precision: str | None,
-          cache_mib: int, ort_threads: int, batching: bool, expect_sha256: str | None) -> None:
+          cache_mib: int, ort_threads: int, batching: bool, replicas: int, expect_sha256: str | None) -> None:
     """Serve BUNDLE_DIR with tritonserver on 127.0.0.1 (astro_recommend and astro_gate, ONNX
-    Runtime on the CPU) until Ctrl-C or SIGTERM."""
+    Runtime on the CPU) until Ctrl-C or SIGTERM; with --replicas N, N servers behind HAProxy on
+    the HTTP and gRPC ports."""
     from astro_trt.serving.server import serve_bundle
 
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                  precision=precision, cache_bytes=cache_mib << 20, ort_threads=ort_threads or None,
-                 batching=batching, expect_sha256=expect_sha256, show=click.echo,
+                 batching=batching, replicas=replicas, expect_sha256=expect_sha256, show=click.echo,
                  progress=lambda msg: click.echo(msg, err=True))
 
 
 @click.command("loadtest")
-@click.argument("url")
+@click.argument("url", required=False)
 @click.option("--grpc-url", default=None, help="gRPC endpoint (default: URL's host, port + 1).")
-@click.option("--protocol", default="http,grpc", show_default=True, help="Comma list of http, grpc (one run each).")
+@click.option("--protocol", default="http,grpc", show_default=True,
+              help="Comma list of http, grpc (one run each); one of them with --replicas.")
 @click.option("--clients", default=8, show_default=True, type=click.IntRange(1, lim.MAX_CLIENTS),
               help="Concurrent clients.")
 @click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(lim.MIN_SECONDS, lim.MAX_SECONDS),
@@ -83,22 +87,42 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
 @click.option("--candidates", default=256, show_default=True, type=click.IntRange(1, lim.MAX_CANDIDATES),
               help="Candidates per page.")
 @click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), default=None,
-              help="Also replay the requests in-process on this bundle (ONNX Runtime) as the baseline.")
+              help="Also replay the requests in-process on this bundle (ONNX Runtime) as the baseline; with "
+                   "--replicas, the bundle the replicas serve.")
 @click.option("--baseline-seconds", default=20.0, show_default=True,
               type=click.FloatRange(lim.MIN_SECONDS, lim.MAX_SECONDS),
               help="In-process time, half before and half after the served runs.")
+@click.option("--replicas", default=None, type=click.IntRange(1, lim.MAX_REPLICAS),
+              help="Start N replicas of --bundle behind HAProxy once per --routing (no URL) and compare them.")
+@click.option("--routing", default="user-key,round-robin,single", show_default=True,
+              help="With --replicas: runs to make (user-key, round-robin; single: one replica with all the cache).")
+@click.option("--kill-at", default=None, type=click.FloatRange(lim.MIN_SECONDS, lim.MAX_SECONDS),
+              help="With --replicas: one more user-key run in which replica 1 is killed at this second.")
+@click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_default=True,
+              type=click.IntRange(lim.MIN_CACHE_MIB, lim.max_cache_mib()),
+              help="With --replicas: each replica's per-user cache, in MiB.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, lim.MAX_SEED))
 @click.option("--note", default="", help="A line for the report (e.g. what else shared the machine).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("loadtest"), show_default=True,
-              help="Where loadtest.{json,md,png} go.")
-def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, duration: float, users: int, pages: int,
-             candidates: int, bundle_dir: Path | None, baseline_seconds: float, seed: int, note: str,
-             out_dir: Path) -> None:
+              help="Where loadtest.{json,md,png} (replicas.{json,md} with --replicas) go.")
+def loadtest(url: str | None, grpc_url: str | None, protocol: str, clients: int, duration: float, users: int,
+             pages: int, candidates: int, bundle_dir: Path | None, baseline_seconds: float, replicas: int | None,
+             routing: str, kill_at: float | None, cache_mib: int, seed: int, note: str, out_dir: Path) -> None:
     """N concurrent clients against astro_recommend at URL (host:port of HTTP) for a bounded time:
-    requests/s, candidates/s, latency percentiles, errors. Exit 1 when any request failed."""
+    requests/s, candidates/s, latency percentiles, errors. With --replicas N (and no URL): N
+    replicas of --bundle behind HAProxy, user-keyed routing against round-robin and one replica,
+    with cache hit rates. Exit 1 when any request failed (with --kill-at: any outside the killed
+    replica's in-flight ones)."""
+    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if replicas is not None:
+        _replica_loadtest(url, bundle_dir, replicas=replicas, runs=routing, kill_at=kill_at, protocol=protocol,
+                          clients=clients, duration=duration, users=users, pages=pages, candidates=candidates,
+                          cache_bytes=cache_mib << 20, seed=seed, note=note, out_dir=out_dir, progress=say)
+        return
+    if url is None:
+        raise DataError("give the server's URL (host:port of HTTP), or --replicas N --bundle BUNDLE")
     from astro_trt.serving.loadtest import run_loadtest
 
-    say = lambda msg: click.echo(msg, err=True)  # noqa: E731
     report, paths = run_loadtest(url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration,
                                  users=users, pages=pages, candidates=candidates, bundle_dir=bundle_dir,
                                  baseline_seconds=baseline_seconds, seed=seed, note=note, out_dir=out_dir,
@@ -107,3 +131,18 @@ def loadtest(url: str, grpc_url: str | None, protocol: str, clients: int, durati
     click.echo(f"reports: {paths['md']}")
     if report.failed:
         raise GateError(f"loadtest: {report.failed} requests failed; see the errors in {paths['md']}")
+
+
+def _replica_loadtest(url: str | None, bundle_dir: Path | None, **kwargs: object) -> None:
+    from astro_trt.serving.replica_loadtest import run_replica_loadtest
+
+    if url is not None:
+        raise DataError(f"--replicas starts its own servers; drop the URL {url!r}")
+    if bundle_dir is None:
+        raise DataError("--replicas needs --bundle BUNDLE, what the replicas serve")
+    report, paths = run_replica_loadtest(bundle_dir, **kwargs)  # type: ignore[arg-type]
+    click.echo(paths["md"].read_text())
+    click.echo(f"reports: {paths['md']}")
+    if report.failed_outside_kill:
+        raise GateError(f"loadtest: {report.failed_outside_kill} requests failed (outside a killed replica's "
+                        f"in-flight ones); see {paths['md']}")
