@@ -77,17 +77,21 @@ def _balance(routing: str) -> list[str]:
 
 
 def haproxy_config(backends: Sequence[Backend], *, http: str, grpc: str | None = None,
-                   routing: str = "user-key") -> str:
+                   routing: str = "user-key", dns: bool = False) -> str:
     """haproxy.cfg: an HTTP frontend at ``http`` (host:port) and, with ``grpc``, an HTTP/2 frontend
-    for gRPC, both routed over ``backends`` by ``routing``."""
+    for gRPC, both routed over ``backends`` by ``routing``. With ``dns`` the backends are DNS names
+    (a Kubernetes StatefulSet's pods) resolved at run time: a name that does not resolve yet (a pod
+    the autoscaler has not made) is a server that is down, out of the ring until it appears."""
     if not backends:
         raise DataError("a proxy needs at least one replica")
     balance = _balance(routing)
+    discovery = " resolvers cluster init-addr none" if dns else ""
     lines = [
         "global",
         "    maxconn 4096",
         f"    tune.bufsize {BUFFER_BYTES}",
         "",
+        *(["resolvers cluster", "    parse-resolv-conf", "    hold valid 5s", ""] if dns else []),
         "defaults",
         "    mode http",
         "    timeout connect 2s",
@@ -99,7 +103,7 @@ def haproxy_config(backends: Sequence[Backend], *, http: str, grpc: str | None =
         "    option http-buffer-request",
         "    retry-on conn-failure empty-response response-timeout",
         f"    default-server check inter {INTERVAL_MS}ms fall {FALL} rise {RISE} observe layer4 error-limit 1 "
-        "on-error mark-down",
+        f"on-error mark-down{discovery}",
         "",
     ]
     frontends = [("http", http, "")] + ([("grpc", grpc, " proto h2")] if grpc else [])

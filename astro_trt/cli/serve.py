@@ -32,19 +32,45 @@ _CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_def
 @_CACHE
 @_THREADS
 @_BATCHING
+@click.option("--k8s", "k8s_dir", type=click.Path(path_type=Path), default=None,
+              help="Also write Kubernetes manifests here (official Triton container, HAProxy, autoscaler).")
+@click.option("--k8s-replicas", default=3, show_default=True, type=click.IntRange(1, lim.MAX_REPLICAS),
+              help="Triton pods to start with (the autoscaler's minimum).")
+@click.option("--k8s-max-replicas", default=8, show_default=True, type=click.IntRange(1, lim.MAX_REPLICAS),
+              help="The autoscaler's maximum (the proxy lists this many pods).")
+@click.option("--k8s-namespace", default="default", show_default=True)
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(0, 16),
+              help="GPUs per Triton pod (0: CPU pods).")
 @_SHA
 def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cache_mib: int, ort_threads: int,
-           batching: bool, expect_sha256: str | None) -> None:
+           batching: bool, k8s_dir: Path | None, k8s_replicas: int, k8s_max_replicas: int, k8s_namespace: str,
+           gpus: int, expect_sha256: str | None) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime models, gate, ensemble,
-    per-user cache model) from BUNDLE_DIR."""
+    per-user cache model) from BUNDLE_DIR; with --k8s, Kubernetes manifests that serve it."""
     from astro_trt.serving.repository import write_repository
     from astro_trt.serving.source import load_served_bundle
+
+    if k8s_dir is not None:  # its arguments checked before the repository is written
+        from astro_trt.serving.k8s import check_out, manifests
+
+        check_out(k8s_dir, force)
+        manifests(replicas=k8s_replicas, max_replicas=k8s_max_replicas, namespace=k8s_namespace,
+                  cache_bytes=cache_mib << 20, gpus=gpus, repository_bytes=0)
 
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     repo = write_repository(bundle, out, precision=precision, force=force, cache_bytes=cache_mib << 20,
                             ort_threads=ort_threads or None, batching=batching)
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     click.echo(f"model repository {repo}: {', '.join(models)} (see {repo / 'README.md'})")
+    if k8s_dir is not None:
+        from astro_trt.serving.k8s import write_manifests
+
+        size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
+        written = write_manifests(k8s_dir, replicas=k8s_replicas, max_replicas=k8s_max_replicas,
+                                  namespace=k8s_namespace, cache_bytes=cache_mib << 20, gpus=gpus,
+                                  repository_bytes=size, force=force)
+        click.echo(f"Kubernetes manifests {written}: {', '.join(sorted(p.name for p in written.iterdir()))} "
+                   "(kubectl apply -f; see README)")
 
 
 @click.command("serve")
