@@ -55,6 +55,15 @@ def inputs(protocol: str, tensors: Mapping[str, np.ndarray], user_key: bytes | N
     return out
 
 
+def header_key(user_key: bytes) -> str:
+    """The X-User-Key value for ``user_key``: the key itself when it is printable ASCII without a
+    comma, else its hex (the value only has to be the same for every page of a user). HAProxy's
+    ``hdr()`` splits a header at commas, so keys "a,1" and "a,2" would hash alike."""
+    if user_key.isascii() and user_key.decode().isprintable() and b"," not in user_key:
+        return user_key.decode()
+    return user_key.hex()
+
+
 def infer(protocol: str, client: Any, tensors: Mapping[str, np.ndarray], user_key: bytes | None = None,
           model: str = RECOMMEND) -> Any:
     """One request; returns the InferResult (``as_numpy("logits")``). Errors raise tritonclient's
@@ -63,12 +72,7 @@ def infer(protocol: str, client: Any, tensors: Mapping[str, np.ndarray], user_ke
     in front of replicas routes by (proxy.py)."""
     kwargs: dict[str, Any] = {"client_timeout": TIMEOUT_S} if protocol == "grpc" else {}
     if user_key is not None:
-        # Header values are text: a key that is not UTF-8 travels hex-encoded (it only has to be stable).
-        try:
-            header = user_key.decode()
-        except UnicodeDecodeError:
-            header = user_key.hex()
-        kwargs["headers"] = {(USER_KEY_HEADER.lower() if protocol == "grpc" else USER_KEY_HEADER): header}
+        kwargs["headers"] = {(USER_KEY_HEADER.lower() if protocol == "grpc" else USER_KEY_HEADER): header_key(user_key)}
     return client.infer(model, inputs(protocol, tensors, user_key), **kwargs)
 
 
@@ -101,4 +105,5 @@ def server_times(url: str, model: str = RECOMMEND) -> dict[str, float]:
             "compute_ns": stats["compute_infer"]["ns"]}
 
 
-__all__ = ["PROTOCOLS", "server_times", "TIMEOUT_S", "connect", "infer", "inputs", "recommend", "served_config"]
+__all__ = ["PROTOCOLS", "header_key", "server_times", "TIMEOUT_S", "connect", "infer", "inputs", "recommend",
+           "served_config"]

@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
-import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from astro_trt.errors import BackendError, DataError
+from astro_trt.serving.processes import end_group, start_logged, wait_ready
 
 USER_KEY_HEADER = "X-User-Key"
 ROUTINGS = ("user-key", "round-robin")
@@ -151,14 +149,8 @@ class HAProxy:
         self._workdir = Path(tempfile.mkdtemp(prefix="astro-haproxy-"))
         config = self._workdir / "haproxy.cfg"
         config.write_text(self.config)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - haproxy writes it until stop()
-        try:
-            # -db: stay in the foreground (no daemon to lose track of); its own group, stopped as one.
-            self.process = subprocess.Popen([str(binary), "-db", "-f", str(config)], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
-        finally:
-            log.close()
+        # -db: stay in the foreground (no daemon to lose track of); its own group, stopped as one.
+        self.process = start_logged([str(binary), "-db", "-f", str(config)], self.log_path)
         try:
             self._wait_ready()
         except BaseException:
@@ -166,19 +158,8 @@ class HAProxy:
             raise
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process is None or self.process.poll() is not None:
-                raise BackendError(f"haproxy exited while starting ({self.last_error()}); see {self.log_path}")
-            try:
-                with urllib.request.urlopen(self.ready_url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise BackendError(f"haproxy did not answer {self.ready_url} within {self.startup_timeout:.0f} s "
-                           f"({self.last_error()}); see {self.log_path}")
+        wait_ready(self.process, self.ready_url, what="haproxy", timeout=self.startup_timeout,
+                   last_error=self.last_error, log_path=self.log_path, poll=0.1)
 
     def last_error(self) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -192,18 +173,7 @@ class HAProxy:
     def stop(self, timeout: float = 10.0, *, keep_log: bool = False) -> int | None:
         """SIGTERM the proxy's process group, SIGKILL after ``timeout`` s; removes its work folder
         (but the log with ``keep_log``)."""
-        code = None
-        if self.process is not None:
-            if self.process.poll() is None:
-                try:
-                    os.killpg(self.process.pid, signal.SIGTERM)
-                    self.process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait(timeout=10)
-                except ProcessLookupError:
-                    pass
-            code = self.process.returncode
+        code = None if self.process is None else end_group(self.process, timeout)
         if self._workdir is not None and not keep_log:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None

@@ -154,7 +154,9 @@ def _one_run(repo: Path, name: str, routing: str, count: int, cache_bytes: int, 
             timer = threading.Timer(kill_at, lambda: (killed.append(time.perf_counter()), victim.kill()))
             timer.start()
         try:
-            phase = served_phase(protocol, url, replace(workload, tag=name), clients=clients, seconds=duration)
+            # Each run's user keys are its own (the run's name, made a key-friendly word).
+            tag = "".join(c if c.isalnum() else "-" for c in name)
+            phase = served_phase(protocol, url, replace(workload, tag=tag), clients=clients, seconds=duration)
         finally:
             if timer is not None:
                 timer.cancel()

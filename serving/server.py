@@ -19,7 +19,6 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from astro_trt.serving.defaults import (
     check_port,
     check_replicas,
 )
+from astro_trt.serving.processes import end_group, start_logged, wait_ready
 
 HOST = "127.0.0.1"
 _INSTALL = "pip install 'astro-trt[serve]' (nvidia-pytriton ships tritonserver)"
@@ -154,12 +154,7 @@ class TritonServer:
             raise BackendError(f"model repository {self.repository} does not exist; write it with astro-trt triton")
         self._workdir = Path(tempfile.mkdtemp(prefix="astro-triton-"))
         backends = self._backends(install, self._workdir)
-        log = open(self.log_path, "wb")  # noqa: SIM115 - the server writes it until stop()
-        try:
-            self.process = subprocess.Popen(self.command(install, backends), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=self._env(install), start_new_session=True)
-        finally:
-            log.close()
+        self.process = start_logged(self.command(install, backends), self.log_path, self._env(install))
         try:
             self._wait_ready()
         except BaseException:
@@ -168,23 +163,9 @@ class TritonServer:
         return self.endpoints
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        url = f"http://{self.endpoints.http}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self.cancel is not None and self.cancel.is_set():
-                raise KeyboardInterrupt
-            if self.process is None or self.process.poll() is not None:
-                raise BackendError(f"tritonserver exited while starting ({self.last_error()}); "
-                                   f"see {self.log_path}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise BackendError(f"tritonserver was not ready within {self.startup_timeout:.0f} s ({self.last_error()}); "
-                           f"see {self.log_path}")
+        wait_ready(self.process, f"http://{self.endpoints.http}/v2/health/ready", what="tritonserver",
+                   timeout=self.startup_timeout, last_error=self.last_error, log_path=self.log_path,
+                   cancel=self.cancel)
 
     def last_error(self) -> str:
         """The server log's last error line, for one-line messages."""
@@ -208,16 +189,7 @@ class TritonServer:
         never started)."""
         code = None
         if self.process is not None:
-            if self.process.poll() is None:
-                try:
-                    os.killpg(self.process.pid, signal.SIGTERM)
-                    self.process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait(timeout=10)
-                except ProcessLookupError:
-                    pass
-            code = self.process.returncode
+            code = end_group(self.process, timeout)
             self._end_stubs()
         for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             leftover.unlink(missing_ok=True)

@@ -53,6 +53,15 @@ def test_a_broken_config_is_refused_with_haproxys_line():
         HAProxy(haproxy_config(BACKENDS, http="127.0.0.1:9000").replace("balance", "balancez"), "").check()
 
 
+def test_header_key_never_carries_a_comma():
+    from astro_trt.serving.client import header_key
+
+    assert header_key(b"user-42") == "user-42"
+    # HAProxy's hdr() splits at commas: such keys (and non-text ones) travel as hex, still one per user
+    assert header_key(b"a,1") != header_key(b"a,2") and "," not in header_key(b"a,1")
+    assert header_key("é\n".encode()) == "c3a90a"
+
+
 def test_config_arguments_are_checked():
     with pytest.raises(DataError, match="routing 'random' is unknown"):
         haproxy_config(BACKENDS, http="127.0.0.1:9000", routing="random")
