@@ -160,9 +160,11 @@ def test_serve_replicas_stops_servers_and_proxy_on_a_signal(bundle_dir, sig):
         names = {Path(f"/proc/{p}/exe").resolve().name for p in children if Path(f"/proc/{p}").exists()}
         assert {"haproxy", "tritonserver"} <= names, names
         proc.send_signal(sig)
-        assert proc.wait(timeout=90) == 0
-        assert "stopped" in proc.stderr.read()
-        assert [p for p in children if Path(f"/proc/{p}").exists() and _alive(p)] == []
+        code = proc.wait(timeout=90)
+        err = proc.stderr.read()
+        assert code == 0 and "stopped" in err, (code, err)
+        left = [p for p in children if _alive(p)]
+        assert left == [], [(p, Path(f"/proc/{p}/cmdline").read_bytes()[:200]) for p in left if _alive(p)]
     finally:
         if proc.poll() is None:
             proc.kill()
