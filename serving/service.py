@@ -112,7 +112,7 @@ class Recommender:
         encoded = np.zeros(len(rows), dtype=bool)
         if misses:
             firsts = [rs[0] for rs in misses.values()]
-            fresh = self.compute.encode({n: _stack(rows[r][0].arrays[n][rows[r][1]] for r in firsts)
+            fresh = self.compute.encode({n: np.stack([rows[r][0].arrays[n][rows[r][1]] for r in firsts])
                                          for n in group[0].arrays})
             self.encodes += len(firsts)
             for (key, print_), rs, state in zip(misses, misses.values(), fresh, strict=True):
@@ -152,10 +152,6 @@ def merge_groups(checked: Sequence[_Checked], limit: int) -> list[list[_Checked]
             groups.append([])
         groups[-1].append(c)
     return [g for groups in by_size.values() for g in groups if g]
-
-
-def _stack(rows: Any) -> np.ndarray:
-    return np.stack(list(rows))
 
 
 def _keys(user_keys: np.ndarray, batch: int) -> list[bytes]:
