@@ -36,18 +36,18 @@ _API: dict[str, str] = {
     "BisectReport": "astro_trt.validate.bisect",
     "bench": "astro_trt.validate.bench_bundle",
     "BenchRun": "astro_trt.validate.bench_bundle",
-    "TorchRunner": "astro_trt.validate.runners",
-    "OrtRunner": "astro_trt.validate.runners",
-    "make_trt_runner": "astro_trt.validate.runners",
-    "Session": "astro_trt.engines.runtime",
+    "TorchRunner": "astro_trt.runtime.torch_runner",
+    "OrtRunner": "astro_trt.runtime.onnxruntime",
+    "TrtRunner": "astro_trt.runtime.tensorrt",
+    "make_trt_runner": "astro_trt.runtime.tensorrt",
     "synthetic_batch": "astro_trt.model.synthetic",
     "load_checkpoint": "astro_trt.model.checkpoint",
 }
 _ALIASES = {"bench": "bench_bundle"}
 
 __all__ = [  # the names of _API, written out so that linters and IDEs see them
-    "BenchRun", "BisectReport", "Bundle", "ExportedBundle", "Gates", "OrtRunner", "ParityReport", "Session",
-    "TorchRunner", "__version__", "bench", "bisect_bundle", "describe_bundle", "export_bundle", "load_bundle",
+    "BenchRun", "BisectReport", "Bundle", "ExportedBundle", "Gates", "OrtRunner", "ParityReport", "TorchRunner",
+    "TrtRunner", "__version__", "bench", "bisect_bundle", "describe_bundle", "export_bundle", "load_bundle",
     "load_checkpoint", "make_trt_runner", "synthetic_batch", "validate_bundle",
 ]
 
@@ -55,15 +55,16 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run
     from astro_trt.engines.bundle import Bundle, load_bundle
     from astro_trt.engines.describe import describe_bundle
     from astro_trt.engines.export_bundle import ExportedBundle, export_bundle
-    from astro_trt.engines.runtime import Session
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.model.synthetic import synthetic_batch
+    from astro_trt.runtime.onnxruntime import OrtRunner
+    from astro_trt.runtime.tensorrt import TrtRunner, make_trt_runner
+    from astro_trt.runtime.torch_runner import TorchRunner
     from astro_trt.validate.bench_bundle import BenchRun
     from astro_trt.validate.bench_bundle import bench_bundle as bench
     from astro_trt.validate.bisect import BisectReport, bisect_bundle
     from astro_trt.validate.gates import Gates
     from astro_trt.validate.parity import ParityReport, validate_bundle
-    from astro_trt.validate.runners import OrtRunner, TorchRunner, make_trt_runner
 
 
 def __getattr__(name: str) -> Any:

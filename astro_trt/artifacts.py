@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from astro_trt.errors import ArtifactError
+from astro_trt.errors import ArtifactError, AstroError
 
 _log = logging.getLogger("astro_trt")
 
@@ -231,6 +231,12 @@ def check_destination(out: str | Path, what: str = "--out") -> None:
                             "choose another path")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ArtifactError(f"{what} {out}: {ancestor} is not writable by this user; choose a writable folder")
+
+
+def refuse_existing(out: Path, force: bool, error: type[AstroError] = ArtifactError) -> None:
+    """The one refusal of an output that exists when ``force`` was not given."""
+    if out.exists() and not force:
+        raise error(f"{out} already exists; choose another --out or pass --force (force=True) to replace it")
 
 
 def check_replaceable(out: str | Path, what: str = "--out") -> None:

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from astro_trt.errors import ConfigError, one_line
+from astro_trt.artifacts import read_regular_file
+from astro_trt.errors import ArtifactError, ConfigError, one_line
 
 
 @dataclass(frozen=True)
@@ -217,9 +218,6 @@ def read_config_json(path: str | Path, *, follow_symlinks: bool = True) -> Any:
     """Parsed config.json: a regular UTF-8 file of sane size and nesting, or a one-line ConfigError.
     A FIFO, a device or a directory named config.json is refused without blocking, and so is a
     symlink with ``follow_symlinks=False`` (a checkpoint's own file, which must not point elsewhere)."""
-    from astro_trt.artifacts import read_regular_file
-    from astro_trt.errors import ArtifactError
-
     path = Path(path)
     try:
         raw = read_regular_file(path, max_bytes=MAX_CONFIG_BYTES, follow_symlinks=follow_symlinks)

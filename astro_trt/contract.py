@@ -138,8 +138,8 @@ def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:
 @dataclass(frozen=True)
 class GraphSpec:
     """One graph of a bundle, as every stage sees it: its I/O is ``graph_io(cfg, precision)[name]``,
-    the exporter's builder is ``exporter.graphs.WRAPPERS[name]``, and the runners (validate/runners.py)
-    and the runtime (engines/runtime.py) run it through their method ``call``."""
+    the exporter's builder is ``exporter.graphs.WRAPPERS[name]``, and every runner (runtime/runner.py)
+    runs it through its public method ``call`` (``Runner.call(name, ...)`` looks it up here)."""
 
     name: str
     call: str  # encode(history) | score(state, history, candidates) | full(history, candidates)

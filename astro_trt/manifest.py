@@ -26,6 +26,7 @@ import platform
 import re
 import stat
 from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,6 @@ MAX_MANIFEST_BYTES = 16 * 2**20
 
 
 def tool_info() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
     versions = {"python": platform.python_version()}
     for package in ("astro-trt", "torch", "onnx", "onnxruntime", "onnxscript"):
         try:

@@ -7,7 +7,7 @@ exporter, the tolerance policy and the runners need about it. Every table of dty
 test of a precision name reads from here, so adding a precision is adding one ``Precision``
 record (and, for a new element type, one ``DType`` record) to the registries below.
 
-torch, onnx, numpy and tensorrt are imported only by the accessors that need them.
+torch, onnx and ml_dtypes are imported lazily (astro_trt/lazy.py), on the first accessor that needs them.
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from astro_trt.errors import ConfigError
+from astro_trt.lazy import lazy_import
+
+# Each back end's own dtype object, named only when asked for: the CLI and the served models load
+# neither torch nor onnx.
+torch = lazy_import("torch")
+onnx = lazy_import("onnx")
+ml_dtypes = lazy_import("ml_dtypes")
 
 
 @dataclass(frozen=True)
@@ -28,22 +37,14 @@ class DType:
     triton: str  # Triton model-config type: TYPE_FP32, ...
 
     def torch(self) -> Any:
-        import torch
-
         return getattr(torch, self.name)
 
     def onnx_type(self) -> int:
-        import onnx
-
         return int(getattr(onnx.TensorProto, self.onnx))
 
     def numpy(self) -> Any:
         """numpy dtype; bfloat16 through ml_dtypes, as onnx and ONNX Runtime expect."""
-        import numpy as np
-
         if self.name == "bfloat16":
-            import ml_dtypes
-
             return np.dtype(ml_dtypes.bfloat16)
         return np.dtype(self.name)
 

@@ -15,6 +15,7 @@ from functools import cached_property
 from types import ModuleType
 from typing import Any
 
+from astro_trt.choices import split_list
 from astro_trt.errors import BackendError
 
 # "portable": no compute-capability call, the back end's default multi-GPU plan.
@@ -98,12 +99,11 @@ class Backend:
 def target_names(targets: object) -> list[str]:
     """--targets as lower-case names, [PORTABLE] when empty; refused unless a comma list (str) or a
     list or tuple of str. Which names exist is the back end's to say (``Backend.parse_targets``)."""
-    raw = targets.split(",") if isinstance(targets, str) else targets if isinstance(targets, list | tuple) else None
+    raw = split_list(targets)
     if raw is None or not all(isinstance(t, str) for t in raw):
         raise BackendError(f"--targets {targets!r}: expected a comma list such as 'portable' or 'sm86,sm89'; "
                            "pass the compute targets as text")
-    items = [t.strip().lower() for t in raw if t.strip()]
-    return items or [PORTABLE]
+    return [str(t).lower() for t in raw] or [PORTABLE]
 
 
 TENSORRT = Backend(

@@ -29,7 +29,10 @@ from astro_trt.contract import (
 )
 from astro_trt.engines.backend import PORTABLE, Backend, capturing_logger
 from astro_trt.errors import BackendError, ConfigError, ExportError
+from astro_trt.exporter.pair_chunks import runtime_form
+from astro_trt.plugins.tensorrt import register as register_plugins
 from astro_trt.precision import by_trt, is_reference
+from astro_trt.settings import MAX_BATCH, MAX_CANDIDATES
 
 ProgressCallback = Callable[[str], None]
 
@@ -45,8 +48,8 @@ class Profile:
     """min/opt/max of the dynamic axes. Opt points are where TensorRT tunes: one user (online
     serving encodes one request at a time) and min(256, max) candidates (a typical ranking stage)."""
 
-    max_batch: int = 8
-    max_candidates: int = 1024
+    max_batch: int = MAX_BATCH
+    max_candidates: int = MAX_CANDIDATES
     opt_batch: int = 1
     opt_candidates: int | None = None
 
@@ -79,6 +82,19 @@ class Profile:
 
 
 # ------------------------------------------------------------------------------ attention
+@dataclass(frozen=True)
+class BuildSettings:
+    """How every engine of an export is built, resolved once from the export's arguments (the
+    defaults are astro_trt/settings.py's): the back end (None: ONNX only), the profile, the compute
+    targets, the builder optimization level and the timing cache."""
+
+    backend: Backend | None = None
+    profile: Profile = field(default_factory=Profile)
+    targets: tuple[str, ...] = ()
+    opt_level: int | None = None
+    timing_cache: Path | None = None
+
+
 @dataclass(frozen=True)
 class Lowering:
     effective: str  # what the manifest records: plugin | native | reference
@@ -113,14 +129,7 @@ def attention_candidates(backend: Backend | None, requested: str, precision: str
 
 
 def _register_plugins(trt: Any) -> None:
-    try:
-        from astro_trt.plugins.tensorrt import register
-    except ImportError as exc:
-        raise BackendError(
-            f"--attention plugin: the astro TensorRT plugins are not available ({exc}); "
-            "use --attention native or auto"
-        ) from None
-    register(trt)
+    register_plugins(trt)
 
 
 # ------------------------------------------------------------------------------ building
@@ -159,19 +168,10 @@ def dtype_name(trt_dtype: Any) -> str:
 
 
 def _parse(parser: Any, onnx_path: Path) -> bool:
-    """Parse ``onnx_path``; a chunked full model is parsed as the plain graph inside its Loop
-    (exporter/pair_chunks.py: engines run every pair at once), its weights found beside the file."""
-    import onnx
-
-    from astro_trt.exporter.pair_chunks import is_chunked, unchunk
-
-    try:
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:  # not an ONNX model at all: TensorRT's parser says so in its own words
-        return parser.parse_from_file(str(onnx_path))
-    if not is_chunked(model):
-        return parser.parse_from_file(str(onnx_path))
-    return parser.parse(unchunk(model).SerializeToString(), str(onnx_path))
+    """Parse ``onnx_path`` in the form TensorRT runs (exporter/pair_chunks.py ``runtime_form``: a
+    chunked full model as the plain graph inside its Loop), its weights found beside the file."""
+    form = runtime_form(onnx_path, "tensorrt")
+    return parser.parse_from_file(str(onnx_path)) if form is None else parser.parse(form, str(onnx_path))
 
 
 def _network_io(network: Any, shapes: dict[str, tuple]) -> list[dict[str, Any]]:

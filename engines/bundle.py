@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from astro_trt.artifacts import as_path, atomic_write, sha256_file, staged_directory
+from astro_trt.artifacts import as_path, atomic_write, refuse_existing, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import GraphIO, TensorSpec
+from astro_trt.contract import GraphIO, TensorSpec, float_dtype, graph_io, kv_cache_layout
+from astro_trt.engines.backend import BACKENDS
 from astro_trt.errors import BundleError, ConfigError
 from astro_trt.manifest import REPORTS, inside, read_manifest, read_manifest_digest, verify_files, write_manifest
 
@@ -56,8 +57,6 @@ class Bundle:
     manifest_sha256: str = ""  # sha256 of manifest.json: what --expect-sha256 pins
 
     def _precision(self, precision: str) -> str:
-        from astro_trt.contract import float_dtype
-
         float_dtype(precision)  # ConfigError naming the precisions for an unknown one
         if precision not in self.precisions:
             raise BundleError(
@@ -133,9 +132,6 @@ def load_bundle(path: str | Path, *, verify: bool = True, expect_sha256: str | N
 def _check_consistent(manifest: dict[str, Any], config: ASTROConfig, where: str) -> None:
     """The I/O and KV-cache layout the manifest records are the contract's for its config: the
     gate judges requests by the config, so a config edited apart from the graphs is refused."""
-    from astro_trt.contract import graph_io, kv_cache_layout
-    from astro_trt.engines.backend import BACKENDS
-
     backend = manifest["backend"]
     if backend is not None and backend["name"] not in BACKENDS:
         raise BundleError(f"{where}: back end '{backend['name']}' is not one this astro-trt knows "
@@ -194,8 +190,7 @@ def staged_bundle(out: str | Path, *, force: bool = False) -> Iterator[Path]:
     on any exception (KeyboardInterrupt included) it is removed, so no partial bundle is ever at
     ``out``. The caller writes the manifest last, inside the block."""
     out = Path(out).resolve()
-    if out.exists() and not force:
-        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force, BundleError)
     with staged_directory(out) as stage:
         yield stage
 

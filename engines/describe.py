@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from astro_trt.engines.bundle import load_bundle
+from astro_trt.manifest import manifest_digest
+
 
 def size_text(n: float) -> str:
     """Bytes as B / KiB / MiB / GiB with one decimal."""
@@ -16,16 +19,12 @@ def size_text(n: float) -> str:
 
 def pin_line(directory: str | Path) -> str:
     """The digest to pin the bundle with; reports written into a bundle change it."""
-    from astro_trt.manifest import manifest_digest
-
     return f"manifest sha256 {manifest_digest(Path(directory))} (pin this bundle with --expect-sha256)"
 
 
 def describe_bundle(directory: str | Path, *, verify: bool = True, expect_sha256: str | None = None) -> str:
     """Engines, I/O with min/opt/max shapes, sizes, back end, targets and reports of a bundle;
     with ``expect_sha256`` only the bundle whose manifest has that digest is described."""
-    from astro_trt.engines.bundle import load_bundle
-
     directory = getattr(directory, "directory", directory)  # a loaded Bundle describes its folder
     bundle = load_bundle(directory, verify=verify, expect_sha256=expect_sha256)
     m = bundle.manifest

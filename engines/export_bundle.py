@@ -14,8 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from astro_trt import contract
+from astro_trt.artifacts import as_path, check_destination, check_replaceable, refuse_existing
 from astro_trt.choices import comma_list
+from astro_trt.engines.backend import AUTO, PORTABLE, resolve_backend, target_names
+from astro_trt.engines.build import BuildSettings, Profile, attention_candidates, build_engine, check_opt_level
+from astro_trt.engines.bundle import CHECKPOINT_DIR, engine_relpath, onnx_relpath, staged_bundle
 from astro_trt.errors import AstroError, BundleError, ConfigError
+from astro_trt.exporter.check import check_graphs
+from astro_trt.exporter.export import export_onnx
+from astro_trt.manifest import build_manifest, write_manifest
+from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint
+from astro_trt.settings import EXPORT_PRECISIONS, MAX_BATCH, MAX_CANDIDATES
 
 Progress = Callable[[str], None]
 
@@ -45,12 +54,12 @@ def export_bundle(
     checkpoint: str | Path,
     out: str | Path,
     *,
-    precisions: str | Sequence[str] = ("fp32", "fp16"),
+    precisions: str | Sequence[str] = EXPORT_PRECISIONS,
     backend: str = "auto",
     attention: str = contract.AUTO_LOWERING,
     targets: str | Sequence[str] = "portable",
-    max_batch: int = 8,
-    max_candidates: int = 1024,
+    max_batch: int = MAX_BATCH,
+    max_candidates: int = MAX_CANDIDATES,
     opt_level: int | None = None,
     timing_cache: str | Path | None = None,
     engines: bool = True,
@@ -61,13 +70,6 @@ def export_bundle(
     engines (unless ``engines=False``), the checkpoint copy the validator uses as its oracle, and
     the manifest. ``progress`` receives one short status line per step. Raises an AstroError
     subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
-    from astro_trt.artifacts import as_path, check_destination, check_replaceable
-    from astro_trt.engines.backend import resolve_backend
-    from astro_trt.engines.build import Profile, attention_candidates, check_opt_level
-    from astro_trt.engines.bundle import CHECKPOINT_DIR, staged_bundle
-    from astro_trt.manifest import build_manifest, write_manifest
-    from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint
-
     say = progress or (lambda _msg: None)
     wanted = parse_precisions(precisions)
     profile = Profile(max_batch=max_batch, max_candidates=max_candidates)
@@ -79,8 +81,7 @@ def export_bundle(
     target_list = chosen.parse_targets(targets) if chosen else []
     lowerings = {p: attention_candidates(chosen, attention, p) for p in wanted}
     out = as_path(out, "out")
-    if out.exists() and not force:
-        raise BundleError(f"{out} already exists; choose another --out or pass --force (force=True) to replace it")
+    refuse_existing(out, force, BundleError)
     check_destination(out)
     check_replaceable(out)
     cache = as_path(timing_cache, "timing_cache") if timing_cache is not None else None
@@ -98,9 +99,8 @@ def export_bundle(
         # validate reproduces the trained AUCs from them. Regular files only, never through a link.
         (stage / CHECKPOINT_DIR).mkdir()
         copy_checkpoint(ckpt.directory, stage / CHECKPOINT_DIR)
-        parts = {p: _export_precision(ckpt.model, stage, p, lowerings[p], chosen, profile, target_list, opt_level,
-                                      cache, say)
-                 for p in wanted}
+        build = BuildSettings(chosen, profile, tuple(target_list), opt_level, cache)
+        parts = {p: _export_precision(ckpt.model, stage, p, lowerings[p], build, say) for p in wanted}
         manifest = build_manifest(
             config=ckpt.config.to_dict(),
             checkpoint={"path": CHECKPOINT_DIR, "sha256": ckpt.sha256, "source": str(ckpt.directory)},
@@ -126,8 +126,6 @@ def export_bundle(
 def _refuse_engine_options(backend: object, targets: object, opt_level: int | None, timing_cache: object) -> None:
     """An ONNX-only export refuses the options only engine builds read, as trtexec refuses an
     option it would ignore: a user who asked for sm89 plans must not get a bundle without them."""
-    from astro_trt.engines.backend import AUTO, PORTABLE, target_names
-
     given = {"--backend": backend if backend != AUTO else None,
              "--targets": targets if target_names(targets) != [PORTABLE] else None,
              "--opt-level": opt_level, "--timing-cache": timing_cache}
@@ -139,16 +137,9 @@ def _refuse_engine_options(backend: object, targets: object, opt_level: int | No
                           "to build engines")
 
 
-def _export_precision(
-    model: Any, stage: Path, precision: str, lowerings: list, backend: Any, profile: Any, targets: list[str],
-    opt_level: int | None, timing_cache: Path | None, say: Progress,
-) -> dict[str, Any]:
+def _export_precision(model: Any, stage: Path, precision: str, lowerings: list, build: BuildSettings,
+                      say: Progress) -> dict[str, Any]:
     """Export (and build) one precision, trying the lowerings in order; returns its manifest parts."""
-    from astro_trt.engines.build import build_engine
-    from astro_trt.engines.bundle import engine_relpath, onnx_relpath
-    from astro_trt.exporter.check import check_graphs
-    from astro_trt.exporter.export import export_onnx
-
     failures: dict[str, str] = {}
     for index, lowering in enumerate(lowerings):
         onnx_dir = stage / "onnx" / precision
@@ -160,12 +151,13 @@ def _export_precision(
             parity = check_graphs(model, result)  # ExportError on a failed check, NaN included
             engines: dict[str, Any] = {}
             for graph, io in result.io.items():
-                if backend is None:
+                if build.backend is None:
                     continue
                 say(f"{precision}/{graph}: build")
                 built = build_engine(
-                    backend, result.paths[graph], io, profile, targets=targets, opt_level=opt_level,
-                    plugins=lowering.effective == contract.PLUGIN, timing_cache=timing_cache,
+                    build.backend, result.paths[graph], io, build.profile, targets=list(build.targets),
+                    opt_level=build.opt_level, plugins=lowering.effective == contract.PLUGIN,
+                    timing_cache=build.timing_cache,
                     progress=lambda phase, g=graph: say(f"{precision}/{g}: {phase}"),
                 )
                 path = stage / engine_relpath(graph, precision)

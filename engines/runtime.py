@@ -1,38 +1,28 @@
-"""A serving session over a bundle on a GPU (docs/attention.md, "Runtimes").
+"""The bundle's TensorRT engines of one precision, loaded on a GPU and run one graph at a time
+(docs/attention.md, "Runtimes"). This is the TensorRT back end's executor, not an entry point:
+``Session.run(graph, inputs)`` binds device tensors the caller has already checked and moved
+(runtime/tensorrt.py: the runner gates a request once, moves it to the device once, and keeps
+the encoder's KV cache there, so the scorer binds that buffer in place, no copy).
 
-``encode(history)`` runs the user encoder once and keeps the KV cache on the device as a
-:class:`UserState`; ``score(state, candidates)`` binds that cache's device buffer directly as the
-scorer's ``kv_cache`` input (no copy), so one encoded user is scored against any number of
-candidate batches. ``full(history, candidates)`` runs the full-model engine (the baseline).
-
-Device buffers are torch CUDA tensors; inputs are validated on the host first (engines/inputs.py).
-Needs a GPU and the back end the bundle was built with.
+Device buffers are torch CUDA tensors. Needs a GPU and the back end the bundle was built with.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from astro_trt import contract
-from astro_trt.contract import FULL_MODEL, ITEM_SCORER, KV_CACHE, LOGITS, USER_ENCODER
+from astro_trt.contract import CAND_ITEMS
 from astro_trt.engines.backend import BACKENDS, capturing_logger
 from astro_trt.engines.bundle import Bundle, load_bundle
-from astro_trt.engines.inputs import validate_candidates, validate_history
-from astro_trt.errors import BackendError, BundleError, DataError
+from astro_trt.errors import BackendError, BundleError
+from astro_trt.lazy import lazy_import
 from astro_trt.precision import dtype
 
-
-@dataclass
-class UserState:
-    """One encoded batch of users, resident on the device: the KV cache plus the history inputs
-    the scorer needs (lengths, times, scenario, request time)."""
-
-    kv_cache: Any  # torch.Tensor [B, N_L, Nb, 2, H, L, dh] on the device
-    history: dict[str, Any]  # contract.SCORER_HISTORY_INPUTS -> torch.Tensor on the device
-    batch: int
-
+torch = lazy_import("torch")
 
 class _Engine:
     """One deserialized engine with one execution context."""
@@ -74,12 +64,10 @@ class _Engine:
 
 
 class Session:
-    """Engines of one precision of a bundle, ready to serve on ``device``."""
+    """Engines of one precision of a bundle, ready to run on ``device``."""
 
     def __init__(self, bundle: Bundle | str | Path, precision: str = "fp16", *, device: str = "cuda",
                  cuda_graphs: bool = False, graphs: tuple[str, ...] = contract.GRAPHS) -> None:
-        import torch
-
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if self.bundle.backend is None:
             raise BundleError(f"{self.bundle.directory} has no engines (exported with --no-engines); re-export it "
@@ -110,62 +98,25 @@ class Session:
                 raise BundleError(f"{self.bundle.directory}: no {precision} engine for {graph}; re-export the bundle")
             self.engines[graph] = _Engine(trt, self._runtime, path, cuda_graphs)
 
-    def _to_device(self, arrays: dict[str, Any]) -> dict[str, Any]:
-        import torch
-
-        return {n: torch.from_numpy(a).to(self.device, non_blocking=True) for n, a in arrays.items()}
-
-    def _output(self, graph: str, name: str, dims: dict[str, int]) -> Any:
-        import torch
-
-        spec = self.io[graph].tensor(name)
-        return torch.empty(spec.concrete(dims), dtype=dtype(spec.dtype).torch(), device=self.device)
-
-    def encode(self, history: Any) -> UserState:
-        """History (model/astro.py History or a mapping of contract names) -> UserState on the device."""
-        import torch
-
-        arrays = validate_history(self.cfg, history, self.bundle.profile(USER_ENCODER))
-        batch = arrays["hist_items"].shape[0]
+    def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Checked host arrays -> device tensors, on this session's stream (the one crossing)."""
         with torch.cuda.stream(self.stream):
-            dev = self._to_device(arrays)
-            kv = self._output(USER_ENCODER, KV_CACHE, {contract.BATCH: batch})
-            inputs = {n: dev[n] for n in self.io[USER_ENCODER].input_names}
-            self.engines[USER_ENCODER].run(inputs, {KV_CACHE: kv}, self.stream)
-        return UserState(kv, {n: dev[n] for n in contract.SCORER_HISTORY_INPUTS}, batch)
+            return {n: torch.from_numpy(a).to(self.device, non_blocking=True) for n, a in arrays.items()}
 
-    def score(self, state: UserState, cand_items: Any) -> Any:
-        """cand_items [B, M] -> logits [B, M, T] (float32 torch tensor on the device). The
-        scorer reads ``state.kv_cache`` in place: its device pointer is bound as the input."""
-        import torch
-
-        if not isinstance(state, UserState):
-            raise DataError(f"Session.score: state is a {type(state).__name__}, not the UserState this session's "
-                            "encode() returned; call encode(history) first and pass its result")
-        cand = validate_candidates(self.cfg, cand_items, state.batch, self.bundle.profile(ITEM_SCORER))
-        dims = {contract.BATCH: state.batch, contract.CANDIDATES: cand.shape[1]}
+    def run(self, graph: str, inputs: dict[str, Any]) -> Any:
+        """One graph on device tensors (a superset of its inputs, by contract name) -> its one output
+        as a device tensor, after the stream has finished."""
+        io = self.io[graph]
+        feeds = {n: inputs[n] for n in io.input_names}
+        dims = {contract.BATCH: int(next(iter(feeds.values())).shape[0])}
+        if CAND_ITEMS in feeds:
+            dims[contract.CANDIDATES] = int(feeds[CAND_ITEMS].shape[1])
+        spec = io.tensor(io.output_names[0])
         with torch.cuda.stream(self.stream):
-            inputs = {KV_CACHE: state.kv_cache, **state.history, "cand_items": self._to_device({"c": cand})["c"]}
-            logits = self._output(ITEM_SCORER, LOGITS, dims)
-            self.engines[ITEM_SCORER].run(inputs, {LOGITS: logits}, self.stream)
+            out = torch.empty(spec.concrete(dims), dtype=dtype(spec.dtype).torch(), device=self.device)
+            self.engines[graph].run(feeds, {spec.name: out}, self.stream)
         self.stream.synchronize()
-        return logits
-
-    def full(self, history: Any, cand_items: Any) -> Any:
-        """The baseline: every (user, candidate) pair recomputed by the full-model engine."""
-        import torch
-
-        arrays = validate_history(self.cfg, history, self.bundle.profile(FULL_MODEL))
-        batch = arrays["hist_items"].shape[0]
-        arrays["cand_items"] = validate_candidates(self.cfg, cand_items, batch, self.bundle.profile(FULL_MODEL))
-        dims = {contract.BATCH: batch, contract.CANDIDATES: arrays["cand_items"].shape[1]}
-        with torch.cuda.stream(self.stream):
-            dev = self._to_device(arrays)
-            logits = self._output(FULL_MODEL, LOGITS, dims)
-            self.engines[FULL_MODEL].run({n: dev[n] for n in self.io[FULL_MODEL].input_names}, {LOGITS: logits},
-                                         self.stream)
-        self.stream.synchronize()
-        return logits
+        return out
 
 
-__all__ = ["Session", "UserState"]
+__all__ = ["Session"]

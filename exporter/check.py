@@ -1,7 +1,7 @@
 """Checks of exported graphs: onnx.checker (full), then ONNX Runtime on the CPU against the fp32
 PyTorch model on a synthetic batch (padding, empty blocks, every time bucket).
 
-Sessions come from ``onnx_session`` (exporter/ort_session.py), the one place they are made.
+Sessions come from ``onnx_session`` (astro_trt/ort_session.py), the one place they are made.
 ONNX Runtime's CPU provider has no bfloat16 kernels for most ops (Add, MatMul, ...); a graph it
 cannot load runs in ``onnx.reference`` instead (slow, exact op semantics), and ``runner_for``
 says which one ran.
@@ -13,15 +13,24 @@ import copy
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 
 from astro_trt import contract
 from astro_trt.contract import GraphIO
 from astro_trt.errors import ExportError
-from astro_trt.exporter.ort_session import onnx_session
+from astro_trt.exporter.graphs import named_tensors, run
+from astro_trt.exporter.precision import model_in_precision
+from astro_trt.lazy import lazy_import
 from astro_trt.model.astro import ASTRO, History
+from astro_trt.model.synthetic import synthetic_batch
+from astro_trt.ort_session import onnx_session
 from astro_trt.precision import REFERENCE, get, is_reference
 from astro_trt.tolerances import max_abs_limit
+
+# Only a graph ONNX Runtime cannot run (bfloat16) needs these.
+onnx_reference = lazy_import("onnx.reference")
+ml_dtypes = lazy_import("ml_dtypes")
 
 
 def runner_for(path: Path | str) -> str:
@@ -42,9 +51,7 @@ def run_onnx(path: Path | str, feeds: dict[str, np.ndarray]) -> dict[str, np.nda
     except Exception as exc:
         if "NOT_IMPLEMENTED" not in str(exc):
             raise
-        from onnx.reference import ReferenceEvaluator
-
-        evaluator = ReferenceEvaluator(str(path))
+        evaluator = onnx_reference.ReferenceEvaluator(str(path))
         return dict(zip(evaluator.output_names, evaluator.run(None, feeds), strict=True))
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
@@ -53,23 +60,17 @@ def run_onnx(path: Path | str, feeds: dict[str, np.ndarray]) -> dict[str, np.nda
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """numpy view of a tensor, bfloat16 included (through ml_dtypes, as onnx and ORT expect)."""
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.detach().numpy()
 
 
 def feeds(io: GraphIO, history: History, cand_items: torch.Tensor, kv_cache: torch.Tensor | None = None):
     """Inputs of one contract graph from a request (and, for the scorer, a kv_cache)."""
-    from astro_trt.exporter.graphs import named_tensors
-
     by_name = named_tensors(history, cand_items, kv_cache)
     return {name: to_numpy(by_name[name]) for name in io.input_names}
 
 
 def _outputs(model: ASTRO, history: History, cand_items: torch.Tensor, kv_in: torch.Tensor) -> dict[str, torch.Tensor]:
-    from astro_trt.exporter.graphs import named_tensors, run
-
     tensors = named_tensors(history, cand_items, kv_in)
     with torch.no_grad():
         return {name: run(model, name, tensors).float() for name in contract.GRAPHS}
@@ -87,10 +88,6 @@ def check_graphs(model: ASTRO, result, *, batch: int = 2, candidates: int = 5, s
     Returns max abs error per graph (logits; kv_cache for the encoder). Raises ExportError when a
     graph fails the checker or its error exceeds the precision's limit (astro_trt/tolerances.py).
     """
-    import onnx
-
-    from astro_trt.model.synthetic import synthetic_batch
-
     for path in result.paths.values():
         try:
             onnx.checker.check_model(str(path), full_check=True)
@@ -113,8 +110,6 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
 
     The scorer is fed the oracle's cache in the graph's dtype, so its error is its own.
     """
-    from astro_trt.exporter.precision import model_in_precision
-
     oracle = copy.deepcopy(model).float().eval()
     with torch.no_grad():
         kv_oracle = oracle.encode_user(history)

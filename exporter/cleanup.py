@@ -4,15 +4,18 @@ I/O to the contract (names, dtypes and the symbolic dims ``batch`` / ``candidate
 from __future__ import annotations
 
 import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper
 
 from astro_trt.contract import GraphIO
 from astro_trt.errors import ExportError
+from astro_trt.lazy import lazy_import
 from astro_trt.precision import dtype
+
+ort = lazy_import("onnxruntime")
 
 
 def clean(model: onnx.ModelProto) -> onnx.ModelProto:
-    import onnx_graphsurgeon as gs
-
     # graphsurgeon round-trips local functions lossily (a Constant's value_float comes back as a
     # double), so the functions stay out of its hands and are put back unchanged.
     functions = list(model.functions)
@@ -34,16 +37,13 @@ def _quiet_onnxruntime() -> None:
     """Constant folding runs subgraphs in ONNX Runtime, whose optimizer warns about every Unsqueeze
     it cannot fold; those warnings say nothing about the exported graph, so errors only."""
     try:
-        import onnxruntime
+        ort.set_default_logger_severity(3)
     except ImportError:  # graphsurgeon then folds without it
         return
-    onnxruntime.set_default_logger_severity(3)
 
 
 def pin_io(model: onnx.ModelProto, io: GraphIO) -> None:
     """Set every graph input/output type and shape from the contract (dims by name when dynamic)."""
-    from onnx import helper
-
     by_name = {t.name: t for t in io.inputs + io.outputs}
     actual = [v.name for v in model.graph.input] + [v.name for v in model.graph.output]
     expected = io.input_names + io.output_names

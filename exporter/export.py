@@ -18,14 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 
 from astro_trt import contract
 from astro_trt.contract import GraphIO, KVCacheLayout
+from astro_trt.exporter import symbolic
+from astro_trt.exporter.cleanup import clean, pin_io
+from astro_trt.exporter.functions import attention_functions
+from astro_trt.exporter.graphs import WRAPPERS, named_tensors, run, wrapper_inputs
 from astro_trt.exporter.limits import check_export_request
-from astro_trt.exporter.pair_chunks import chunk_pairs, initializers, walk_nodes
+from astro_trt.exporter.native import NATIVE_OPSET, lower_native
+from astro_trt.exporter.pair_chunks import chunk_pairs, full_model_pairs_per_chunk, initializers, walk_nodes
+from astro_trt.exporter.precision import model_in_precision
 from astro_trt.model.astro import ASTRO, History
-from astro_trt.model.resources import full_model_pairs_per_chunk
 from astro_trt.plugins.names import ONNX_DOMAIN, ONNX_OPSET_VERSION
 
 TRACE_OPSET = 18  # every op of the model and the reference bodies exists in 18; TensorRT parses it
@@ -77,13 +83,9 @@ def export_onnx(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from astro_trt.exporter.precision import model_in_precision
-
     traced_model = model_in_precision(model, precision, export_ops=True)
     opset = TRACE_OPSET
     if attention == contract.NATIVE:
-        from astro_trt.exporter.native import NATIVE_OPSET, lower_native
-
         opset = NATIVE_OPSET
     pairs_per_chunk = full_model_pairs_per_chunk(cfg)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
@@ -131,7 +133,6 @@ def example_inputs(model: ASTRO, name: str, batch: int = 2, candidates: int = 3)
     scenario = torch.randint(0, cfg.num_scenarios, (batch,), generator=gen)
     request_time = torch.full((batch,), 1_600_000_000 + length * 3600)
     cand = torch.randint(1, cfg.num_items + 1, (batch, candidates), generator=gen)
-    from astro_trt.exporter.graphs import named_tensors, run, wrapper_inputs
 
     tensors = named_tensors(History(items, behaviors, times, lengths, scenario, request_time), cand)
     wanted = wrapper_inputs(name)
@@ -142,13 +143,6 @@ def example_inputs(model: ASTRO, name: str, batch: int = 2, candidates: int = 3)
 
 
 def _export_graph(model: ASTRO, name: str, io: GraphIO, staging: Path):
-    import onnx
-
-    from astro_trt.exporter import symbolic
-    from astro_trt.exporter.cleanup import clean, pin_io
-    from astro_trt.exporter.functions import attention_functions
-    from astro_trt.exporter.graphs import WRAPPERS
-
     symbolic.register(TRACE_OPSET)
     dynamic_axes = {
         t.name: {axis: dim for axis, dim in enumerate(t.shape) if isinstance(dim, str)} for t in io.inputs + io.outputs
@@ -185,8 +179,6 @@ def _export_graph(model: ASTRO, name: str, io: GraphIO, staging: Path):
 
 
 def _save(proto, path: Path) -> list[Path]:
-    import onnx
-
     onnx.checker.check_model(proto, full_check=True)
     weight_bytes = sum(len(t.raw_data) for t in initializers(proto.graph))
     if weight_bytes > EXTERNAL_DATA_BYTES:

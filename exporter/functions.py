@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 import onnx
+import onnx.inliner
 from onnxscript import FLOAT, INT64, script
 from onnxscript import opset18 as op
 from onnxscript.values import Opset
@@ -180,8 +181,6 @@ def function_protos() -> list[onnx.FunctionProto]:
 def attention_functions() -> list[onnx.FunctionProto]:
     """The two astro functions with their private helpers inlined, so that a graph carries exactly
     one local function per attention op and nothing else in the astro domain."""
-    import onnx.inliner
-
     helpers = [(ONNX_DOMAIN, f.name) for f in (_time_bias, _candidate_bias)]
     holder = onnx.helper.make_model(
         onnx.helper.make_graph([], "holder", [], []),

@@ -15,6 +15,8 @@ The rewrite swaps the function bodies and inlines them, so the result has no ast
 from __future__ import annotations
 
 import onnx
+import onnx.inliner
+import onnx.version_converter
 from onnxscript import opset23 as op
 from onnxscript import script
 from onnxscript.values import Opset
@@ -103,9 +105,6 @@ def native_functions() -> list[onnx.FunctionProto]:
 
 def lower_native(model: onnx.ModelProto) -> onnx.ModelProto:
     """Replace the astro function bodies by the Attention forms and inline them (opset 23)."""
-    import onnx.inliner
-    import onnx.version_converter
-
     # Raise the traced graph to opset 23 first; its ops only gained types between 18 and 23.
     bare = onnx.ModelProto()
     bare.CopyFrom(model)

@@ -14,8 +14,10 @@ Chunks are equal-sized (the Loop's scan output needs one shape per iteration): `
 ceil(B*M / pairs_per_chunk)`` and ``chunk = ceil(B*M / trips)``; the last chunk repeats the last
 pair for at most ``trips - 1`` padding slots, which are sliced off.
 
-TensorRT engines are built from ``unchunk(model)``, the traced graph as it was: a GPU has the
-memory, and a loop of small chunks would serialise work the GPU runs in parallel.
+The stored form is the chunked one; ``runtime_form`` is the one place a consumer's form is made
+from it, at load time (no later stage reshapes the stored graph itself). TensorRT engines are
+built from ``unchunk(model)``, the traced graph as it was: a GPU has the memory, and a loop of
+small chunks would serialise work the GPU runs in parallel.
 
 ONNX Runtime merges identical subexpressions (common-subexpression elimination) in a model's main
 graph but not inside a Loop body: the full model's layers all compute the same time buckets from
@@ -27,11 +29,32 @@ graph's speed (within 2 %); the file keeps its function nodes for TensorRT's plu
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import onnx
+import onnx.inliner
 import onnx.numpy_helper
 from onnx import TensorProto, helper
 
 from astro_trt import contract
+from astro_trt.config import ASTROConfig
+from astro_trt.lazy import lazy_import
+from astro_trt.model.resources import attention_bytes
+
+ir = lazy_import("onnxscript.ir")  # onnxscript costs ~1 s to import; only for_onnxruntime needs it
+passes = lazy_import("onnxscript.ir.passes.common")
+
+# What the exported full model may hold in flight: it runs its (user, candidate) pairs in chunks
+# whose estimated attention stays within this (exporter/pair_chunks.py).
+FULL_MODEL_CHUNK_BYTES = 512 * 2**20
+
+
+def full_model_pairs_per_chunk(cfg: ASTROConfig) -> int:
+    """Pairs the exported full model runs at once: as many sequences of L + 1 tokens as fit
+    FULL_MODEL_CHUNK_BYTES by attention_bytes (165 for climber, 5 for climber-large)."""
+    return max(1, FULL_MODEL_CHUNK_BYTES // attention_bytes(cfg, 1, cfg.max_len + 1))
+
 
 LOOP_NAME = "astro_pair_chunks"  # the Loop node that marks a chunked graph
 PREFIX = "pair_chunks/"  # every value and node this module adds, and the body's renamed ones
@@ -185,12 +208,8 @@ def for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
     inputs, outputs and arithmetic; a graph that is not chunked comes back as it is."""
     if not is_chunked(model):
         return model
-    import onnx.inliner
-    from onnxscript import ir
-    from onnxscript.ir.passes.common import CommonSubexpressionEliminationPass
-
     plain = ir.serde.deserialize_model(onnx.inliner.inline_local_functions(unchunk(model)))
-    CommonSubexpressionEliminationPass()(plain)
+    passes.CommonSubexpressionEliminationPass()(plain)
     return chunk_pairs(ir.serde.serialize_model(plain), pairs_per_chunk(model))
 
 
@@ -210,3 +229,30 @@ def unchunk(model: onnx.ModelProto) -> onnx.ModelProto:
     plain.graph.initializer.extend(body.initializer)
     plain.graph.value_info.extend(body.value_info)
     return plain
+
+
+# What each consumer runs of a stored full model, and whether it needs the weights in memory:
+# TensorRT parses the plain graph (its weights found beside the file), ONNX Runtime runs the Loop
+# prepared by for_onnxruntime, and the bench's naive path runs the plain graph on ONNX Runtime.
+RUNTIME_FORMS: dict[str, tuple[Callable[[onnx.ModelProto], onnx.ModelProto], bool]] = {
+    "tensorrt": (unchunk, False),
+    "onnxruntime": (for_onnxruntime, True),
+    "onnxruntime-plain": (unchunk, True),
+}
+# A model handed over from memory must stay under protobuf's 2 GB; a larger one runs as stored.
+IN_MEMORY_BYTES = 1_500_000_000
+
+
+def runtime_form(path: Path | str, consumer: str) -> bytes | None:
+    """The stored graph at ``path`` as ``consumer`` (a key of RUNTIME_FORMS) runs it, serialized;
+    None when the consumer runs the file as stored (a graph that is not chunked, one too large to
+    hand over in memory, or a file that is no ONNX model, which the consumer then names itself)."""
+    prepare, with_weights = RUNTIME_FORMS[consumer]
+    try:
+        model = onnx.load(str(path), load_external_data=with_weights)
+    except Exception:  # noqa: BLE001 - not an ONNX model at all: the runtime's parser says so in its words
+        return None
+    if not is_chunked(model):
+        return None
+    prepared = prepare(model)
+    return prepared.SerializeToString() if prepared.ByteSize() < IN_MEMORY_BYTES else None

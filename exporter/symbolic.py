@@ -3,6 +3,8 @@ same kind in domain ``astro`` (plugins/names.py), whose body exporter/functions.
 
 from __future__ import annotations
 
+from torch.onnx import register_custom_op_symbolic
+
 import astro_trt.exporter.custom_ops  # noqa: F401 - the astro:: torch ops must exist before their symbolics
 from astro_trt.plugins.names import ONNX_DOMAIN
 from astro_trt.plugins.operators import OPERATORS
@@ -24,7 +26,6 @@ def register(opset: int) -> None:
     """Register the symbolics for ``opset`` (idempotent; the registry is per opset version)."""
     if opset in _registered:
         return
-    from torch.onnx import register_custom_op_symbolic
 
     for operator in OPERATORS:
         register_custom_op_symbolic(operator.torch_op, _symbolic(operator.onnx_op), opset)

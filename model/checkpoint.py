@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from astro_trt import __version__
-from astro_trt.artifacts import as_path, sha256_file, staged_directory
+from astro_trt.artifacts import as_path, copy_regular_file, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
-from astro_trt.errors import CheckpointError, ConfigError, one_line
+from astro_trt.errors import ArtifactError, CheckpointError, ConfigError, one_line
 from astro_trt.model.astro import ASTRO
+from astro_trt.model.resources import check_fits
 from astro_trt.precision import by_torch
 
 CONFIG_FILE = "config.json"
@@ -82,8 +85,6 @@ def save_checkpoint(
     _check_against_config(_header_of(tensors), cfg, out_dir / WEIGHTS_FILE)
     documents = _json_documents(cfg, metrics, extra)
 
-    from safetensors.torch import save_file
-
     with staged_directory(out_dir) as staging:
         # The training config and the list of documents travel inside the weights file: fields
         # the weights cannot reveal (max_len, time_bucket_max, layer_norm_eps, ...) are checked
@@ -137,8 +138,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
             message = f"{config_path}: {message}"
         raise ConfigError(message) from None
 
-    from astro_trt.model.resources import check_fits
-
     header, metadata, _ = _read_header(weights)
     _check_against_config(header, cfg, weights)
     _check_recorded_config(metadata, cfg, config_path, weights)
@@ -147,8 +146,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         check_fits(cfg, users=2, candidates=5, purpose="running one request")
     except ConfigError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
         tensors = load_file(str(weights))
@@ -313,9 +310,6 @@ def copy_checkpoint(path: str | Path, target: str | Path) -> list[str]:
     return their names. Only regular files are copied, never through a symlink, and each within a
     size bound (the weights: exactly the size their header declares), so a checkpoint directory
     cannot pull host files (a link to /etc/passwd, /dev/zero, a FIFO) into a bundle."""
-    from astro_trt.artifacts import copy_regular_file
-    from astro_trt.errors import ArtifactError
-
     directory, weights = _resolve(path)
     header = _read_header(weights)  # once: the documents it lists and the weights' size bound
     names = _documents(directory, weights, header.metadata)

@@ -18,6 +18,12 @@ from pathlib import Path
 
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ConfigError, DataError
+from astro_trt.lazy import lazy_import
+
+# The memory estimates are read by light modules (the serving bounds): the model itself loads
+# only when its weights are counted.
+torch = lazy_import("torch")
+astro = lazy_import("astro_trt.model.astro")
 
 # Share of the machine's memory one command may plan to use: the rest is the interpreter,
 # torch, ONNX Runtime and whatever else runs there.
@@ -41,12 +47,8 @@ def machine_memory() -> int:
 
 def parameter_count(cfg: ASTROConfig) -> int:
     """Exact number of weights of ASTRO(cfg), from a model on the meta device (nothing allocated)."""
-    import torch
-
-    from astro_trt.model.astro import ASTRO
-
     with torch.device("meta"):
-        model = ASTRO(cfg)
+        model = astro.ASTRO(cfg)
     return sum(p.numel() for p in model.state_dict().values())
 
 
@@ -62,17 +64,6 @@ def attention_bytes(cfg: ASTROConfig, sequences: int, length: int) -> int:
     and token pair the time-bucket comparison (one byte per bucket), the int64 distances and
     buckets, and about 16 float32 tensors per head (scores, biases, mask, softmax and copies)."""
     return sequences * cfg.num_blocks * length * length * _pair_bytes(cfg)
-
-
-# What the exported full model may hold in flight: it runs its (user, candidate) pairs in chunks
-# whose estimated attention stays within this (exporter/pair_chunks.py).
-FULL_MODEL_CHUNK_BYTES = 512 * 2**20
-
-
-def full_model_pairs_per_chunk(cfg: ASTROConfig) -> int:
-    """Pairs the exported full model runs at once: as many sequences of L + 1 tokens as fit
-    FULL_MODEL_CHUNK_BYTES by attention_bytes (165 for climber, 5 for climber-large)."""
-    return max(1, FULL_MODEL_CHUNK_BYTES // attention_bytes(cfg, 1, cfg.max_len + 1))
 
 
 def _pair_bytes(cfg: ASTROConfig) -> int:

@@ -18,12 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from astro_trt.artifacts import check_destination, check_replaceable
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import AstroError
+from astro_trt.model import movielens
 from astro_trt.model.astro import ASTRO
+from astro_trt.model.checkpoint import save_checkpoint
 from astro_trt.model.metrics import ItemAverageBaseline, evaluate, mean_auc
 from astro_trt.model.requests import Request, RequestBatch, batches
+from astro_trt.model.resources import check_fits
 
 # The machines this runs on (and CI) have 2 cores; more threads only contend.
 NUM_THREADS = 2
@@ -164,7 +169,6 @@ def train_model(
 def _progress(enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
@@ -183,11 +187,6 @@ def train_ml100k(
 ) -> dict:
     """Train on ml-100k, evaluate the best model and the item-average baseline on test, and
     write the checkpoint (config, weights, metrics.json, data.json). Returns the metrics."""
-    from astro_trt.artifacts import check_destination, check_replaceable
-    from astro_trt.model import movielens
-    from astro_trt.model.checkpoint import save_checkpoint
-    from astro_trt.model.resources import check_fits
-
     # Everything that can be refused is refused before the data is read.
     options.validate()
     spec = movielens.SplitSpec(candidates=candidates)

@@ -19,7 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from astro_trt.errors import DataError
+from astro_trt.lazy import lazy_import
 from astro_trt.plugins import names
+
+# Both import torch (and the kernels triton): loaded by the first dispatch, not by the records here.
+_TRITON = lazy_import("astro_trt.plugins.kernels.ops")
+_REFERENCE = lazy_import("astro_trt.plugins.reference")
 
 # Roles: activations share q's dtype (and the output takes it); tables are float bias tables and
 # temperatures, read as float32; indices are lengths, times and thresholds (precision.index_dtypes).
@@ -96,11 +101,7 @@ class Impl(enum.Enum):
 
 def implementation(op: Operator, impl: Impl) -> Callable[..., Any]:
     """The function of ``impl`` for ``op``; the Triton module is imported only when asked for."""
-    if impl is Impl.TRITON:
-        from astro_trt.plugins.kernels import ops as module
-    else:
-        from astro_trt.plugins import reference as module
-    return getattr(module, op.name)
+    return getattr(_TRITON if impl is Impl.TRITON else _REFERENCE, op.name)
 
 
 def dispatch(op: Operator, args: tuple[Any, ...], impl: Impl = Impl.REFERENCE) -> Any:

@@ -9,21 +9,22 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.lazy import lazy_import
 from astro_trt.serving.config_pbtxt import ENCODED, RECOMMEND, USER_KEY
 from astro_trt.serving.proxy import USER_KEY_HEADER
+
+# tritonclient comes with the serve extra and costs ~0.3 s: only a command that calls a server pays.
+_CLIENTS = {"http": lazy_import("tritonclient.http"), "grpc": lazy_import("tritonclient.grpc")}
+triton_utils = lazy_import("tritonclient.utils")
 
 PROTOCOLS = ("http", "grpc")
 TIMEOUT_S = 60.0  # a request that takes longer counts as failed, so no client waits for ever
 
 
 def _module(protocol: str) -> Any:
-    if protocol == "http":
-        import tritonclient.http as module
-    elif protocol == "grpc":
-        import tritonclient.grpc as module
-    else:
+    if protocol not in _CLIENTS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    return module
+    return _CLIENTS[protocol]
 
 
 def connect(protocol: str, url: str) -> Any:
@@ -34,9 +35,7 @@ def connect(protocol: str, url: str) -> Any:
 
 
 def _datatype(array: np.ndarray) -> str:
-    from tritonclient.utils import np_to_triton_dtype
-
-    return "BYTES" if array.dtype == object else np_to_triton_dtype(array.dtype)
+    return "BYTES" if array.dtype == object else triton_utils.np_to_triton_dtype(array.dtype)
 
 
 def inputs(protocol: str, tensors: Mapping[str, np.ndarray], user_key: bytes | None = None) -> list[Any]:

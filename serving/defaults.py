@@ -6,13 +6,10 @@ from __future__ import annotations
 
 from astro_trt.errors import DataError
 from astro_trt.model.resources import machine_memory
+from astro_trt.settings import SERVED_ORT_THREADS as DEFAULT_ORT_THREADS  # settings.py says why one
 
 # astro_recommend's per-user cache of encoded state.
 DEFAULT_CACHE_BYTES = 256 << 20
-# One ONNX Runtime thread per scorer call: the server's own threads (HTTP, gRPC, the stub) need a
-# core too, and spinning intra-op threads lose badly on a shared machine (measured on 2 cores:
-# 6.0 ms per 256-candidate page with 1 thread, 16.5 ms with 2 while other work ran).
-DEFAULT_ORT_THREADS = 1
 
 # The cache is at least 1 MiB (below that not one user's state of the smallest preset fits, so
 # every page would encode its user again) and at most this machine's memory (the server could

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from astro_trt.artifacts import atomic_write, staged_directory
+from astro_trt.artifacts import atomic_write, refuse_existing, staged_directory
 from astro_trt.errors import BundleError, DataError
 from astro_trt.serving.defaults import check_replicas
 from astro_trt.serving.proxy import Backend, haproxy_config
@@ -210,8 +210,7 @@ def _yaml(value: Any, indent: int = 0) -> str:
 
 def check_out(out: str | Path, force: bool) -> Path:
     out = Path(out).resolve()
-    if out.exists() and not force:
-        raise BundleError(f"{out} already exists; choose another --k8s or pass --force to replace it")
+    refuse_existing(out, force, BundleError)
     return out
 
 

@@ -16,10 +16,17 @@ from typing import Any
 import numpy as np
 
 from astro_trt.choices import comma_list
+from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
+from astro_trt.lazy import lazy_import
+from astro_trt.reports import by_kind, figure, json_bytes, markdown_table, png_bytes, write_files
 from astro_trt.serving import client as tc
 from astro_trt.serving.defaults import check_seconds, check_workload
-from astro_trt.serving.workload import Workload
+from astro_trt.serving.service import Recommender
+from astro_trt.serving.source import load_served_bundle
+from astro_trt.serving.workload import Workload, make_workload
+
+ticker = lazy_import("matplotlib.ticker")  # only the plot needs it
 
 
 @dataclass
@@ -189,8 +196,6 @@ class LoadReport:
 
 
 def report_markdown(report: LoadReport, plot: str) -> str:
-    from astro_trt.validate.report import markdown_table
-
     rows = []
     for p in report.baselines + report.phases:
         ratio = report.ratio(p) if p in report.phases else None
@@ -215,15 +220,8 @@ def report_markdown(report: LoadReport, plot: str) -> str:
 
 
 def plot_load(report: LoadReport) -> bytes:
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
     runs: Sequence[Phase] = report.baselines + report.phases
-    fig, (bars, cdf) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (bars, cdf) = figure(1, 2, figsize=(11, 4.2))
     bars.bar([p.name.replace(" ", "\n") for p in runs], [p.candidates_per_s for p in runs], color="tab:blue")
     bars.set_ylabel("candidates scored per second")
     bars.set_title("throughput")
@@ -232,21 +230,17 @@ def plot_load(report: LoadReport) -> bytes:
         if lat.size:
             cdf.plot(lat, np.arange(1, lat.size + 1) / lat.size, label=f"{p.name} ({p.clients} clients)")
     cdf.set_xscale("log")
-    cdf.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    cdf.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    cdf.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    cdf.xaxis.set_minor_formatter(ticker.NullFormatter())
     cdf.set_xlabel("latency ms (log)")
     cdf.set_ylabel("fraction of requests")
     cdf.set_title("latency")
     cdf.grid(alpha=0.3)
     cdf.legend()
-    from astro_trt.validate.report import png_bytes
-
     return png_bytes(fig)
 
 
 def write_load_reports(report: LoadReport, out: Path) -> dict[str, Path]:
-    from astro_trt.validate.report import by_kind, json_bytes, write_files
-
     files = {"loadtest.json": json_bytes(report.to_dict()), "loadtest.png": plot_load(report),
              "loadtest.md": report_markdown(report, "loadtest.png").encode()}
     return by_kind(write_files(Path(out), files))
@@ -260,9 +254,6 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     """``astro-trt loadtest``: ``clients`` concurrent clients against astro_recommend at ``url``
     (host:port of HTTP) for ``duration`` seconds per protocol, with an optional in-process baseline
     on ``bundle_dir`` before and after; the report and the paths of loadtest.{json,md,png}."""
-    from astro_trt.config import ASTROConfig
-    from astro_trt.serving.workload import make_workload
-
     check_workload(clients=clients, users=users, pages=pages, candidates=candidates, seed=seed)
     check_seconds(duration, "--duration")
     check_seconds(baseline_seconds, "--baseline-seconds")
@@ -287,9 +278,6 @@ def run_loadtest(url: str, *, grpc_url: str | None = None, protocol: str = "http
     workload = make_workload(cfg, users=users, pages=pages, candidates=candidates, seed=seed, tag="in-process")
     baselines, recommender = [], None
     if bundle_dir is not None:
-        from astro_trt.serving.service import Recommender
-        from astro_trt.serving.source import load_served_bundle
-
         bundle = load_served_bundle(bundle_dir)
         # The same precision and ONNX Runtime threads as the served model, read from its config.
         threads = int(params["ort_threads"]) if params.get("ort_threads") else None

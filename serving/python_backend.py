@@ -19,6 +19,7 @@ from astro_trt.errors import AstroError, DataError
 from astro_trt.serving.config_pbtxt import CHECKED, ENCODED, USER_KEY
 from astro_trt.serving.defaults import check_cache_bytes, check_ort_threads
 from astro_trt.serving.service import Recommender, check_request, gate_profiles
+from astro_trt.serving.source import load_served_bundle
 
 REQUEST_INPUTS = (*HISTORY_INPUTS, "cand_items")
 
@@ -81,8 +82,6 @@ class RecommendModel:
     cached state. Counters go to the server's metrics endpoint (astro_* families)."""
 
     def __init__(self, args: dict[str, Any], pb: Any) -> None:
-        from astro_trt.serving.source import load_served_bundle
-
         params = parameters(args)
         self.pb = pb
         bundle_dir = Path(args["model_repository"]) / args["model_version"] / params.get("bundle", "bundle")

@@ -20,8 +20,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from astro_trt.choices import comma_list
+from astro_trt.contract import KV_CACHE, USER_ENCODER
 from astro_trt.errors import DataError
+from astro_trt.reports import by_kind, json_bytes, markdown_table, write_files
 from astro_trt.serving import client as tc
 from astro_trt.serving.defaults import (
     DEFAULT_CACHE_BYTES,
@@ -31,7 +35,12 @@ from astro_trt.serving.defaults import (
     check_workload,
 )
 from astro_trt.serving.loadtest import Phase, served_phase
-from astro_trt.serving.proxy import ROUTINGS
+from astro_trt.serving.proxy import ROUTINGS, find_haproxy
+from astro_trt.serving.replicas import Replicas
+from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+from astro_trt.serving.server import find_triton
+from astro_trt.serving.source import load_served_bundle, served_precision
+from astro_trt.serving.workload import make_workload
 
 SINGLE = "single"
 RUNS = (*ROUTINGS, SINGLE)
@@ -111,8 +120,6 @@ def _windows(phase: Phase) -> list[tuple[float, int, float]]:
 
 
 def report_markdown(report: ReplicaReport) -> str:
-    from astro_trt.validate.report import markdown_table
-
     w = report.workload
     rows = []
     for r in report.runs:
@@ -142,9 +149,6 @@ def report_markdown(report: ReplicaReport) -> str:
 
 def _one_run(repo: Path, name: str, routing: str, count: int, cache_bytes: int, *, protocol: str, workload: Any,
              clients: int, duration: float, kill_at: float | None) -> ReplicaRun:
-    from astro_trt.serving.replicas import Replicas
-    from astro_trt.serving.repository import PYTHON_MODELS
-
     with Replicas(repo, models=PYTHON_MODELS, count=count, routing=routing) as fleet:
         url = fleet.endpoints.http if protocol == "http" else fleet.endpoints.grpc
         killed: list[float] = []
@@ -175,13 +179,6 @@ def run_replica_loadtest(bundle_dir: Path, *, replicas: int = 3, runs: str = ","
     """``astro-trt loadtest --replicas N --bundle BUNDLE``: each of ``runs`` (``user-key``,
     ``round-robin``, ``single``) on freshly started servers, plus a user-key run that kills replica 1
     at ``kill_at`` s; the report and the paths of replicas.{json,md}."""
-    from astro_trt.serving.proxy import find_haproxy
-    from astro_trt.serving.repository import write_repository
-    from astro_trt.serving.server import find_triton
-    from astro_trt.serving.source import load_served_bundle
-    from astro_trt.serving.workload import make_workload
-    from astro_trt.validate.report import by_kind, json_bytes, write_files
-
     check_replicas(replicas)
     check_workload(clients=clients, users=users, pages=pages, candidates=candidates, seed=seed)
     check_seconds(duration, "--duration")
@@ -225,11 +222,6 @@ def run_replica_loadtest(bundle_dir: Path, *, replicas: int = 3, runs: str = ","
 
 def _state_bytes(bundle: Any) -> int:
     """One user's encoded state (its KV cache) in the served precision."""
-    import numpy as np
-
-    from astro_trt.contract import KV_CACHE, USER_ENCODER
-    from astro_trt.serving.source import served_precision
-
     spec = bundle.io(served_precision(bundle, None))[USER_ENCODER].tensor(KV_CACHE)
     dims = [int(d) for d in spec.shape[1:]]
     return int(np.prod(dims)) * np.dtype(spec.dtype).itemsize

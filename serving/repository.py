@@ -6,7 +6,7 @@
     REPO/astro_score/      ensemble astro_gate -> user_encoder -> item_scorer (one request; the
                            kv_cache stays inside the ensemble)
     REPO/astro_recommend/  Python: per-user cache of encoded state, scores every page; runs
-                           ONNX Runtime on a CPU, the project's TensorRT runtime on a GPU; holds
+                           ONNX Runtime on a CPU, the TensorRT runner (runtime/) on a GPU; holds
                            a copy of the bundle (verified when the model loads)
     REPO/*_plan/           tensorrt_plan twins, only for bundles built with full TensorRT
                            (Triton's TensorRT backend loads only plans of its own TensorRT; a
@@ -20,7 +20,7 @@ import shutil
 from importlib import resources
 from pathlib import Path
 
-from astro_trt.artifacts import atomic_write, staged_directory
+from astro_trt.artifacts import atomic_write, refuse_existing, staged_directory
 from astro_trt.contract import SPLIT_GRAPHS
 from astro_trt.engines.backend import TENSORRT
 from astro_trt.engines.bundle import Bundle
@@ -33,7 +33,6 @@ from astro_trt.serving.source import served_precision
 VERSION = "1"
 # Models that run on the server nvidia-pytriton ships (it has only the Python backend).
 PYTHON_MODELS = (pbtxt.RECOMMEND, pbtxt.GATE)
-# The full TensorRT back end's name in the manifest; only its plans can be Triton tensorrt_plan models.
 
 
 def _write(path: Path, text: str | bytes) -> None:
@@ -56,14 +55,14 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
     if not isinstance(batching, bool):
         raise DataError(f"batching {batching!r}: must be True or False (--batching/--no-batching)")
     out = Path(out).resolve()
-    if out.exists() and not force:
-        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force, BundleError)
     if bundle.directory == out or bundle.directory in out.parents:
         raise BundleError(f"--out {out} is inside the bundle {bundle.directory}; write the repository elsewhere")
     precision = served_precision(bundle, precision)
     io = bundle.io(precision)
     profiles = {g: {k: list(v) for k, v in bundle.profile(g).items()} for g in SPLIT_GRAPHS}
     config = bundle.manifest["config"]
+    # Triton's TensorRT backend loads only plans of its own TensorRT: no tensorrt_plan twins otherwise.
     plans = bundle.backend == TENSORRT.name and all(bundle.engine_path(g, precision) for g in SPLIT_GRAPHS)
     with staged_directory(out) as stage:
         for graph in SPLIT_GRAPHS:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astro_trt.errors import BackendError, DataError
+from astro_trt.lazy import lazy_import
 from astro_trt.serving.defaults import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_ORT_THREADS,
@@ -33,6 +34,12 @@ from astro_trt.serving.defaults import (
     check_replicas,
 )
 from astro_trt.serving.processes import end_group, start_logged, wait_ready
+from astro_trt.serving.proxy import find_haproxy
+from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+from astro_trt.serving.source import load_served_bundle
+
+# replicas.py builds on TritonServer below: imported when first used, not in a cycle at import.
+replicas_lib = lazy_import("astro_trt.serving.replicas")
 
 HOST = "127.0.0.1"
 _INSTALL = "pip install 'astro-trt[serve]' (nvidia-pytriton ships tritonserver)"
@@ -230,12 +237,7 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     tritonserver on 127.0.0.1 until SIGINT or SIGTERM; ``show`` gets the endpoints. With
     ``replicas`` > 1, that many tritonservers behind HAProxy on the HTTP and gRPC ports, routing
     users by their X-User-Key header (replicas.py)."""
-    from astro_trt.serving.replicas import Replicas
-    from astro_trt.serving.repository import PYTHON_MODELS, write_repository
-    from astro_trt.serving.source import load_served_bundle
-
     check_replicas(replicas)
-
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     for what, port in ports.items():
         check_port(port, what)
@@ -246,8 +248,6 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
                         "choose three different ports")
     find_triton()  # before any work: say how to install it
     if replicas > 1:
-        from astro_trt.serving.proxy import find_haproxy
-
         find_haproxy()
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     stop = threading.Event()
@@ -256,16 +256,16 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
         with tempfile.TemporaryDirectory(prefix="astro-repo-") as tmp:
             repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_bytes,
                                     ort_threads=ort_threads, batching=batching)
-            server: TritonServer | Replicas
+            server: TritonServer | replicas_lib.Replicas
             if replicas > 1:
-                server = Replicas(repo, models=PYTHON_MODELS, count=replicas, http_port=http_port,
+                server = replicas_lib.Replicas(repo, models=PYTHON_MODELS, count=replicas, http_port=http_port,
                                   grpc_port=grpc_port, metrics_port=metrics_port, cancel=stop)
             else:
                 server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
                                       metrics_port=metrics_port, cancel=stop)
             progress("starting tritonserver ..." if replicas == 1 else f"starting {replicas} tritonservers ...")
             with server:
-                for line in server.lines() if isinstance(server, Replicas) else server.endpoints.lines():
+                for line in server.lines() if isinstance(server, replicas_lib.Replicas) else server.endpoints.lines():
                     show(line)
                 progress(f"models   {', '.join(PYTHON_MODELS)} (Ctrl-C stops)")
                 while not stop.wait(0.5):

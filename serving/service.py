@@ -1,6 +1,6 @@
 """The request path every served model shares, free of Triton so that it runs (and is tested)
-in-process too: the project's one input gate (engines/inputs.py) in front of any model, then
-"encode once, score many" with a per-user cache."""
+in-process too: the project's one input gate (runtime/gate.py) once in front of any model, then
+"encode once, score many" with a per-user cache, on a runner of the runtime layer (runtime/)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from typing import Any
 import numpy as np
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import BATCH, HISTORY_INPUTS, ITEM_SCORER, SPLIT_GRAPHS, USER_ENCODER
+from astro_trt.contract import BATCH, CAND_ITEMS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
-from astro_trt.engines.inputs import Ranges, validate_candidates, validate_history
 from astro_trt.errors import DataError
+from astro_trt.runtime import gate
+from astro_trt.runtime.gate import Ranges
+from astro_trt.runtime.runner import Runner
 from astro_trt.serving.cache import UserCache, fingerprint
-from astro_trt.serving.compute import Compute, make_compute
+from astro_trt.serving.compute import make_compute
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES
 
 # What identifies an encoded history: everything but the request time, which only the scorer reads.
@@ -33,11 +35,11 @@ def check_request(cfg: ASTROConfig, tensors: Mapping[str, np.ndarray],
                   profiles: Mapping[str, Ranges]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The gate: history and candidates checked against the config and the engines' profiles
     (``gate_profiles``; DataError naming the problem otherwise). Returns (history arrays, cand_items)."""
-    arrays = validate_history(cfg, tensors, profiles[USER_ENCODER])
+    arrays = gate.validate_history(cfg, tensors, profiles[USER_ENCODER])
     if "cand_items" not in tensors:
         raise DataError("request is missing cand_items; send [batch, candidates] int64 item ids")
     batch = arrays["hist_items"].shape[0]
-    return arrays, validate_candidates(cfg, tensors["cand_items"], batch, profiles[ITEM_SCORER])
+    return arrays, gate.validate_candidates(cfg, tensors["cand_items"], batch, profiles[ITEM_SCORER])
 
 
 @dataclass
@@ -48,10 +50,11 @@ class Page:
 
 class Recommender:
     """Scores pages of candidates for users, encoding a user only when its (key, history) is not
-    in the cache."""
+    in the cache. A page is gated once and put into the runner's form once (on the TensorRT path:
+    one upload to the device, which the encoder and the scorer both read)."""
 
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 compute: str = "auto", threads: int | None = None, engine: Compute | None = None) -> None:
+                 compute: str = "auto", threads: int | None = None, engine: Runner | None = None) -> None:
         self.cfg = bundle.config
         self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}  # tuples already, as gate_profiles gives
         self.compute = engine or make_compute(bundle, precision, compute, threads)
@@ -101,7 +104,8 @@ class Recommender:
         return min(int(self.profiles[g][BATCH][2]) for g in SPLIT_GRAPHS)
 
     def _serve(self, group: Sequence[_Checked], results: list[Page | Exception | None]) -> None:
-        """Encode the group's cache misses in one call and score its pages (all of one size) in another."""
+        """Encode the group's cache misses in one call and score its pages (all of one size) in
+        another; the group's arrays are put into the runner's form once (TensorRT: one upload)."""
         rows = [(c, b) for c in group for b in range(len(c.keys))]
         states: list[Any] = [self.cache.get(c.keys[b], c.prints[b]) for c, b in rows]
         # A user missing twice in the group (two pages of one session) is encoded once.
@@ -109,21 +113,25 @@ class Recommender:
         for r, ((c, b), state) in enumerate(zip(rows, states, strict=True)):
             if state is None:
                 misses.setdefault((c.keys[b], c.prints[b]), []).append(r)
+        arrays = group[0].arrays if len(group) == 1 else {n: np.concatenate([c.arrays[n] for c in group])
+                                                          for n in group[0].arrays}
+        cand = group[0].cand if len(group) == 1 else np.concatenate([c.cand for c in group])
+        io = self.compute.io
+        names = {*io[ITEM_SCORER].input_names, *(io[USER_ENCODER].input_names if misses else ())} - {KV_CACHE}
+        feeds = self.compute.put({n: cand if n == CAND_ITEMS else arrays[n] for n in names})
         encoded = np.zeros(len(rows), dtype=bool)
         if misses:
             firsts = [rs[0] for rs in misses.values()]
-            fresh = self.compute.encode({n: np.stack([rows[r][0].arrays[n][rows[r][1]] for r in firsts])
-                                         for n in group[0].arrays})
+            history = {n: feeds[n] if len(firsts) == len(rows) else feeds[n][firsts]
+                       for n in io[USER_ENCODER].input_names}
+            fresh = self.compute.split(self.compute.encode_checked(history))
             self.encodes += len(firsts)
             for (key, print_), rs, state in zip(misses, misses.values(), fresh, strict=True):
                 self.cache.put(key, print_, state, self.compute.nbytes(state))
                 for r in rs:
                     states[r] = state
                 encoded[rs[0]] = True
-        arrays = group[0].arrays if len(group) == 1 else {n: np.concatenate([c.arrays[n] for c in group])
-                                                          for n in group[0].arrays}
-        cand = group[0].cand if len(group) == 1 else np.concatenate([c.cand for c in group])
-        logits = self.compute.score(states, arrays, cand)
+        logits = self.compute.score_checked(self.compute.stack(states), feeds)
         start = 0
         for c in group:
             end = start + len(c.keys)

@@ -11,6 +11,9 @@ import numpy as np
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import HISTORY_INPUTS
 from astro_trt.errors import DataError
+from astro_trt.lazy import lazy_import
+
+synthetic = lazy_import("astro_trt.model.synthetic")  # imports torch: only a workload being made needs it
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,9 @@ class Workload:
 
 def make_workload(cfg: ASTROConfig, *, users: int, pages: int, candidates: int, seed: int = 0,
                   tag: str = "load") -> Workload:
-    from astro_trt.model.synthetic import synthetic_batch
-
     if users < 1 or pages < 1 or candidates < 1:
         raise DataError(f"workload needs users, pages and candidates >= 1, got {users}, {pages}, {candidates}")
-    history = synthetic_batch(cfg, users, 1, seed=seed).history
+    history = synthetic.synthetic_batch(cfg, users, 1, seed=seed).history
     arrays = {n: t.numpy().astype(np.int64) for n, t in zip(HISTORY_INPUTS, history.astuple(), strict=True)}
     histories = [{n: np.ascontiguousarray(a[u : u + 1]) for n, a in arrays.items()} for u in range(users)]
     rng = np.random.default_rng(seed + 1)

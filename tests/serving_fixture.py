@@ -1,5 +1,5 @@
 """What the serving tests share: a tiny fp32 bundle, requests for it, and the in-process ONNX
-Runtime runner (validate/runners.py) as the reference the served logits are compared with."""
+Runtime runner (runtime/onnxruntime.py) as the reference the served logits are compared with."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def request(cfg, *, users: int = 1, candidates: int = 16, seed: int = 0) -> dict
 
 
 def reference_logits(bundle, arrays: dict[str, np.ndarray]) -> np.ndarray:
-    from astro_trt.validate.runners import OrtRunner
+    from astro_trt.runtime.onnxruntime import OrtRunner
 
     runner = OrtRunner({g: bundle.onnx_path(g, "fp32") for g in GRAPHS}, bundle.config, "fp32")
     history = History(*(torch.from_numpy(arrays[n]) for n in HISTORY_INPUTS))

@@ -12,8 +12,8 @@ import torch
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
 from astro_trt.model.astro import ASTRO
+from astro_trt.runtime.torch_runner import TorchRunner
 from astro_trt.validate.bench import Latency, parse_candidates, run_bench, time_interleaved, write_bench_reports
-from astro_trt.validate.runners import TorchRunner
 
 TINY = ASTROConfig(name="tiny", num_items=50, num_behaviors=4, num_scenarios=2, d_model=16, num_heads=2,
                    num_layers=2, num_blocks=2, max_len=8, num_tasks=2, ffn_dim=32)

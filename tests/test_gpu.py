@@ -1,5 +1,5 @@
 """Checks only a GPU can run: the Triton kernels compiled for CUDA, and the TensorRT engines of a
-bundle through engines/runtime.py. Elsewhere they skip with the reason. On the device machine:
+bundle through runtime/tensorrt.py. Elsewhere they skip with the reason. On the device machine:
 ``pytest -m gpu`` (TensorRT-RTX travels there packed by ../shared/device/pack-trt-rtx.sh)."""
 
 from __future__ import annotations
@@ -100,22 +100,24 @@ def test_engines_pass_the_parity_gates(bundle):
 
 def test_one_encoded_user_serves_many_candidate_batches(bundle):
     from astro_trt.engines.bundle import load_bundle
-    from astro_trt.engines.runtime import Session
     from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.model.synthetic import synthetic_batch
+    from astro_trt.runtime.tensorrt import TrtRunner
     from astro_trt.tolerances import FP32_MAX_ABS
 
     loaded = load_bundle(bundle)
     model = load_checkpoint(loaded.checkpoint_dir).model
     batch = synthetic_batch(loaded.config, batch=1, candidates=512, seed=3)
-    session = Session(loaded, "fp32")
-    state = session.encode(batch.history)
+    runner = TrtRunner(loaded, "fp32")
+    state = runner.encode(batch.history)
+    assert state.kv_cache.is_cuda and all(t.is_cuda for t in state.feeds.values())  # it stays on the device
     cache_before = state.kv_cache.clone()
-    whole = session.score(state, batch.cand_items).cpu()
-    chunks = torch.cat([session.score(state, c).cpu() for c in batch.cand_items.split(128, dim=1)], dim=1)
+    whole = torch.from_numpy(runner.score(state, batch.history, batch.cand_items))
+    chunks = torch.cat([torch.from_numpy(runner.score(state, batch.history, c))
+                        for c in batch.cand_items.split(128, dim=1)], dim=1)
     torch.testing.assert_close(state.kv_cache, cache_before, rtol=0, atol=0)  # scoring never writes the cache
     with torch.no_grad():
         expected = model.score(model.encode_user(batch.history), batch.history, batch.cand_items)
-        baseline = session.full(batch.history, batch.cand_items).cpu()
+        baseline = torch.from_numpy(runner.full(batch.history, batch.cand_items))
     for got in (whole, chunks, baseline):
         assert (got - expected).abs().max().item() <= FP32_MAX_ABS

@@ -10,7 +10,9 @@ from astro_trt import contract
 from astro_trt.exporter.export import example_inputs
 from astro_trt.exporter.graphs import WRAPPERS, named_tensors, run, wrapper_inputs
 from astro_trt.model.synthetic import synthetic_batch
-from astro_trt.validate.runners import OrtRunner, TorchRunner, TrtRunner
+from astro_trt.runtime.onnxruntime import OrtRunner
+from astro_trt.runtime.tensorrt import TrtRunner
+from astro_trt.runtime.torch_runner import TorchRunner
 
 
 def test_every_stage_covers_every_graph():

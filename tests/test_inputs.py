@@ -1,4 +1,4 @@
-"""Host-side request validation (engines/inputs.py): what the runtime checks before a GPU sees it."""
+"""Host-side request validation (runtime/gate.py): what the runtime checks before a GPU sees it."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from conftest import random_history, small_config
 
 from astro_trt.contract import BATCH, CANDIDATES
-from astro_trt.engines.inputs import HISTORY_FIELDS, validate_candidates, validate_history
 from astro_trt.errors import DataError
+from astro_trt.runtime.gate import HISTORY_FIELDS, validate_candidates, validate_history
 
 CFG = small_config()
 PROFILE = {BATCH: (1, 1, 4), CANDIDATES: (1, 16, 32)}
@@ -130,7 +130,7 @@ def test_non_integer_candidates_are_refused_not_crashed(bad):
 
 def test_kv_cache_shape_dtype_batch_and_finite():
     from astro_trt.contract import kv_cache_shape
-    from astro_trt.engines.inputs import validate_kv_cache
+    from astro_trt.runtime.gate import validate_kv_cache
 
     shape = tuple(2 if d == BATCH else d for d in kv_cache_shape(CFG))
     kv = np.zeros(shape, dtype=np.float32)

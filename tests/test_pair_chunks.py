@@ -14,17 +14,17 @@ from hypothesis import strategies as st
 
 from astro_trt import contract
 from astro_trt.exporter.export import export_onnx
-from astro_trt.exporter.ort_session import onnx_session
 from astro_trt.exporter.pair_chunks import (
     chunk_pairs,
     for_onnxruntime,
+    full_model_pairs_per_chunk,
     initializers,
     is_chunked,
     pairs_per_chunk,
     unchunk,
     walk_nodes,
 )
-from astro_trt.model.resources import full_model_pairs_per_chunk
+from astro_trt.ort_session import onnx_session
 from astro_trt.plugins.names import ONNX_DOMAIN
 
 # fp32 graph vs the fp32 PyTorch oracle: the same arithmetic per pair, only matmul blocking and

@@ -19,9 +19,9 @@ from astro_trt.exporter.check import check_graphs
 from astro_trt.exporter.export import export_onnx
 from astro_trt.model.checkpoint import _header_of
 from astro_trt.precision import DTYPES, REGISTRY, DType, Precision
+from astro_trt.runtime.torch_runner import TorchRunner
 from astro_trt.tolerances import max_abs_limit
 from astro_trt.validate.gates import Gates
-from astro_trt.validate.runners import TorchRunner
 
 
 def test_records_agree_with_each_toolkit():

@@ -33,7 +33,7 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch):
     engine builds, a parity run on synthetic requests, and scoring). It writes under a scratch
     directory that sees the repository's examples/, so the README's relative paths hold."""
     from astro_trt.engines.backend import BACKENDS
-    from astro_trt.validate.runners import gpu_unavailable_reason
+    from astro_trt.runtime.tensorrt import gpu_unavailable_reason
 
     if not any(b.is_available() for b in BACKENDS.values()):
         pytest.skip("no TensorRT back end installed: README's export builds engines")

@@ -14,7 +14,8 @@ from astro_trt.engines.bundle import load_bundle
 from astro_trt.errors import DataError
 from astro_trt.model.checkpoint import load_checkpoint
 from astro_trt.model.synthetic import synthetic_batch
-from astro_trt.validate.runners import OrtRunner, TorchRunner
+from astro_trt.runtime.onnxruntime import OrtRunner
+from astro_trt.runtime.torch_runner import TorchRunner
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_valid_requests_agree_across_runners(runners, request_):
 def test_onnx_runtime_alone_wraps_a_negative_id_silently(runners, request_, bundle):
     # Why the gate must stand before the graph: ORT's Gather reads row num_items+1-3 for id -3.
     ort = runners["ort"]
-    kv = ort.encode(request_.history)
+    kv = ort.encode(request_.history).kv_cache
     feeds = {n: t.numpy() for n, t in zip(("hist_items", "hist_behaviors", "hist_times", "hist_lengths",
                                              "scenario", "request_time"), request_.history.astuple(), strict=True)}
     cand = request_.cand_items.numpy().copy()
@@ -125,7 +126,7 @@ def test_item_id_beyond_the_table_is_the_projects_error_not_onnx_runtimes(runner
 
 def test_kv_cache_of_another_batch_dtype_or_with_nan_is_refused(runners, request_):
     ort = runners["ort"]
-    kv = ort.encode(request_.history)
+    kv = ort.encode(request_.history).kv_cache
     with pytest.raises(DataError, match="kv_cache: dtype float16, expected float32"):
         ort.score(kv.astype(np.float16), request_.history, request_.cand_items)
     with pytest.raises(DataError, match=r"kv_cache: shape \[1, .*expected \[2, "):

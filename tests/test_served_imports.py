@@ -30,7 +30,7 @@ def _fresh(code: str) -> dict:
 def test_session_module_imports_no_torch():
     seen = _fresh(f"""
         import json, sys
-        from astro_trt.exporter.ort_session import onnx_session
+        from astro_trt.ort_session import onnx_session
         print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))
     """)
     assert seen == []

@@ -16,6 +16,8 @@ from astro_trt.errors import DataError
 from astro_trt.serving import client as tc
 from astro_trt.serving import config_pbtxt as pbtxt
 from astro_trt.serving.compute import make_compute
+from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+from astro_trt.serving.server import TritonServer, unavailable_reason
 from astro_trt.serving.service import Page, Recommender
 
 # fp32 on both sides, the same graphs and ONNX Runtime; merging users into one call changes only
@@ -29,23 +31,23 @@ def bundle(tmp_path_factory):
 
 
 class Counting:
-    """The real ONNX Runtime compute, counting its calls and the users in each."""
+    """The real runner (ONNX Runtime), counting its encoder and scorer calls and the users in each."""
 
     def __init__(self, inner):
-        self.inner, self.name = inner, inner.name
+        self.inner = inner
         self.encodes: list[int] = []
         self.scores: list[int] = []
 
-    def encode(self, arrays):
-        self.encodes.append(len(arrays["hist_items"]))
-        return self.inner.encode(arrays)
+    def encode_checked(self, feeds):
+        self.encodes.append(len(feeds["hist_items"]))
+        return self.inner.encode_checked(feeds)
 
-    def score(self, states, arrays, cand):
-        self.scores.append(len(states))
-        return self.inner.score(states, arrays, cand)
+    def score_checked(self, kv_cache, feeds):
+        self.scores.append(len(feeds["cand_items"]))
+        return self.inner.score_checked(kv_cache, feeds)
 
-    def nbytes(self, state):
-        return self.inner.nbytes(state)
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def _recommender(bundle):
@@ -105,24 +107,19 @@ def test_a_bad_request_fails_alone(bundle):
 
     # A failure inside a merged call (not the gate's): retried request by request, only its own fails.
     poisoned = _one(cfg, b"poison-", 10, seed=30)
-    real_score = engine.inner.score
+    real_score = engine.inner.score_checked
+    poison = poisoned[1]["cand_items"]
 
-    def score(states, arrays, cand):
-        if any(k == b"poison-0" for k in _poisoned_keys(rec, states)):
+    def score(kv_cache, feeds):  # fails whenever the poisoned page is among those scored
+        if any((row == poison[0]).all() for row in np.asarray(feeds["cand_items"])):
             raise RuntimeError("scorer failed")
-        return real_score(states, arrays, cand)
+        return real_score(kv_cache, feeds)
 
-    engine.inner.score = score
+    engine.inner.score_checked = score
     pages = rec.pages([good[0], poisoned, good[1]])
     assert isinstance(pages[1], RuntimeError)
     assert isinstance(pages[0], Page) and isinstance(pages[2], Page)
     assert np.abs(pages[2].logits - reference_logits(bundle, good[1][1])).max() <= FP32_TOL
-
-
-def _poisoned_keys(rec, states):
-    """Which cached users these states are (the cache holds the very objects)."""
-    held = {id(entry[1]): key for key, entry in rec.cache._entries.items()}
-    return [held.get(id(s)) for s in states]
 
 
 def test_single_page_api_still_raises(bundle):
@@ -133,11 +130,8 @@ def test_single_page_api_still_raises(bundle):
 
 
 def test_recommend_config_batches_with_ragged_pages(bundle, tmp_path):
-    from google.protobuf import text_format
-
     model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
-    from astro_trt.serving.repository import write_repository
-
+    from google.protobuf import text_format
     for batching in (True, False):
         repo = write_repository(bundle, tmp_path / f"r{batching}", batching=batching)
         text = (repo / pbtxt.RECOMMEND / "config.pbtxt").read_text()
@@ -152,13 +146,9 @@ def test_recommend_config_batches_with_ragged_pages(bundle, tmp_path):
 
 
 def test_served_requests_are_merged_and_a_bad_one_fails_alone(bundle, tmp_path):
-    from tritonclient.utils import InferenceServerException
-
-    from astro_trt.serving.repository import PYTHON_MODELS, write_repository
-    from astro_trt.serving.server import TritonServer, unavailable_reason
-
     if unavailable_reason():
         pytest.skip(unavailable_reason())
+    from tritonclient.utils import InferenceServerException
     cfg = bundle.config
     repo = write_repository(bundle, tmp_path / "models", cache_bytes=1 << 20)
     with TritonServer(repo, models=PYTHON_MODELS, startup_timeout=120) as server:

@@ -5,6 +5,7 @@ server serves, and the tritonserver arguments (locked down) run on the real bina
 
 from __future__ import annotations
 
+import shutil
 import urllib.error
 import urllib.request
 
@@ -15,6 +16,8 @@ from astro_trt.cli import main
 from astro_trt.engines.bundle import load_bundle
 from astro_trt.serving import k8s
 from astro_trt.serving.proxy import HAProxy, haproxy_unavailable_reason
+from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+from astro_trt.serving.server import TritonServer, unavailable_reason
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install 'astro-trt[dev]'")
 yaml = pytest.importorskip("yaml")
@@ -108,16 +111,11 @@ def test_bad_k8s_arguments_are_refused_before_anything_is_written(argv, message,
 
 
 def test_locked_down_arguments_run_on_the_real_tritonserver(bundle_dir, tmp_path):
-    from astro_trt.serving.repository import PYTHON_MODELS, write_repository
-    from astro_trt.serving.server import TritonServer, unavailable_reason
-
     if unavailable_reason():
         pytest.skip(unavailable_reason())
     repo = write_repository(load_bundle(bundle_dir), tmp_path / "repo", cache_bytes=1 << 20)
     for model in repo.iterdir():  # this server has only the Python backend: keep what it can load
         if model.is_dir() and model.name not in PYTHON_MODELS:
-            import shutil
-
             shutil.rmtree(model)
 
     class PodServer(TritonServer):

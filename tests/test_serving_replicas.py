@@ -20,6 +20,7 @@ from serving_fixture import tiny_bundle
 from astro_trt.cli import main
 from astro_trt.errors import BackendError, DataError
 from astro_trt.serving import proxy
+from astro_trt.serving.client import header_key
 from astro_trt.serving.proxy import Backend, HAProxy, haproxy_config, haproxy_unavailable_reason
 from astro_trt.serving.server import free_port, unavailable_reason
 
@@ -54,8 +55,6 @@ def test_a_broken_config_is_refused_with_haproxys_line():
 
 
 def test_header_key_never_carries_a_comma():
-    from astro_trt.serving.client import header_key
-
     assert header_key(b"user-42") == "user-42"
     # HAProxy's hdr() splits at commas: such keys (and non-text ones) travel as hex, still one per user
     assert header_key(b"a,1") != header_key(b"a,2") and "," not in header_key(b"a,1")

@@ -13,18 +13,28 @@ timed on the first K candidates of each user and its latency scaled by M / K (th
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from astro_trt.choices import split_list
 from astro_trt.config import ASTROConfig
+from astro_trt.contract import GRAPHS
+from astro_trt.engines.bundle import write_report
 from astro_trt.errors import DataError
+from astro_trt.model.synthetic import synthetic_batch
+from astro_trt.reports import by_kind, json_bytes, markdown_table, plot_throughput, write_files
+from astro_trt.runtime.onnxruntime import OrtRunner
+from astro_trt.settings import ORT_THREADS
 
 DEFAULT_CANDIDATES = (64, 256, 1024)
 DEFAULT_USERS = (1, 8, 32)
@@ -141,8 +151,6 @@ class BenchResult:
 def machine_info(threads: int | None) -> dict[str, Any]:
     """What a reader needs to compare figures across machines: CPU, cores, threads, versions,
     and the load average when the run started (other processes sharing the cores)."""
-    from importlib import metadata
-
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
@@ -192,8 +200,8 @@ def time_interleaved(
 def parse_counts(text: str, option: str = "--candidates", example: str = "64,256,1024") -> list[int]:
     """A comma list of positive counts (``--candidates``, ``--users``), or a one-line DataError."""
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+        values = [int(v) for v in split_list(text) or ()]  # type: ignore[call-overload]
+    except (TypeError, ValueError):
         raise DataError(f"{option} '{text}': expected comma-separated integers such as {example}") from None
     if not values or any(v < 1 for v in values):
         raise DataError(f"{option} '{text}': every count must be a positive integer")
@@ -222,11 +230,9 @@ def run_bench(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> BenchResult:
-    """Time ``runner`` (validate.runners: encode/score/full) on synthetic requests of U users x M
+    """Time ``runner`` (runtime/runner.py: encode/score/full) on synthetic requests of U users x M
     candidates, with ``peers`` (name -> runner) timing the same split alongside. The naive path
     takes at most ``naive_pairs`` pairs per call (default: the memory budget of the config)."""
-    from astro_trt.model.synthetic import synthetic_batch
-
     threads = getattr(runner, "threads", None)
     result = BenchResult(cfg, runner.runtime, runner.precision, source, warmup, repetitions, threads,
                          machine=machine_info(threads))
@@ -268,8 +274,6 @@ def _machine_line(result: BenchResult) -> str:
 
 
 def bench_markdown(result: BenchResult, plot_name: str) -> str:
-    from astro_trt.validate.report import markdown_table
-
     c = result.config
     peers = list(dict.fromkeys(name for p in result.points for name in p.peers))
     rows = []
@@ -314,8 +318,6 @@ times faster this runtime's split is.
 def _profile_markdown(result: BenchResult) -> str:
     if not result.profile:
         return ""
-    from astro_trt.validate.report import markdown_table
-
     parts = ["## Where the time goes (ONNX Runtime profile, per operator type)\n\n"
              "Each graph run 3 times; per node the fastest run, summed by operator type.\n"]
     for point, graphs in result.profile.items():
@@ -381,8 +383,6 @@ BENCH_REPORT = "bench"  # the folder of a bundle's reports/ that `astro-trt benc
 
 def bench_files(result: BenchResult) -> dict[str, bytes]:
     """bench.{json,md,png}, rendered."""
-    from astro_trt.validate.report import json_bytes, plot_throughput
-
     title = f"{result.config.name} on {result.runtime} ({result.precision})"
     return {
         "bench.json": json_bytes(result.to_dict()),
@@ -393,16 +393,11 @@ def bench_files(result: BenchResult) -> dict[str, bytes]:
 
 def write_bench_reports(result: BenchResult, reports_dir: Path) -> dict[str, Path]:
     """The bench report in a plain directory; {"json", "md", "png"} -> path."""
-    from astro_trt.validate.report import by_kind, write_files
-
     return by_kind(write_files(reports_dir, bench_files(result)))
 
 
 def write_bench_to_bundle(result: BenchResult, bundle_dir: Path) -> dict[str, Path]:
     """The bench report under BUNDLE/reports/bench/, recorded in the manifest."""
-    from astro_trt.engines.bundle import write_report
-    from astro_trt.validate.report import by_kind
-
     files = bench_files(result)
     return by_kind(dict(zip(files, write_report(bundle_dir, BENCH_REPORT, files), strict=True)))
 
@@ -417,8 +412,6 @@ __all__ = [
 def operator_profile(trace: Path, graph_runs: int) -> dict[str, Any]:
     """An ONNX Runtime profile file -> {"total_us", "nodes", "ops": [(op type, us), ...]}, per node
     the fastest of its runs (the others shared the cores with whatever else ran), summed by type."""
-    import json
-
     events = json.loads(Path(trace).read_text())
     per_node: dict[str, list[float]] = {}
     op_of: dict[str, str] = {}
@@ -439,12 +432,6 @@ def profile_ort(
 ) -> dict[str, Any]:
     """Per-operator breakdown of the encoder, scorer and full model at each M (one user), from
     separate profiling sessions so that the timed sessions run without the profiler."""
-    import tempfile
-
-    from astro_trt.contract import GRAPHS
-    from astro_trt.model.synthetic import synthetic_batch
-    from astro_trt.validate.runners import ORT_THREADS, OrtRunner
-
     limit = naive_pairs or naive_pairs_limit(cfg)
     out: dict[str, Any] = {}
     for m in candidates:

@@ -4,14 +4,39 @@ this function plus printing."""
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from astro_trt.artifacts import as_path, check_destination
+from astro_trt.config import PRESETS, preset
+from astro_trt.contract import BATCH, EXPORT_LOWERINGS, FULL_MODEL, GRAPHS, PRECISIONS
+from astro_trt.engines.build import Profile
+from astro_trt.engines.bundle import load_bundle
 from astro_trt.errors import DataError
+from astro_trt.exporter.export import export_onnx
+from astro_trt.model.astro import ASTRO
+from astro_trt.model.checkpoint import load_checkpoint
 from astro_trt.precision import REFERENCE
+from astro_trt.runtime.gate import check_profile
+from astro_trt.runtime.onnxruntime import OrtRunner
+from astro_trt.runtime.tensorrt import make_trt_runner
+from astro_trt.runtime.torch_runner import TorchRunner
+from astro_trt.settings import BENCH_THREADS
+from astro_trt.validate.bench import (
+    DEFAULT_USERS,
+    parse_candidates,
+    parse_users,
+    profile_ort,
+    run_bench,
+    write_bench_reports,
+    write_bench_to_bundle,
+)
 
 
 @dataclass
@@ -34,7 +59,7 @@ def bench_bundle(
     peer: bool = True,
     use_compile: bool = False,
     profile: bool = False,
-    threads: int = 1,
+    threads: int = BENCH_THREADS,
     repetitions: int = 5,
     warmup: int = 1,
     out: str | Path | None = None,
@@ -49,16 +74,6 @@ def bench_bundle(
     ``profile`` adds ONNX Runtime's per-operator breakdown; every runtime gets ``threads``
     intra-op threads. The report goes to BUNDLE/reports/bench/ (recorded in the manifest) or to
     ``out``. With ``expect_sha256`` only the bundle whose manifest has that digest is timed."""
-    from astro_trt.artifacts import as_path, check_destination
-    from astro_trt.engines.bundle import load_bundle
-    from astro_trt.validate.bench import (
-        parse_candidates,
-        profile_ort,
-        run_bench,
-        write_bench_reports,
-        write_bench_to_bundle,
-    )
-
     counts = parse_candidates(candidates) if isinstance(candidates, str) else _counts(candidates)
     _check_choices(runtime=runtime, config=config, precision=precision, attention=attention,
                    repetitions=repetitions, warmup=warmup)
@@ -88,10 +103,6 @@ def bench_bundle(
 
 def _users(users: Any, bundle: Any) -> list[int]:
     """Users per request: given, or 1, 8, 32 up to the profile's max batch; refused beyond it."""
-    from astro_trt.contract import BATCH, FULL_MODEL
-    from astro_trt.engines.inputs import check_profile
-    from astro_trt.validate.bench import DEFAULT_USERS, parse_users
-
     if users is None:
         top = _bench_profiles(bundle)[FULL_MODEL][BATCH][2] if bundle is not None else max(DEFAULT_USERS)
         return [u for u in DEFAULT_USERS if u <= top] or [1]
@@ -106,11 +117,6 @@ def _peers(model: Any, precision: str, threads: int, eager: bool, use_compile: b
     """name -> runner timing the same split in PyTorch, and name -> note for the report."""
     if model is None or not (eager or use_compile):
         return {}, {}
-    import copy
-
-    import torch
-
-    from astro_trt.validate.runners import TorchRunner
 
     torch.set_num_threads(threads)  # the same cores as the runtime under test
     peers: dict[str, Any] = {}
@@ -144,9 +150,6 @@ MAX_BENCH_POINTS = 32  # each point costs warm-up + repetitions of both paths
 def _bench_profiles(bundle: Any) -> dict[str, Any]:
     """The shapes bench may ask for: the bundle's engine profiles, or for presets the profile
     `export` gives by default (what such a bundle would serve)."""
-    from astro_trt.contract import GRAPHS
-    from astro_trt.engines.build import Profile
-
     if bundle is not None:
         return {g: bundle.profile(g) for g in GRAPHS}
     return dict.fromkeys(GRAPHS, Profile().ranges())
@@ -155,9 +158,6 @@ def _bench_profiles(bundle: Any) -> dict[str, Any]:
 def check_counts(counts: list[int], bundle: Any) -> None:
     """Refuse --candidates the profile would refuse before any graph is built or timed. Memory
     needs no check beyond the profile: the naive path is sampled within a budget (validate/bench.py)."""
-    from astro_trt.contract import FULL_MODEL
-    from astro_trt.engines.inputs import check_profile
-
     if len(counts) > MAX_BENCH_POINTS:
         raise DataError(f"--candidates: {len(counts)} counts; time at most {MAX_BENCH_POINTS} per run")
     for m in counts:
@@ -167,9 +167,6 @@ def check_counts(counts: list[int], bundle: Any) -> None:
 def _check_choices(*, runtime: Any, config: Any, precision: Any, attention: Any, repetitions: Any,
                    warmup: Any) -> None:
     """Refuse a bad option before the bundle is read or a model exported."""
-    from astro_trt.config import PRESETS
-    from astro_trt.contract import EXPORT_LOWERINGS, PRECISIONS
-
     for option, value, choices in (("--runtime", runtime, ("ort", "trt")), ("--config", config, ("bundle", *PRESETS)),
                                    ("--precision", precision, (None, *PRECISIONS)),
                                    ("--attention", attention, EXPORT_LOWERINGS)):
@@ -183,12 +180,6 @@ def _check_choices(*, runtime: Any, config: Any, precision: Any, attention: Any,
 def _runner(bundle: Any, runtime: str, config: str, precision: str | None, attention: str, tmp: Path,
             say: Callable[[str], None], threads: int, max_users: int) -> tuple[Any, Any, str, Any, Any]:
     """(runner, config, source, the PyTorch model of the same weights, ONNX graphs or None)."""
-    from astro_trt.config import preset
-    from astro_trt.contract import GRAPHS
-    from astro_trt.engines.build import Profile
-    from astro_trt.model.checkpoint import load_checkpoint
-    from astro_trt.validate.runners import OrtRunner, make_trt_runner
-
     if config == "bundle":
         precision = precision or bundle.precisions[0]
         model = load_checkpoint(bundle.checkpoint_dir).model
@@ -204,10 +195,6 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
     if runtime == "trt":
         raise DataError("--runtime trt times the bundle's engines; use --config bundle (presets are exported to "
                         "ONNX on the fly and run on ONNX Runtime)")
-    import torch
-
-    from astro_trt.exporter.export import export_onnx
-    from astro_trt.model.astro import ASTRO
 
     cfg = preset(config)
     precision = precision or REFERENCE

@@ -29,11 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import torch
 
+from astro_trt.artifacts import as_path, check_destination
 from astro_trt.choices import comma_list
-from astro_trt.contract import ITEM_SCORER, KV_CACHE, KV_CACHE_AXES, PRECISIONS, SPLIT_GRAPHS, USER_ENCODER
+from astro_trt.contract import ITEM_SCORER, KV_CACHE, KV_CACHE_AXES, PRECISIONS, SPLIT_GRAPHS, USER_ENCODER, graph_io
+from astro_trt.engines.bundle import load_bundle, write_report
 from astro_trt.errors import BundleError, DataError
+from astro_trt.exporter.precision import model_in_precision
+from astro_trt.model.checkpoint import load_checkpoint
+from astro_trt.model.synthetic import synthetic_batch
 from astro_trt.precision import REFERENCE, REGISTRY, get, is_reference
+from astro_trt.reports import by_kind, figure, json_bytes, markdown_table, png_bytes, write_files
+from astro_trt.runtime.gate import gate
+from astro_trt.runtime.onnxruntime import ort_session
+from astro_trt.validate.gates import Gates
+from astro_trt.validate.parity import load_batches, parse_runtimes
 
 BISECT_REPORT = "bisect"
 USERS, CANDIDATES = 8, 16  # one synthetic batch: every block length, padding and empty blocks occur
@@ -122,8 +134,6 @@ class BisectReport:
 # ---------------------------------------------------------------------------- the stages
 def stage_plan(cfg: Any) -> list[Stage]:
     """Every boundary of the split, in dataflow order."""
-    from astro_trt.contract import graph_io
-
     n = cfg.num_layers
     logits = graph_io(cfg, REFERENCE)[ITEM_SCORER].output_names[0]
     plan = [Stage(USER_ENCODER, "encoder.embedding", ("input_of", "model.layers.0.w_k"), "enc.in0")]
@@ -174,8 +184,6 @@ def _find_tensor(model: Any, anchor: tuple[str, str], path: Path) -> str:
 def marked_graph(source: Path, stages: Sequence[Stage], target: Path) -> dict[str, str]:
     """Copy ``source`` to ``target`` with every stage's tensor marked as a graph output; returns
     stage name -> tensor name."""
-    import onnx
-
     model = onnx.load(str(source))
     tensors = {s.name: _find_tensor(model, s.anchor, source) for s in stages}
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -228,8 +236,6 @@ class _Recorder:
         return wrapped
 
     def run(self, batch: Any, dtype: Any) -> dict[str, np.ndarray]:
-        import torch
-
         self.values = {}
         with torch.no_grad():
             self.prefix, self.count = "enc", {"in": 0, "att": 0}
@@ -285,15 +291,6 @@ def bisect_bundle(
     (``precisions``: default all of the bundle's), on ONNX Runtime; writes bisect.{json,md,png}
     to BUNDLE/reports/bisect/ (recorded in the manifest) or to ``out``. ``data``: "synthetic"
     (one seeded batch of ``users`` x ``candidates``) or "ml-100k" (the first test batch)."""
-    import torch
-
-    from astro_trt.engines.bundle import load_bundle
-    from astro_trt.exporter.precision import model_in_precision
-    from astro_trt.model.checkpoint import load_checkpoint
-    from astro_trt.validate.gates import Gates
-    from astro_trt.validate.parity import parse_runtimes
-    from astro_trt.validate.runners import gate, ort_session
-
     gates = gates or Gates()
     say = progress or (lambda _msg: None)
     asked = parse_runtimes(runtime)
@@ -305,8 +302,6 @@ def bisect_bundle(
             raise DataError(f"bisect {name} must be a {'non-negative' if name == 'seed' else 'positive'} integer, "
                             f"got {value!r}")
     if out is not None:
-        from astro_trt.artifacts import as_path, check_destination
-
         check_destination(as_path(out, "out"))
     bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
     wanted = bundle.precisions if precisions is None else comma_list(precisions, PRECISIONS, "--precision", DataError)
@@ -368,10 +363,7 @@ def bisect_bundle(
 
 def _batch(data: str, cfg: Any, documents: Path, users: int, candidates: int, seed: int) -> Any:
     if data == "synthetic":
-        from astro_trt.model.synthetic import synthetic_batch
-
         return synthetic_batch(cfg, users, candidates, seed=seed)
-    from astro_trt.validate.parity import load_batches
 
     first = load_batches(data, cfg, documents)[0]  # DataError for an unknown name
     return type(first)(first.history.rows(0, users), first.cand_items[:users], first.labels[:users],
@@ -380,8 +372,6 @@ def _batch(data: str, cfg: Any, documents: Path, users: int, candidates: int, se
 
 # ---------------------------------------------------------------------------- reports
 def bisect_markdown(report: BisectReport, plot_name: str) -> str:
-    from astro_trt.validate.report import markdown_table
-
     lines = [f"# astro-trt layer bisect: {'PASSED' if report.passed else 'FAILED'}", "",
              f"Bundle `{report.bundle}`, runtime `{report.runtime}`, data `{report.data}`. Oracle: the "
              "checkpoint's PyTorch model in fp32. Stages in dataflow order; the limit is the parity report's: "
@@ -401,14 +391,7 @@ def bisect_markdown(report: BisectReport, plot_name: str) -> str:
 
 def plot_stages(report: BisectReport) -> bytes:
     """Max abs error by stage (worst block), one line per precision, its limits dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from astro_trt.validate.report import png_bytes
-
-    fig, ax = plt.subplots(figsize=(11, 4.8))
+    fig, ax = figure(figsize=(11, 4.8))
     names = list(dict.fromkeys(s.stage for s in report.stages))
     for precision in dict.fromkeys(s.precision for s in report.stages):
         worst = {n: max((s for s in report.stages if s.precision == precision and s.stage == n),
@@ -429,13 +412,10 @@ def plot_stages(report: BisectReport) -> bytes:
 
 
 def _write(report: BisectReport, bundle_dir: Path, out: str | Path | None) -> dict[str, Path]:
-    from astro_trt.validate.report import by_kind, json_bytes, write_files
-
     files = {"bisect.json": json_bytes(report.to_dict()), "bisect.md": bisect_markdown(report, "bisect.png").encode(),
              "bisect.png": plot_stages(report)}
     if out is not None:
         return by_kind(write_files(Path(out), files))
-    from astro_trt.engines.bundle import write_report
 
     return by_kind(dict(zip(files, write_report(bundle_dir, BISECT_REPORT, files), strict=True)))
 

@@ -12,10 +12,13 @@ import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import torch
+
 from astro_trt.config import preset
 from astro_trt.errors import BackendError
 from astro_trt.precision import get
 from astro_trt.validate.kernel_cases import Case
+from astro_trt.validate.kernel_impls import implementations, make_inputs
 
 # name fragment -> (dense fp16/bf16 tensor-core FLOP/s, HBM bytes/s), from the vendors' data sheets.
 PEAKS: dict[str, tuple[float, float]] = {
@@ -111,8 +114,6 @@ def results_json(results: list[Result]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------- GPU part
 def _time_ms(fn: Callable[[], object], warmup: int, repeat: int) -> float:
-    import torch
-
     for _ in range(warmup):
         fn()
     times = []
@@ -128,12 +129,9 @@ def _time_ms(fn: Callable[[], object], warmup: int, repeat: int) -> float:
 
 def run_benchmark(configs: list[str], candidates: list[int], dtype: str = "fp16", batch: int = 8,
                   warmup: int = 3, repeat: int = 20, dense_mask_limit_gib: float = 4.0) -> list[Result]:
-    import torch
-
     if not torch.cuda.is_available():
         raise BackendError("bench-kernels times CUDA kernels and needs an NVIDIA GPU; none is visible here "
                            "(run it on a machine with a GPU)")
-    from astro_trt.validate.kernel_impls import implementations, make_inputs
 
     props = torch.cuda.get_device_properties(0)
     bandwidth = None

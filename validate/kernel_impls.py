@@ -11,9 +11,13 @@ from collections.abc import Callable
 
 import torch
 
+from astro_trt.lazy import lazy_import
 from astro_trt.plugins import operators
 from astro_trt.plugins.buckets import bucket_thresholds
 from astro_trt.validate.kernel_cases import Case
+
+# FlexAttention exists from torch 2.5 on (the project takes 2.4): named only when its case runs.
+flex = lazy_import("torch.nn.attention.flex_attention")
 
 NT, TIME_MAX = 32, 2**26
 
@@ -92,8 +96,6 @@ def _sdpa(case: Case, x: dict[str, torch.Tensor]) -> tuple[Callable[[], object],
 
 
 def _flex(case: Case, x: dict[str, torch.Tensor]) -> Callable[[], object]:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
     k, v, p_q, p_k, t_q, t_k, visible_dense = _keys_and_bias(case, x)
     b, nb, h, L = case.batch, case.blocks, case.heads, case.hist
     s, t = visible_dense.shape
@@ -114,9 +116,9 @@ def _flex(case: Case, x: dict[str, torch.Tensor]) -> Callable[[], object]:
             bucket = bucket + (dt >= thr[i]).to(torch.int64)
         return (score + pos[n, hh, dist] + tbias[n, hh, bucket]) * itau[bn, hh]
 
-    block_mask = create_block_mask(visible, None, None, s, t, device="cuda")
+    block_mask = flex.create_block_mask(visible, None, None, s, t, device="cuda")
     q, kk, vv = (z.reshape(b * nb, h, *z.shape[3:]) for z in (x["q"], k, v))
-    compiled = torch.compile(flex_attention)
+    compiled = torch.compile(flex.flex_attention)
     return lambda: compiled(q, kk, vv, score_mod=score_mod, block_mask=block_mask, scale=1.0)
 
 

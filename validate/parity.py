@@ -13,13 +13,25 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.artifacts import read_regular_file
 from astro_trt.choices import comma_list
-from astro_trt.errors import DataError
-from astro_trt.model.checkpoint import METRICS_FILE
+from astro_trt.engines.bundle import load_bundle
+from astro_trt.errors import ArtifactError, DataError
+from astro_trt.model import movielens
+from astro_trt.model.checkpoint import MAX_DOCUMENT_BYTES, METRICS_FILE, load_checkpoint
+from astro_trt.model.metrics import evaluate
+from astro_trt.model.requests import batches
+from astro_trt.model.synthetic import synthetic_batch
 from astro_trt.model.train import EVAL_BATCH
 from astro_trt.precision import REFERENCE, is_reference
+from astro_trt.runtime.onnxruntime import OrtRunner
+from astro_trt.runtime.runner import to_float32
+from astro_trt.runtime.tensorrt import make_trt_runner
+from astro_trt.runtime.torch_runner import TorchRunner
 from astro_trt.validate.choices import DATA_CHOICES, RUNTIMES
 from astro_trt.validate.gates import GateResult, Gates
+from astro_trt.validate.ranking import mean_kendall_tau, topk_overlap
+from astro_trt.validate.report import write_parity_reports
 from astro_trt.validate.stats import abs_errors, error_stats
 
 # Users whose kv_cache is compared element by element: the cache is ~100x the logits per user,
@@ -76,13 +88,9 @@ def load_batches(data: str, cfg: Any, checkpoint_dir: Path) -> list[Any]:
     (split spec from the checkpoint's data.json), so that the oracle's AUCs reproduce
     metrics.json; synthetic: a few seeded random batches at the config's sizes."""
     if data == "synthetic":
-        from astro_trt.model.synthetic import synthetic_batch
-
         return [synthetic_batch(cfg, SYNTHETIC_USERS, SYNTHETIC_CANDIDATES, seed=s) for s in range(SYNTHETIC_BATCHES)]
     if data != "ml-100k":
         raise DataError(f"unknown --data '{data}'; choose one of {list(DATA_CHOICES)}")
-    from astro_trt.model import movielens
-    from astro_trt.model.requests import batches
 
     data_json = _document(checkpoint_dir / "data.json")
     spec = movielens.split_spec_of(json.loads(data_json)) if data_json is not None else movielens.SplitSpec()
@@ -104,10 +112,6 @@ def reference_metrics(checkpoint_dir: Path) -> dict[str, dict[str, float]] | Non
 def _document(path: Path) -> str | None:
     """A checkpoint's JSON document as text, None when absent; never read through a symlink, and
     a FIFO, device or oversized file in its place is refused (one line) instead of read."""
-    from astro_trt.artifacts import read_regular_file
-    from astro_trt.errors import ArtifactError
-    from astro_trt.model.checkpoint import MAX_DOCUMENT_BYTES
-
     try:
         raw = read_regular_file(path, max_bytes=MAX_DOCUMENT_BYTES, follow_symlinks=False)
     except FileNotFoundError:
@@ -123,8 +127,6 @@ def _document(path: Path) -> str | None:
 # ---------------------------------------------------------------------------- running
 def collect(runner: Any, batches: Sequence[Any], *, full: bool = True) -> Outputs:
     """Run ``runner`` on every batch; ``full=False`` skips the full model (L+1 times the work)."""
-    from astro_trt.validate.runners import as_float32
-
     out, kv_users = Outputs(), 0
     for batch in batches:
         kv = runner.encode(batch.history)
@@ -139,21 +141,17 @@ def collect(runner: Any, batches: Sequence[Any], *, full: bool = True) -> Output
             ]))
         if kv_users < KV_USERS:
             take = min(KV_USERS - kv_users, batch.batch_size)
-            out.kv.append(as_float32(kv)[:take])
+            out.kv.append(to_float32(kv)[:take])
             kv_users += take
     return out
 
 
 def _metrics_of(outputs: Outputs, batches: Sequence[Any], task_names: Sequence[str] | None) -> dict:
-    from astro_trt.model.metrics import evaluate
-
     by_batch = {id(b): lg for b, lg in zip(batches, outputs.split, strict=True)}
     return evaluate(lambda b: by_batch[id(b)], batches, task_names or None)
 
 
 def _ranking(actual: Outputs, oracle: Outputs, masks: Sequence[np.ndarray], k: int, tasks: Sequence[str]) -> dict:
-    from astro_trt.validate.ranking import mean_kendall_tau, topk_overlap
-
     a = np.concatenate(actual.split)  # [users, M, T]; same M in every batch
     o = np.concatenate(oracle.split)
     mask = np.concatenate(masks)
@@ -182,10 +180,6 @@ def validate_bundle(
     """Compare the bundle's runtimes against the fp32 PyTorch oracle of ``checkpoint`` (default:
     the bundle's own copy) and write BUNDLE/reports/validate/parity.{json,md,png}. With
     ``expect_sha256`` only the bundle whose manifest has that digest is validated."""
-    from astro_trt.engines.bundle import load_bundle
-    from astro_trt.model.checkpoint import load_checkpoint
-    from astro_trt.validate.runners import OrtRunner, TorchRunner, make_trt_runner
-
     gates = gates or Gates()
     say = progress or (lambda _msg: None)
     runtimes = parse_runtimes(runtimes)
@@ -279,7 +273,6 @@ def validate_bundle(
                 errors_for_plot[name] = abs_errors(split, oracle_split)
             gate_results += _gates_for(name, rt, precision, entry, torch_error, gates, trained, tasks)
     report = ParityReport(Path(bundle.directory), data, results, gate_results, skipped)
-    from astro_trt.validate.report import write_parity_reports
 
     report.paths = write_parity_reports(report, gates, errors_for_plot, checkpoint=ckpt, bundle=bundle)
     return report

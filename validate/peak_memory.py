@@ -19,13 +19,30 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from astro_trt import contract
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
+from astro_trt.lazy import lazy_import
+from astro_trt.ort_session import onnx_session
+from astro_trt.settings import BENCH_THREADS
+
+# The parent exports the graphs with torch; the probe (``_child``, this module run as a fresh
+# process) must load only numpy and onnxruntime, so everything else is named lazily.
+torch = lazy_import("torch")
+astro = lazy_import("astro_trt.model.astro")
+synthetic = lazy_import("astro_trt.model.synthetic")
+export = lazy_import("astro_trt.exporter.export")
+pair_chunks = lazy_import("astro_trt.exporter.pair_chunks")
+bench = lazy_import("astro_trt.validate.bench")
+resources = lazy_import("astro_trt.model.resources")
 
 
 @dataclass(frozen=True)
@@ -52,42 +69,32 @@ def measure(graph: Path | str, feeds: Path, *, runs: int, threads: int, memory_p
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: int = 5, threads: int = 1,
+def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: int = 5, threads: int = BENCH_THREADS,
                       plain: bool = True, seed: int = 0,
                       progress: Callable[[str], None] | None = None) -> list[MemoryPoint]:
     """Export a random ``cfg`` model's full model (fp32) and measure it on ``users`` x
     ``candidates``; ``plain`` adds its unchunked graph (refused up front where the estimate says
     it cannot fit this machine)."""
-    import numpy as np
-    import onnx
-    import torch
-
-    from astro_trt import contract
-    from astro_trt.exporter.export import export_onnx
-    from astro_trt.exporter.pair_chunks import for_onnxruntime, unchunk
-    from astro_trt.model.astro import ASTRO
-    from astro_trt.model.resources import check_fits
-    from astro_trt.model.synthetic import synthetic_batch
-
     say = progress or (lambda _msg: None)
-    check_fits(cfg, users=users, candidates=candidates, purpose="the memory probe", full=False, error=DataError)
+    resources.check_fits(cfg, users=users, candidates=candidates, purpose="the memory probe", full=False,
+                         error=DataError)
     if plain:
-        check_fits(cfg, users=users, candidates=candidates, purpose="the plain full model (pass --no-plain)",
+        resources.check_fits(cfg, users=users, candidates=candidates, purpose="the plain full model (pass --no-plain)",
                    error=DataError)
     torch.manual_seed(seed)
-    model = ASTRO(cfg).eval()
-    batch = synthetic_batch(cfg, users, candidates, seed=seed)
+    model = astro.ASTRO(cfg).eval()
+    batch = synthetic.synthetic_batch(cfg, users, candidates, seed=seed)
     with torch.no_grad():
         reference = model.full(batch.history, batch.cand_items).numpy()
     with tempfile.TemporaryDirectory(prefix="astro-memory-") as tmp:
         say(f"exporting a random {cfg.name} full model")
-        path = export_onnx(model, Path(tmp), graphs=(contract.FULL_MODEL,)).paths[contract.FULL_MODEL]
-        exported = onnx.load(str(path))
+        path = export.export_onnx(model, Path(tmp), graphs=(contract.FULL_MODEL,)).paths[contract.FULL_MODEL]
+        # Each form as its consumer gets it (exporter/pair_chunks.py runtime_form), saved for a fresh process.
         graphs = {"exported": path, "ort-prepared": Path(tmp) / "prepared.onnx"}
-        onnx.save(for_onnxruntime(exported), str(graphs["ort-prepared"]))
+        graphs["ort-prepared"].write_bytes(pair_chunks.runtime_form(path, "onnxruntime"))
         if plain:
             graphs["plain"] = Path(tmp) / "plain.onnx"
-            onnx.save(unchunk(exported), str(graphs["plain"]))
+            graphs["plain"].write_bytes(pair_chunks.runtime_form(path, "onnxruntime-plain"))
         feeds = Path(tmp) / "feeds.npz"
         arrays = dict(zip(contract.HISTORY_INPUTS, (t.numpy() for t in batch.history.astuple()), strict=True))
         np.savez(feeds, reference=reference, **arrays, **{contract.CAND_ITEMS: batch.cand_items.numpy()})
@@ -102,22 +109,13 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
 
 
 def to_json(cfg: ASTROConfig, users: int, candidates: int, points: Sequence[MemoryPoint]) -> dict[str, Any]:
-    from astro_trt.model.resources import full_model_pairs_per_chunk
-    from astro_trt.validate.bench import machine_info
-
     return {"config": cfg.name, "users": users, "candidates": candidates,
-            "pairs_per_chunk": full_model_pairs_per_chunk(cfg), "machine": machine_info(1),
+            "pairs_per_chunk": pair_chunks.full_model_pairs_per_chunk(cfg), "machine": bench.machine_info(1),
             "points": [asdict(p) for p in points]}
 
 
 def _child(graph: str, feeds: str, runs: int, threads: int, memory_pattern: bool) -> dict[str, Any]:
     """The probe itself: numpy and onnxruntime only (the session made as everywhere else)."""
-    import time
-
-    import numpy as np
-
-    from astro_trt.exporter.ort_session import onnx_session  # numpy and onnxruntime only
-
     arrays = dict(np.load(feeds))
     reference = arrays.pop("reference")
     session = onnx_session(graph, threads, memory_pattern=memory_pattern)

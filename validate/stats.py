@@ -9,6 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.lazy import lazy_import
+from astro_trt.runtime.runner import to_float32
+
+# Polygraphy costs ~0.3 s to import: loaded by the first comparison.
+polygraphy_logger = lazy_import("polygraphy.logger")
+comparator = lazy_import("polygraphy.comparator")
+
 # The quantile reported next to max/mean/median: 99 % of elements are at most this far off.
 ERROR_QUANTILE = 0.99
 
@@ -31,41 +38,32 @@ class ErrorStats:
         return asdict(self)
 
 
-def to_float32(array: Any) -> np.ndarray:
-    """Runtimes hand back float16 / float32 numpy or torch tensors (bfloat16 included):
-    compare everything in float32, the widest type every runtime produces."""
-    if hasattr(array, "detach"):  # torch.Tensor: numpy() cannot take bfloat16
-        array = array.detach().float().cpu().numpy()
-    return np.ascontiguousarray(np.asarray(array, dtype=np.float32))
-
-
 def _quiet_polygraphy() -> None:
-    from polygraphy.logger import G_LOGGER
-
     # Polygraphy logs every comparison (and warns about exact zeros in the reference); the
     # report is ours to print.
-    G_LOGGER.module_severity = G_LOGGER.ERROR
+    logger = polygraphy_logger.G_LOGGER
+    logger.module_severity = logger.ERROR
 
 
 def error_stats(actual: Any, expected: Any, *, name: str = "output", quantile: float = ERROR_QUANTILE) -> ErrorStats:
     """Statistics of ``actual`` against ``expected`` (same shape). Relative error divides by
     |expected| (Polygraphy adds 2e-16 where it is exactly zero)."""
-    from polygraphy.comparator import CosineSimilarityCompareFunc, IterationResult, SimpleCompareFunc
-
     _quiet_polygraphy()
     a, e = to_float32(actual), to_float32(expected)
     if a.shape != e.shape:
         raise ValueError(f"{name}: shapes differ, {a.shape} vs {e.shape}")
     if a.size == 0:
         raise ValueError(f"{name}: nothing to compare (empty output)")
-    runs = IterationResult({name: a}, runner_name="actual"), IterationResult({name: e}, runner_name="expected")
+    runs = (comparator.IterationResult({name: a}, runner_name="actual"),
+            comparator.IterationResult({name: e}, runner_name="expected"))
     # The tolerances here only decide Polygraphy's own verdict, which we do not use: gates do.
-    simple = SimpleCompareFunc(check_error_stat="quantile", error_quantile=quantile, atol=np.inf, rtol=np.inf)
+    simple = comparator.SimpleCompareFunc(check_error_stat="quantile", error_quantile=quantile, atol=np.inf,
+                                          rtol=np.inf)
     result = simple(*runs)[name]
     if not (np.any(a) or np.any(e)):
         cosine = 1.0  # two all-zero outputs agree; the cosine formula would divide 0 by 0
     else:
-        cosine = CosineSimilarityCompareFunc(cosine_similarity_threshold=-1.0)(*runs)[name].cosine_similarity
+        cosine = comparator.CosineSimilarityCompareFunc(cosine_similarity_threshold=-1.0)(*runs)[name].cosine_similarity
     return ErrorStats(
         count=int(a.size),
         max_abs=float(result.max_absdiff),
@@ -86,4 +84,4 @@ def abs_errors(actual: Any, expected: Any) -> np.ndarray:
     return np.abs(to_float32(actual) - to_float32(expected)).ravel()
 
 
-__all__ = ["ERROR_QUANTILE", "ErrorStats", "abs_errors", "error_stats", "to_float32"]
+__all__ = ["ERROR_QUANTILE", "ErrorStats", "abs_errors", "error_stats"]

@@ -14,7 +14,16 @@ import click
 from astro_trt.cli.gates import gate_failure
 from astro_trt.contract import ATTENTION_CHOICES, OPT_LEVELS
 from astro_trt.engines.backend import BACKEND_CHOICES
+from astro_trt.engines.describe import describe_bundle, pin_line, size_text
 from astro_trt.errors import GateError
+from astro_trt.lazy import lazy_import
+from astro_trt.settings import EXPORT_PRECISIONS, MAX_BATCH, MAX_CANDIDATES
+
+export_lib = lazy_import("astro_trt.engines.export_bundle")
+parity = lazy_import("astro_trt.validate.parity")
+rich_console = lazy_import("rich.console")
+rich_progress = lazy_import("rich.progress")
+rich_table = lazy_import("rich.table")
 
 EXPECT_SHA256_HELP = ("Refuse the bundle unless its manifest.json has this sha256 (printed by export and inspect): "
                       "pins the approved bundle.")
@@ -23,9 +32,9 @@ EXPECT_SHA256_HELP = ("Refuse the bundle unless its manifest.json has this sha25
 @contextmanager
 def _spinner() -> Iterator[Any]:
     """A transient one-line spinner that shows the library's latest status line."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as bar:
+    columns = (rich_progress.SpinnerColumn(), rich_progress.TextColumn("{task.description}"),
+               rich_progress.TimeElapsedColumn())
+    with rich_progress.Progress(*columns, transient=True) as bar:
         task = bar.add_task("starting", total=None)
 
         def show(message: str) -> None:
@@ -38,12 +47,7 @@ def _spinner() -> Iterator[Any]:
 
 
 def _summary(out: Path, manifest: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from astro_trt.engines.describe import size_text
-
-    table = Table(title=f"bundle {out}", show_lines=False)
+    table = rich_table.Table(title=f"bundle {out}", show_lines=False)
     for column in ("precision", "graph", "attention", "onnx", "engine", "build s", "ORT max |err|"):
         table.add_column(column, justify="right" if column in ("onnx", "engine", "build s") else "left")
     for precision in manifest["precisions"]:
@@ -56,7 +60,7 @@ def _summary(out: Path, manifest: dict[str, Any]) -> None:
                 f"{manifest['parity'][precision][graph]:.2e}",
             )
     # A pipe or CI log has no terminal width; a fixed width keeps graph names whole there.
-    console = Console(width=None if sys.stdout.isatty() else 110)
+    console = rich_console.Console(width=None if sys.stdout.isatty() else 110)
     console.print(table)
     backend = manifest["backend"]
     where = (f"{backend['name']} {backend['version']}, targets {','.join(backend['targets'])}"
@@ -69,14 +73,16 @@ def _summary(out: Path, manifest: dict[str, Any]) -> None:
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-@click.option("--precision", default="fp32,fp16", show_default=True, help="Comma list of fp32, fp16, bf16.")
+@click.option("--precision", default=",".join(EXPORT_PRECISIONS), show_default=True,
+              help="Comma list of fp32, fp16, bf16.")
 @click.option("--backend", "backend_name", default="auto", show_default=True,
               type=click.Choice(BACKEND_CHOICES))
 @click.option("--attention", default="auto", show_default=True, type=click.Choice(ATTENTION_CHOICES))
 @click.option("--targets", default="portable", show_default=True,
               help="Compute targets for TensorRT-RTX: portable, current, or e.g. sm86,sm89.")
-@click.option("--max-batch", default=8, show_default=True, type=int, help="Largest batch of users per call.")
-@click.option("--max-candidates", default=1024, show_default=True, type=int, help="Largest candidates per user.")
+@click.option("--max-batch", default=MAX_BATCH, show_default=True, type=int, help="Largest batch of users per call.")
+@click.option("--max-candidates", default=MAX_CANDIDATES, show_default=True, type=int,
+              help="Largest candidates per user.")
 @click.option("--opt-level", default=None, type=click.IntRange(OPT_LEVELS[0], OPT_LEVELS[-1]),
               help=f"Builder optimization level ({OPT_LEVELS[0]}-{OPT_LEVELS[-1]}).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -89,10 +95,8 @@ def export(
     run_validate: bool,
 ) -> None:
     """Export CHECKPOINT to a verified bundle: ONNX graphs, TensorRT engines, manifest."""
-    from astro_trt.engines.export_bundle import export_bundle
-
     with _spinner() as progress:
-        result = export_bundle(
+        result = export_lib.export_bundle(
             checkpoint, out, precisions=precision, backend=backend_name, attention=attention, targets=targets,
             max_batch=max_batch, max_candidates=max_candidates, opt_level=opt_level, timing_cache=timing_cache,
             engines=not no_engines, force=force, progress=progress,
@@ -100,12 +104,9 @@ def export(
     _summary(result.directory, result.manifest)
     report = None
     if run_validate:
-        from astro_trt.validate.parity import validate_bundle
-
-        report = validate_bundle(result.directory, runtimes=("torch", "ort"),
-                                 progress=lambda msg: click.echo(f"  {msg}", err=True))
+        report = parity.validate_bundle(result.directory, runtimes=("torch", "ort"),
+                                        progress=lambda msg: click.echo(f"  {msg}", err=True))
         click.echo(report.summary())
-    from astro_trt.engines.describe import pin_line
 
     click.echo(pin_line(result.directory))
     if report is not None and not report.passed:
@@ -118,6 +119,4 @@ def export(
 @click.option("--expect-sha256", default=None, help=EXPECT_SHA256_HELP)
 def inspect(bundle_dir: Path, no_verify: bool, expect_sha256: str | None) -> None:
     """Show what is inside BUNDLE_DIR: engines, I/O, sizes, back end, targets."""
-    from astro_trt.engines.describe import describe_bundle
-
     click.echo(describe_bundle(bundle_dir, verify=not no_verify, expect_sha256=expect_sha256))

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import click
 
+from astro_trt.choices import split_list
+from astro_trt.config import preset
 from astro_trt.contract import PRECISIONS
+from astro_trt.lazy import lazy_import
+
+bench_lib = lazy_import("astro_trt.validate.bench")
+kernel_bench = lazy_import("astro_trt.validate.kernel_bench")
 
 
 @click.command("bench-kernels")
@@ -21,14 +27,11 @@ from astro_trt.contract import PRECISIONS
               help="Also write the results as JSON here.")
 def bench_kernels(configs: str, candidates: str, dtype: str, batch: int, repeat: int, json_out: Path | None) -> None:
     """Time both attention kernels against the reference, SDPA with a dense mask and FlexAttention."""
-    from astro_trt.config import preset
-    from astro_trt.validate.bench import parse_candidates
-    from astro_trt.validate.kernel_bench import format_table, results_json, run_benchmark
-
-    names = [name.strip() for name in configs.split(",") if name.strip()]
+    names = [str(name) for name in split_list(configs) or ()]
     for name in names:
         preset(name)  # unknown names fail here with the list of presets, before any GPU work
-    results = run_benchmark(names, parse_candidates(candidates), dtype=dtype, batch=batch, repeat=repeat)
-    click.echo(format_table(results))
+    results = kernel_bench.run_benchmark(names, bench_lib.parse_candidates(candidates), dtype=dtype, batch=batch,
+                                         repeat=repeat)
+    click.echo(kernel_bench.format_table(results))
     if json_out is not None:
-        json_out.write_text(json.dumps(results_json(results), indent=2))
+        json_out.write_text(json.dumps(kernel_bench.results_json(results), indent=2))

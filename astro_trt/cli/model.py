@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from astro_trt.config import ASTROConfig, preset
+from astro_trt.lazy import lazy_import
+
+movielens = lazy_import("astro_trt.model.movielens")
+training = lazy_import("astro_trt.model.train")
 
 DATASETS = ("ml-100k",)
 
@@ -16,8 +24,6 @@ DATASETS = ("ml-100k",)
 @click.option("--force", is_flag=True, help="Fetch again even if the cache already holds the dataset.")
 def data(dataset: str, cache_dir: str | None, source: str | None, force: bool) -> None:
     """Fetch DATASET into the local cache (checksum-verified) and summarise it."""
-    from astro_trt.model import movielens
-
     folder = movielens.fetch_ml100k(cache_dir, source=source, force=force)
     ratings = movielens.read_interactions(folder / movielens.INTER)
     click.echo(
@@ -42,13 +48,8 @@ def data(dataset: str, cache_dir: str | None, source: str | None, force: bool) -
 def train(dataset: str, config_name: str, out: str, epochs: int, patience: int, seed: int, batch_size: int,
           lr: float, candidates: int, cache_dir: str | None, no_progress: bool) -> None:
     """Train ASTRO on the CPU and write a checkpoint with test metrics against a baseline."""
-    from pathlib import Path
-
-    from astro_trt.config import ASTROConfig, preset
-    from astro_trt.model.train import TrainOptions, train_ml100k
-
     cfg = ASTROConfig.load(config_name) if Path(config_name).suffix == ".json" else preset(config_name)
-    options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
-    train_ml100k(cfg, out, options, candidates=candidates, cache_dir=cache_dir, progress=not no_progress,
-                 log=click.echo)
+    options = training.TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
+    training.train_ml100k(cfg, out, options, candidates=candidates, cache_dir=cache_dir, progress=not no_progress,
+                          log=click.echo)
     click.echo(f"checkpoint written to {out}")

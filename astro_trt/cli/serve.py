@@ -8,8 +8,16 @@ from pathlib import Path
 import click
 
 from astro_trt.errors import DataError, GateError
+from astro_trt.lazy import lazy_import
 from astro_trt.serving import defaults as lim
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
+from astro_trt.serving.k8s import check_out, manifests, write_manifests
+from astro_trt.serving.repository import write_repository
+from astro_trt.serving.server import serve_bundle
+from astro_trt.serving.source import load_served_bundle
+
+loadtest_lib = lazy_import("astro_trt.serving.loadtest")
+replica_loadtest_lib = lazy_import("astro_trt.serving.replica_loadtest")
 
 _THREADS = click.option("--ort-threads", default=DEFAULT_ORT_THREADS, show_default=True,
                         type=click.IntRange(0, lim.MAX_ORT_THREADS),
@@ -47,24 +55,16 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
            gpus: int, expect_sha256: str | None) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime models, gate, ensemble,
     per-user cache model) from BUNDLE_DIR; with --k8s, Kubernetes manifests that serve it."""
-    from astro_trt.serving.repository import write_repository
-    from astro_trt.serving.source import load_served_bundle
-
     if k8s_dir is not None:  # its arguments checked before the repository is written
-        from astro_trt.serving.k8s import check_out, manifests
-
         check_out(k8s_dir, force)
         manifests(replicas=k8s_replicas, max_replicas=k8s_max_replicas, namespace=k8s_namespace,
                   cache_bytes=cache_mib << 20, gpus=gpus, repository_bytes=0)
-
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     repo = write_repository(bundle, out, precision=precision, force=force, cache_bytes=cache_mib << 20,
                             ort_threads=ort_threads or None, batching=batching)
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     click.echo(f"model repository {repo}: {', '.join(models)} (see {repo / 'README.md'})")
     if k8s_dir is not None:
-        from astro_trt.serving.k8s import write_manifests
-
         size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
         written = write_manifests(k8s_dir, replicas=k8s_replicas, max_replicas=k8s_max_replicas,
                                   namespace=k8s_namespace, cache_bytes=cache_mib << 20, gpus=gpus,
@@ -90,8 +90,6 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
     """Serve BUNDLE_DIR with tritonserver on 127.0.0.1 (astro_recommend and astro_gate, ONNX
     Runtime on the CPU) until Ctrl-C or SIGTERM; with --replicas N, N servers behind HAProxy on
     the HTTP and gRPC ports."""
-    from astro_trt.serving.server import serve_bundle
-
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                  precision=precision, cache_bytes=cache_mib << 20, ort_threads=ort_threads or None,
                  batching=batching, replicas=replicas, expect_sha256=expect_sha256, show=click.echo,
@@ -147,12 +145,10 @@ def loadtest(url: str | None, grpc_url: str | None, protocol: str, clients: int,
         return
     if url is None:
         raise DataError("give the server's URL (host:port of HTTP), or --replicas N --bundle BUNDLE")
-    from astro_trt.serving.loadtest import run_loadtest
-
-    report, paths = run_loadtest(url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration,
-                                 users=users, pages=pages, candidates=candidates, bundle_dir=bundle_dir,
-                                 baseline_seconds=baseline_seconds, seed=seed, note=note, out_dir=out_dir,
-                                 progress=say)
+    report, paths = loadtest_lib.run_loadtest(
+        url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration, users=users, pages=pages,
+        candidates=candidates, bundle_dir=bundle_dir, baseline_seconds=baseline_seconds, seed=seed, note=note,
+        out_dir=out_dir, progress=say)
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
     if report.failed:
@@ -160,13 +156,11 @@ def loadtest(url: str | None, grpc_url: str | None, protocol: str, clients: int,
 
 
 def _replica_loadtest(url: str | None, bundle_dir: Path | None, **kwargs: object) -> None:
-    from astro_trt.serving.replica_loadtest import run_replica_loadtest
-
     if url is not None:
         raise DataError(f"--replicas starts its own servers; drop the URL {url!r}")
     if bundle_dir is None:
         raise DataError("--replicas needs --bundle BUNDLE, what the replicas serve")
-    report, paths = run_replica_loadtest(bundle_dir, **kwargs)  # type: ignore[arg-type]
+    report, paths = replica_loadtest_lib.run_replica_loadtest(bundle_dir, **kwargs)  # type: ignore[arg-type]
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
     if report.failed_outside_kill:

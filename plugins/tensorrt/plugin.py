@@ -14,10 +14,15 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
+
 from astro_trt.errors import BackendError
-from astro_trt.plugins import names
+from astro_trt.lazy import lazy_import
+from astro_trt.plugins import names, operators
 from astro_trt.plugins.tensorrt.spec import SPECS, OperatorSpec
 from astro_trt.precision import DTYPES, by_trt
+
+torch = lazy_import("torch")  # only enqueue (a GPU running the engine) touches it
 
 OP_VERSION = 1
 FIELD_OP_VERSION = "op_version"
@@ -46,8 +51,6 @@ class _DeviceBuffer:
 
 
 def _torch_view(trt: Any, pointer: int, desc: Any):
-    import torch
-
     dtype = by_trt(desc.type.name).torch()
     shape = tuple(desc.dims)
     count = 1
@@ -67,8 +70,6 @@ def plugin_classes(trt: Any, spec: OperatorSpec, creator_name: str) -> tuple[typ
     ``creator_name`` is the name the creator registers under (the plugin name or the ONNX op type);
     the plugin reports the same name so that TensorRT finds its creator again when it deserializes.
     """
-    import numpy as np
-
     type_names = {getattr(trt.DataType, d.trt): d.trt for d in DTYPES.values() if hasattr(trt.DataType, d.trt)}
 
     class AttentionPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
@@ -141,10 +142,6 @@ def plugin_classes(trt: Any, spec: OperatorSpec, creator_name: str) -> tuple[typ
         # ------------------------------------------------------------ runtime (GPU only)
         def enqueue(self, input_desc: list[Any], output_desc: list[Any], inputs: list[int], outputs: list[int],
                     workspace: int, stream: int) -> None:
-            import torch
-
-            from astro_trt.plugins import operators
-
             args = [_torch_view(trt, ptr, desc) for ptr, desc in zip(inputs, input_desc, strict=True)]
             out = _torch_view(trt, outputs[0], output_desc[0])
             with torch.cuda.stream(torch.cuda.ExternalStream(stream)):

@@ -60,8 +60,8 @@ def test_heldout_paths_and_batches(api) -> None:
         tally.python(f"load_bundle({bad!r})", lambda b=bad: astro_trt.load_bundle(b))
         tally.python(f"describe_bundle({bad!r})", lambda b=bad: astro_trt.describe_bundle(b))
         tally.python(f"load_checkpoint({bad!r})", lambda b=bad: astro_trt.load_checkpoint(b))
-        tally.python(f"Session({bad!r})", lambda b=bad: astro_trt.Session(b))
-    tally.python("Session(cpu)", lambda: astro_trt.Session(bundle.directory, "fp32", device="cpu"))
+        tally.python(f"TrtRunner({bad!r})", lambda b=bad: astro_trt.TrtRunner(b))
+    tally.python("TrtRunner(cpu)", lambda: astro_trt.TrtRunner(bundle.directory, "fp32", device="cpu"))
     for args, kw in (((2.5, 5), {}), (("2", 5), {}), ((True, 5), {}), ((2, None), {}), ((2, 5), {"seed": -1}),
                      ((2, 5), {"seed": "x"}), ((2, 5), {"seed": 1.0}), ((10**12, 5), {}), ((2, 10**12), {}),
                      ((2, 5), {"empty_block_prob": float("nan")}), ((2, 5), {"empty_block_prob": "0.1"})):

@@ -1,5 +1,5 @@
 """Fuzz category "runtime inputs": seeded mutations of valid requests, every one of them a
-request the input contract forbids (engines/inputs.py states it), tried through the gate itself
+request the input contract forbids (runtime/gate.py states it), tried through the gate itself
 and through every runner that runs here (PyTorch, ONNX Runtime on a real exported bundle).
 Each must be the project's DataError with a one-line message; logits for any of them would be
 silent garbage, any other exception a traceback."""
@@ -20,10 +20,11 @@ from tiny_bundle import pristine_bundle  # noqa: E402
 
 from astro_trt.contract import BATCH, CANDIDATES, FULL_MODEL, GRAPHS, HISTORY_INPUTS  # noqa: E402
 from astro_trt.engines.bundle import load_bundle  # noqa: E402
-from astro_trt.engines.inputs import validate_candidates, validate_history, validate_kv_cache  # noqa: E402
 from astro_trt.model.checkpoint import load_checkpoint  # noqa: E402
 from astro_trt.model.synthetic import synthetic_batch  # noqa: E402
-from astro_trt.validate.runners import OrtRunner, TorchRunner  # noqa: E402
+from astro_trt.runtime.gate import validate_candidates, validate_history, validate_kv_cache  # noqa: E402
+from astro_trt.runtime.onnxruntime import OrtRunner  # noqa: E402
+from astro_trt.runtime.torch_runner import TorchRunner  # noqa: E402
 
 pytestmark = pytest.mark.fuzz
 B, M = 2, 5
@@ -262,10 +263,10 @@ def _touches_history(description: str) -> bool:
 def test_valid_requests_pass_every_entry(setup):
     # Control: the unmutated requests run everywhere, so every refusal below is the mutation's.
     cfg, profiles, runners = setup
-    kv = runners["ort"].encode(Case(cfg, 0, np.zeros(1)).history)
+    kv = runners["ort"].encode(Case(cfg, 0, np.zeros(1)).history).kv_cache
     for seed in range(3):
         case = Case(cfg, seed, kv)
-        case.kv = runners["ort"].encode(case.history)
+        case.kv = runners["ort"].encode(case.history).kv_cache
         for group in _entries(case, cfg, profiles, runners).values():
             for call in group.values():
                 call()
@@ -279,7 +280,7 @@ def test_fuzz_runtime_inputs(setup):
     for i in range(cases(120)):
         seed = int(rng.integers(8))
         if seed not in kv_by_seed:
-            kv_by_seed[seed] = runners["ort"].encode(Case(cfg, seed, np.zeros(1)).history)
+            kv_by_seed[seed] = runners["ort"].encode(Case(cfg, seed, np.zeros(1)).history).kv_cache
         case = Case(cfg, seed, kv_by_seed[seed])
         what = mutate(case, cfg, profiles, rng)
         if rng.random() < 0.25:

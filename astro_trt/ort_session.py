@@ -7,6 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from astro_trt.lazy import lazy_import
+
+ort = lazy_import("onnxruntime")  # ~0.3 s: a module that only names sessions does not pay for it
+
 
 def onnx_session(
     path: Path | str | bytes, threads: int | None = None, profile_prefix: str | None = None, *,
@@ -18,8 +22,6 @@ def onnx_session(
     ``memory_pattern=False`` stops ONNX Runtime from pre-planning one block for all intermediates
     on repeated shapes, which it allocates on top of its arena: for the full model at 1 user x 1024
     candidates (climber) the second run's peak went from 1.3 GB to 2.0 GB with it."""
-    import onnxruntime as ort
-
     options = ort.SessionOptions()
     options.log_severity_level = 3  # the exporter's graphs trip harmless optimizer warnings
     if threads is not None:

@@ -1,5 +1,5 @@
-"""The input gate: every runtime (PyTorch, ONNX Runtime, TensorRT) and any serving layer passes a
-request through here before a graph sees it. Graphs do not check their inputs: ONNX Runtime's
+"""The input gate: every runner (runtime/runner.py: PyTorch, ONNX Runtime, TensorRT) and the served
+models pass a request through here once, before a graph sees it. Graphs do not check their inputs: ONNX Runtime's
 Gather wraps a negative id (-3 scores another item) and a TensorRT engine reads out of bounds
 silently, so a value the gate lets through must be one the model was trained to read.
 
@@ -228,11 +228,9 @@ def validate_kv_cache(cfg: ASTROConfig, kv_cache: Any, precision: str, batch: in
         raise DataError(f"{KV_CACHE}: dtype {_dtype_name(kv_cache)}, expected {expected_dtype} for {precision}; "
                         "pass the cache the user encoder of the same precision returned")
     if is_torch:
-        import torch
-
-        finite = torch.isfinite(kv_cache)
+        finite = kv_cache.isfinite()
         if not bool(finite.all()):
-            at = tuple(int(i) for i in torch.nonzero(~finite)[0])
+            at = tuple(int(i) for i in (~finite).nonzero()[0])
             raise DataError(f"{KV_CACHE}: non-finite value {float(kv_cache[at])} at {_index(at)}; "
                             "re-encode the user (the cache must come from the user encoder)")
         return np.ascontiguousarray(_host(KV_CACHE, kv_cache)) if host else kv_cache
@@ -244,4 +242,18 @@ def validate_kv_cache(cfg: ASTROConfig, kv_cache: Any, precision: str, batch: in
     return np.ascontiguousarray(kv_cache)
 
 
-__all__ = ["HISTORY_FIELDS", "check_profile", "validate_candidates", "validate_history", "validate_kv_cache"]
+NO_CANDIDATES: Any = object()  # "encode: no candidates"; score(..., None) must still be refused
+
+
+def gate(cfg: ASTROConfig, history: Any, cand_items: Any = NO_CANDIDATES,
+         profile: Ranges | None = None) -> dict[str, np.ndarray]:
+    """One request through the gate: contract name -> C-contiguous int64 array (the history, plus
+    ``cand_items`` unless none are passed), both against ``profile``."""
+    arrays = validate_history(cfg, history, profile)
+    if cand_items is not NO_CANDIDATES:
+        arrays["cand_items"] = validate_candidates(cfg, cand_items, arrays["hist_items"].shape[0], profile)
+    return arrays
+
+
+__all__ = ["HISTORY_FIELDS", "NO_CANDIDATES", "check_profile", "gate", "validate_candidates", "validate_history",
+           "validate_kv_cache"]
