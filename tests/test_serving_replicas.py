@@ -103,7 +103,7 @@ def test_load_test_over_replicas_routes_users_and_survives_a_killed_replica(bund
     out = tmp_path / "load"
     pages = 8
     main(["loadtest", "--replicas", "3", "--bundle", str(bundle_dir), "--routing", "user-key,round-robin",
-          "--kill-at", "2.5", "--duration", "5", "--clients", "4", "--users", "12", "--pages", str(pages),
+          "--kill-at", "2", "--duration", "4", "--clients", "4", "--users", "12", "--pages", str(pages),
           "--candidates", "8", "--cache-mib", "1", "--protocol", "http", "--out", str(out)])
     report = json.loads((out / "replicas.json").read_text())
     runs = {r["name"]: r for r in report["runs"]}
@@ -118,7 +118,7 @@ def test_load_test_over_replicas_routes_users_and_survives_a_killed_replica(bund
     assert spread["hit_rate"] <= best - 0.15
     # a replica killed mid-run: nothing fails but what it held in flight (the proxy retries those too)
     assert killed["failed_outside_kill"] == 0 and killed["failed"] <= killed["in_flight_at_kill"]
-    assert 2.0 < killed["killed_at_s"] < 3.5
+    assert 1.5 < killed["killed_at_s"] < 3.0
     assert killed["hit_rate_last_third"] >= best - 0.1  # its users moved, were encoded once, and hit again
     assert report["failed_outside_kill"] == 0 and "replica1 at" in (out / "replicas.md").read_text()
 
