@@ -18,7 +18,7 @@ arrays through ``put`` once and runs ``encode_checked``/``score_checked`` on the
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ class Encoded:
     kv_cache: Any  # [B, N_L, Nb, 2, H, L, dh]: numpy (ORT), torch (PyTorch), a CUDA tensor (TensorRT)
     feeds: dict[str, Any]  # the gated history in the runner's form (TensorRT: on the device)
     host: dict[str, np.ndarray]  # the same history as the gate returned it
-    runner: int  # id() of the runner that made it: only that runner binds it without the cache gate
+    runner: Any = field(repr=False)  # the runner that made it: only that one binds it without the cache gate
 
     @property
     def batch(self) -> int:
@@ -90,7 +90,7 @@ class Runner:
     def encode(self, history: Any) -> Encoded:
         host = gate.gate(self.cfg, history, profile=self.profiles.get(USER_ENCODER))
         feeds = self.put(host)
-        return Encoded(self._run(USER_ENCODER, feeds), feeds, host, id(self))
+        return Encoded(self._run(USER_ENCODER, feeds), feeds, host, self)
 
     def score(self, state: Any, history: Any, cand_items: Any) -> np.ndarray:
         host = gate.gate(self.cfg, history, cand_items, self.profiles.get(ITEM_SCORER))
@@ -139,7 +139,7 @@ class Runner:
 
     def _own(self, state: Any, host: Mapping[str, np.ndarray]) -> bool:
         """``state`` came from this runner's encode of this very history: bind it as it is."""
-        return (isinstance(state, Encoded) and state.runner == id(self)
+        return (isinstance(state, Encoded) and state.runner is self
                 and all(np.array_equal(state.host[n], host[n]) for n in state.host))
 
     def _put(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -6,7 +6,19 @@ import pytest
 import torch
 
 from astro_trt.cli import main
-from astro_trt.validate.kernel_bench import Case, cases, cost, format_table, make_result, peak_for
+from astro_trt.validate.kernel_bench import (
+    Case,
+    cases,
+    cost,
+    format_predicted,
+    format_table,
+    make_result,
+    peak_for,
+    predict,
+    predicted_kernels,
+    predicted_split,
+    split_cost,
+)
 
 
 def test_cost_counts_pairs_and_bytes_by_hand():
@@ -57,3 +69,35 @@ def test_cli_without_gpu_says_a_gpu_is_needed(capsys):
         main(["bench-kernels", "--config", "climber", "--candidates", "64"])
     assert exc.value.code == 2
     assert "needs an NVIDIA GPU" in capsys.readouterr().err
+
+
+def test_predictions_take_the_slower_of_bandwidth_and_compute_by_hand():
+    # climber-large candidate attention, M=4096, B=8, fp16: 98 FLOP/byte, below the H100's ridge
+    # (989e12 / 3.35e12 = 295), so HBM bounds it on both GPUs.
+    case = Case("climber-large", "candidate", batch=8, blocks=4, heads=8, hist=200, head_dim=32, cands=4096)
+    flops, moved = cost(case, "fp16")
+    [row] = predicted_kernels([case], "fp16")
+    h100, h200 = row.predictions
+    assert (h100.device, h100.bound, h200.bound) == ("H100", "memory", "memory")
+    assert h100.seconds == pytest.approx(moved / 3.35e12) and h200.seconds == pytest.approx(moved / 4.8e12)
+    assert h100.goal_seconds == pytest.approx(h100.seconds / 0.90)
+    # Compute-bound: the same FLOPs with almost no bytes; the fp32 kernels get the CUDA-core peak.
+    assert predict(1e12, 1.0, "H200", "fp16").seconds == pytest.approx(1e12 / 989e12)
+    assert predict(1e12, 1.0, "H200", "fp32").bound == "compute"
+    assert predict(1e12, 1.0, "H200", "fp32").goal_seconds == pytest.approx(1e12 / 67e12 / 0.60)
+    assert row.measured_ms is None and "measured us" in format_predicted([row]).splitlines()[0]
+
+
+def test_split_cost_by_hand_and_one_encoder_row_per_preset():
+    from astro_trt.config import preset
+
+    cfg = preset("ml100k")  # d 64, ffn 128, Nb 3, L 50, 2 layers, T 2
+    got = split_cost(cfg, users=1, candidates=10, dtype="fp32")
+    per_token = 3 * 64 * 64 + 2 * 64 * 128
+    assert got["encoder"][0] == 6 * (2 * 50 * per_token + 4 * 64 * 50 * 51 / 2)
+    kv = 6 * 2 * 50 * 64 * 4
+    assert got["encoder"][1] == 6 * per_token * 4 + 3 * 50 * 64 * 4 + kv
+    rows = predicted_split(["ml100k", "climber"], [64, 1024], users=8, dtype="fp16")
+    assert [(r.config, r.what, r.cands) for r in rows] == [
+        ("ml100k", "encoder", 0), ("ml100k", "scorer", 64), ("ml100k", "scorer", 1024),
+        ("climber", "encoder", 0), ("climber", "scorer", 64), ("climber", "scorer", 1024)]

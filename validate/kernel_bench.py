@@ -17,10 +17,12 @@ import torch
 from astro_trt.config import preset
 from astro_trt.errors import BackendError
 from astro_trt.precision import get
-from astro_trt.validate.kernel_cases import Case
+from astro_trt.validate.kernel_cases import IMPLS, Case
 from astro_trt.validate.kernel_impls import implementations, make_inputs
 
-# name fragment -> (dense fp16/bf16 tensor-core FLOP/s, HBM bytes/s), from the vendors' data sheets.
+# name fragment -> (dense fp16/bf16 tensor-core FLOP/s, HBM bytes/s), from the vendors' data sheets
+# (NVIDIA H100 Tensor Core GPU datasheet: SXM 989 TFLOPS dense fp16/bf16 tensor, 3.35 TB/s HBM3; NVIDIA
+# H200 datasheet: the same compute, 4.8 TB/s HBM3e; the datasheets' 1,979 TFLOPS are with sparsity).
 PEAKS: dict[str, tuple[float, float]] = {
     "H100 PCIe": (756e12, 2.0e12),
     "H100 NVL": (835e12, 3.9e12),
@@ -29,6 +31,12 @@ PEAKS: dict[str, tuple[float, float]] = {
     "A100": (312e12, 2.0e12),
 }
 INDEX_BYTES = 8  # times, lengths and thresholds are int64
+# The GPUs every kernel and the split get a predicted time for, before any measurement (PEAKS keys).
+PREDICTED_ON = ("H100", "H200")
+# float32 kernels multiply in IEEE fp32 on the CUDA cores (no TF32): H100 SXM and H200 67 TFLOPS.
+FP32_FLOPS = {"H100": 67e12, "H200": 67e12}
+# What a kernel must reach of the bound that limits it (docs/kernels.md).
+GOALS = {"memory": 0.90, "compute": 0.60}
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,113 @@ def cost(case: Case, dtype: str) -> tuple[float, float]:
         pairs = case.cands * (case.hist + 1)
         moved = (4 * case.cands + 2 * case.hist) * bnh * case.head_dim * e + times
     return 4.0 * case.head_dim * pairs * bnh, float(moved)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Time of ``flops`` and ``moved`` bytes on ``device`` at its peaks: whichever bound is slower."""
+
+    device: str
+    seconds: float
+    bound: str  # "memory" or "compute"
+
+    @property
+    def goal_seconds(self) -> float:
+        """The time at the goal fraction of the bounding peak (GOALS): slower than this misses the goal."""
+        return self.seconds / GOALS[self.bound]
+
+
+def predict(flops: float, moved: float, device: str, dtype: str) -> Prediction:
+    peak_flops, peak_bw = PEAKS[device]
+    if dtype == "fp32":
+        peak_flops = FP32_FLOPS[device]
+    memory, compute = moved / peak_bw, flops / peak_flops
+    return Prediction(device, max(memory, compute), "memory" if memory >= compute else "compute")
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """One row of the predicted table: a kernel case or one half of the split, with its cost."""
+
+    config: str
+    what: str  # "msa", "candidate", "encoder", "scorer"
+    cands: int
+    flops: float
+    moved: float
+    predictions: tuple[Prediction, ...]
+    measured_ms: float | None = None  # filled only by a GPU run
+
+
+def predicted_kernels(cases_: list[Case], dtype: str, measured: dict[Case, float] | None = None) -> list[Predicted]:
+    rows = []
+    for case in cases_:
+        flops, moved = cost(case, dtype)
+        rows.append(Predicted(case.config, case.op, case.cands, flops, moved,
+                              tuple(predict(flops, moved, d, dtype) for d in PREDICTED_ON),
+                              (measured or {}).get(case)))
+    return rows
+
+
+def split_cost(cfg, users: int, candidates: int, dtype: str) -> dict[str, tuple[float, float]]:
+    """(FLOPs, bytes) of the user encoder (``users`` histories) and of the item scorer (``candidates``
+    per user), by the arithmetic of docs/model.md §6 (BenchResult.predicted_gain's terms, in FLOPs =
+    2 multiply-adds): per layer and block, q/k/v projections and FFN per token, attention 4 d per
+    visible pair; the scorer adds the fusion head per candidate. Bytes: the dense weights read once,
+    the token embeddings read, the KV cache written by the encoder and read once per user by the
+    scorer, logits written in fp32."""
+    e = get(dtype).bytes
+    length, d, f, nb = cfg.max_len, cfg.d_model, cfg.ffn_dim, cfg.num_blocks
+    per_token = 3 * d * d + 2 * d * f
+    stacks = cfg.num_layers * nb
+    head_macs = nb * per_token + 2 * nb * d * cfg.fuse_hidden + nb * d * d + d * cfg.num_tasks
+    head_weights = per_token + 2 * nb * d * cfg.fuse_hidden + nb * d * d + d * cfg.num_tasks
+    kv = stacks * 2 * users * length * d * e
+    encoder_flops = users * stacks * (2 * length * per_token + 4 * d * length * (length + 1) / 2)
+    encoder_bytes = stacks * per_token * e + users * nb * length * d * e + kv
+    scored = users * candidates
+    scorer_flops = scored * (stacks * (2 * per_token + 4 * d * (length + 1)) + 2 * head_macs)
+    scorer_bytes = (stacks * per_token + head_weights) * e + kv + scored * d * e + scored * cfg.num_tasks * 4
+    return {"encoder": (float(encoder_flops), float(encoder_bytes)),
+            "scorer": (float(scorer_flops), float(scorer_bytes))}
+
+
+def predicted_split(configs: list[str], candidates: list[int], users: int, dtype: str) -> list[Predicted]:
+    rows = []
+    for name in configs:
+        cfg = preset(name)
+        for m in candidates:
+            for what, (flops, moved) in split_cost(cfg, users, m, dtype).items():
+                if what == "encoder" and m != candidates[0]:
+                    continue  # the encoder does not depend on M: one row per preset
+                rows.append(Predicted(name, what, 0 if what == "encoder" else m, flops, moved,
+                                      tuple(predict(flops, moved, d, dtype) for d in PREDICTED_ON)))
+    return rows
+
+
+def format_predicted(rows: list[Predicted]) -> str:
+    """The predicted table: cost, time at each device's peaks and at the goal, and the measured column."""
+    header = ("config", "what", "M", "GFLOP", "MB", "FLOP/B", *(f"{d} us" for d in PREDICTED_ON), "bound",
+              *(f"{d} goal us" for d in PREDICTED_ON), "measured us")
+    out = [header]
+    for r in rows:
+        out.append((r.config, r.what, str(r.cands) if r.cands else "-", f"{r.flops / 1e9:.3f}", f"{r.moved / 1e6:.2f}",
+                    f"{r.flops / r.moved:.1f}", *(f"{p.seconds * 1e6:.2f}" for p in r.predictions),
+                    "/".join(dict.fromkeys(p.bound for p in r.predictions)),
+                    *(f"{p.goal_seconds * 1e6:.2f}" for p in r.predictions),
+                    "" if r.measured_ms is None else f"{r.measured_ms * 1e3:.2f}"))
+    widths = [max(len(row[i]) for row in out) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in out)
+
+
+def predicted_json(rows: list[Predicted]) -> list[dict]:
+    return [{**{k: v for k, v in asdict(r).items() if k != "predictions"},
+             "predicted": {p.device: {"us": p.seconds * 1e6, "bound": p.bound, "goal_us": p.goal_seconds * 1e6}
+                           for p in r.predictions}} for r in rows]
+
+
+def measured_triton(results: list[Result]) -> dict[Case, float]:
+    """The Triton kernels' measured milliseconds by case, for the predicted table's measured column."""
+    return {r.case: r.ms for r in results if r.impl == "triton" and r.ms is not None}
 
 
 def peak_for(device_name: str, bandwidth_fallback: float | None = None) -> tuple[float | None, float | None]:
@@ -128,7 +243,8 @@ def _time_ms(fn: Callable[[], object], warmup: int, repeat: int) -> float:
 
 
 def run_benchmark(configs: list[str], candidates: list[int], dtype: str = "fp16", batch: int = 8,
-                  warmup: int = 3, repeat: int = 20, dense_mask_limit_gib: float = 4.0) -> list[Result]:
+                  warmup: int = 3, repeat: int = 20, dense_mask_limit_gib: float = 4.0,
+                  impls: tuple[str, ...] = IMPLS) -> list[Result]:
     if not torch.cuda.is_available():
         raise BackendError("bench-kernels times CUDA kernels and needs an NVIDIA GPU; none is visible here "
                            "(run it on a machine with a GPU)")
@@ -142,7 +258,7 @@ def run_benchmark(configs: list[str], candidates: list[int], dtype: str = "fp16"
     results = []
     for case in cases(configs, candidates, batch):
         args = make_inputs(case, get(dtype).torch())
-        for impl, fn, dense_bytes in implementations(case, args):
+        for impl, fn, dense_bytes in implementations(case, args, impls):
             if dense_bytes > dense_mask_limit_gib * 2**30:
                 results.append(make_result(case, impl, None, dtype, peak,
                                            note=f"skipped: dense mask {dense_bytes / 2**30:.1f} GiB"))

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# The implementations run_benchmark can time (kernel_impls.implementations), in table order.
+IMPLS = ("triton", "reference", "sdpa-dense-mask", "flex")
+
 
 @dataclass(frozen=True)
 class Case:

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench-memory": ("astro_trt.cli.validate", "bench_memory",
                      "Peak memory of ONNX Runtime running the full model (fresh process)."),
     "bench-kernels": ("astro_trt.cli.kernels", "bench_kernels", "Time the attention kernels (GPU)."),
+    "gpu-check": ("astro_trt.cli.gpu_check", "gpu_check", "Run every GPU-side check in one call (JSON + Markdown)."),
     "triton": ("astro_trt.cli.serve", "triton", "Write a Triton Inference Server model repository."),
     "serve": ("astro_trt.cli.serve", "serve", "Serve a bundle with Triton on 127.0.0.1."),
     "loadtest": ("astro_trt.cli.serve", "loadtest", "Load-test a served model over HTTP and gRPC."),

@@ -16,7 +16,8 @@ import triton.language as tl
 
 from astro_trt.plugins.kernels.common import mma, program_coords, softmax_step, time_bucket
 
-LOG2E = 1.4426950408889634
+# A constexpr: a compiled (not interpreted) kernel may only read constexpr globals.
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

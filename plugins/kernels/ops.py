@@ -10,10 +10,12 @@ when it decorates a kernel), which is how CI checks the kernels against the refe
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from astro_trt.errors import BackendError, DataError
+from astro_trt.plugins.kernels import blocks
 from astro_trt.plugins.operators import ACTIVATION, CANDIDATE, MSA, Impl, Operator, Ops
 from astro_trt.precision import float_dtypes, index_dtypes
 
@@ -68,13 +70,11 @@ def _expect(name: str, tensor: torch.Tensor, shape: tuple[int, ...], kinds: tupl
                         f"{[str(k).replace('torch.', '') for k in kinds]}; cast it before the call")
 
 
-def _head_block(dh: int) -> int:
-    # tl.dot needs every tile dimension >= 16; narrower heads are zero-padded in registers.
-    return max(16, triton_next_power_of_2(dh))
-
-
-def triton_next_power_of_2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
+def _target(kernel, tensor: torch.Tensor) -> str:
+    """The compiled target the launch runs on (blocks.TARGETS); the interpreter has none."""
+    if _is_interpreted(kernel) or not tensor.is_cuda:
+        return blocks.INTERPRETER_TARGET
+    return blocks.target_of(torch.cuda.get_device_capability(tensor.device))
 
 
 def _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_tau, need_pos: int) -> None:
@@ -98,10 +98,22 @@ def _check_common(q, k, v, lengths, pos_bias, time_bias, time_thresholds, inv_ta
     _expect("inv_tau", inv_tau, (b, nb, h), FLOAT_TYPES)
 
 
+def launch_config(rows: int, cols: int, head_dim: int, dtype: torch.dtype, target: str, block_m: int | None = None,
+                  block_n: int | None = None) -> blocks.BlockConfig:
+    """The block configuration of one launch: blocks.choose for (shape, target), unless a test
+    overrides the tiles (small tiles make tiny shapes span several of them under the interpreter)."""
+    cfg = blocks.choose(rows, cols, head_dim, dtype.itemsize, target)
+    if block_m is None and block_n is None:
+        return cfg
+    return replace(cfg, block_m=min(block_m or cfg.block_m, cfg.block_m),
+                   block_n=min(block_n or cfg.block_n, cfg.block_n))
+
+
 def _launch(op: Operator, kernel, a: dict[str, torch.Tensor], dims: tuple[int, ...], rows: int, cols: int,
-            block_m: int, block_n: int) -> torch.Tensor:
+            block_m: int | None, block_n: int | None) -> torch.Tensor:
     """One kernel launch, its arguments in the order of ``op``'s inputs: the activations and the
-    output, the other inputs, every tensor's strides (time_thresholds is read flat), then ``dims``."""
+    output, the other inputs, every tensor's strides (time_thresholds is read flat), then ``dims``;
+    the tiles from launch_config."""
     _check_device(kernel, a["q"])
     out = torch.empty_like(a["q"], memory_format=torch.contiguous_format)
     if out.numel() == 0:
@@ -109,19 +121,19 @@ def _launch(op: Operator, kernel, a: dict[str, torch.Tensor], dims: tuple[int, .
     activations = [*(a[n] for n in op.with_role(ACTIVATION)), out]
     others = [a[n] for n in op.input_names if n not in op.with_role(ACTIVATION)]
     strided = [*activations, *(a[n] for n in op.input_names if n not in (*op.with_role(ACTIVATION), "time_thresholds"))]
-    block_m = min(block_m, max(16, triton_next_power_of_2(rows)))
-    block_n = min(block_n, max(16, triton_next_power_of_2(max(cols, 1))))
     b, nb, h, _, dh = a["q"].shape
-    grid = ((rows + block_m - 1) // block_m, b * nb * h)
+    cfg = launch_config(rows, cols, dh, a["q"].dtype, _target(kernel, a["q"]), block_m, block_n)
+    grid = ((rows + cfg.block_m - 1) // cfg.block_m, b * nb * h)
     kernel[grid](
         *activations, *others, *(stride for t in strided for stride in t.stride()), *dims,
-        NUM_THR=a["time_thresholds"].shape[0], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_head_block(dh),
-        UPCAST=_upcast(kernel, a["q"].dtype),
+        NUM_THR=a["time_thresholds"].shape[0], BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        UPCAST=_upcast(kernel, a["q"].dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
 
-def multi_scale_self_attention(*args: torch.Tensor, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+def multi_scale_self_attention(*args: torch.Tensor, block_m: int | None = None,
+                               block_n: int | None = None) -> torch.Tensor:
     """Triton MultiScaleSelfAttention; arguments (plugins/operators.py MSA) and result as in plugins/reference.py."""
     msa_mod, _ = _kernels()
     a = MSA.bind(args)
@@ -132,7 +144,8 @@ def multi_scale_self_attention(*args: torch.Tensor, block_m: int = 64, block_n: 
     return _launch(MSA, msa_mod.msa_fwd_kernel, a, (nb, h, s, dh), s, s, block_m, block_n)
 
 
-def candidate_attention(*args: torch.Tensor, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+def candidate_attention(*args: torch.Tensor, block_m: int | None = None,
+                        block_n: int | None = None) -> torch.Tensor:
     """Triton CandidateAttention; arguments (plugins/operators.py CANDIDATE) and result as in plugins/reference.py."""
     _, cand_mod = _kernels()
     a = CANDIDATE.bind(args)
