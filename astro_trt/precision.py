@@ -80,16 +80,83 @@ def by_trt(trt_name: str) -> DType | None:
 
 
 @dataclass(frozen=True)
+class Storage:
+    """How float data is stored: as is in a float type, or as integers times a float scale
+    (symmetric, zero point 0: what TensorRT's INT8 requires). One family for every stored float
+    tensor: a precision's dense weights (a scale per output channel), the served per-user cache (a
+    scale per head and block) and, later, the item table (a scale per row). Which axes share one
+    scale is the caller's: ``encode`` takes the axes a scale spans."""
+
+    name: str  # fp32, fp16, int8: what a --cache-dtype / --item-table style option says
+    dtype: DType  # of the stored elements
+    scaled: bool = False  # integers with a float32 scale per group
+
+    @property
+    def qmax(self) -> int:
+        """Largest stored magnitude of a scaled type: 127 for int8 (-128 is left unused: symmetric)."""
+        return 2 ** (8 * self.dtype.bytes - 1) - 1
+
+    def encode(self, x: Any, axes: tuple[int, ...] = ()) -> tuple[Any, Any]:
+        """float array -> (stored array, float32 scale broadcastable against it; None unscaled).
+        A scale spans ``axes`` (reduced with keepdims): max |x| over them maps to qmax."""
+        if not self.scaled:
+            return np.asarray(x).astype(self.dtype.numpy()), None
+        x = np.asarray(x, dtype=np.float32)
+        amax = np.abs(x).max(axis=axes, keepdims=True) if axes else np.abs(x)
+        scale = np.where(amax > 0, amax / self.qmax, 1.0).astype(np.float32)
+        stored = np.clip(np.rint(x / scale), -self.qmax, self.qmax).astype(self.dtype.numpy())
+        return stored, scale
+
+    def decode(self, stored: Any, scale: Any = None) -> Any:
+        """The float32 values a stored array stands for."""
+        out = np.asarray(stored).astype(np.float32)
+        return out * scale if self.scaled else out
+
+    def bytes_for(self, elements: int, groups: int = 0) -> int:
+        """Bytes of ``elements`` values stored with ``groups`` float32 scales."""
+        return elements * self.dtype.bytes + (4 * groups if self.scaled else 0)
+
+
+STORAGE: dict[str, Storage] = {s.name: s for s in (
+    Storage("fp32", DTYPES["float32"]),
+    Storage("fp16", DTYPES["float16"]),
+    Storage("int8", DTYPES["int8"], scaled=True),
+)}
+
+
+def storage(name: str) -> Storage:
+    try:
+        return STORAGE[name]
+    except KeyError:
+        raise ConfigError(f"unknown storage '{name}'; choose one of {list(STORAGE)}") from None
+
+
+@dataclass(frozen=True)
 class Precision:
     name: str  # what --precision and the manifest say: fp32, fp16, bf16
     dtype: DType  # of the weights, the activations and the kv_cache in this precision
-    # Unit in the last place at 1.0; the tolerance floor of a half precision is a few of these.
+    # Unit in the last place at 1.0 (a quantized precision: one step of its integers relative to
+    # the largest, 2^-7 for int8); the tolerance floor of a non-reference precision is a few of these.
     eps: float
     # Whether ONNX Runtime's CPU provider runs graphs in it (it has no bfloat16 Add, MatMul, ...).
     ort_cpu: bool
     # The oracle's precision: graphs in it are checked against a fixed max abs error instead of
     # PyTorch's own error in that precision, and the model needs no cast.
     reference: bool = False
+    # How the dense graphs' weights are stored when not in ``dtype``: int8 keeps float32 I/O,
+    # activations and kv_cache and quantizes the weight MatMuls (exporter/quantize.py).
+    weights: Storage | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.weights is not None and self.weights.scaled
+
+    @property
+    def compute(self) -> str:
+        """What its graphs and engines compute in, in words (what `inspect` prints)."""
+        if self.weights is None:
+            return self.dtype.name
+        return f"{self.weights.name} weight MatMuls (a scale per channel), {self.dtype.name} elsewhere"
 
     @property
     def bytes(self) -> int:
@@ -103,6 +170,8 @@ REGISTRY: dict[str, Precision] = {p.name: p for p in (
     Precision("fp32", DTYPES["float32"], 2.0**-23, ort_cpu=True, reference=True),
     Precision("fp16", DTYPES["float16"], 2.0**-10, ort_cpu=True),
     Precision("bf16", DTYPES["bfloat16"], 2.0**-7, ort_cpu=False),
+    # eps: one int8 step at the largest magnitude of a channel (1/127 ~ 2^-7).
+    Precision("int8", DTYPES["float32"], 2.0**-7, ort_cpu=True, weights=STORAGE["int8"]),
 )}
 REFERENCE = next(p.name for p in REGISTRY.values() if p.reference)
 
@@ -120,6 +189,10 @@ def get(name: str) -> Precision:
 
 def is_reference(name: str) -> bool:
     return get(name).reference
+
+
+def is_quantized(name: str) -> bool:
+    return get(name).quantized
 
 
 def float_dtypes() -> tuple[DType, ...]:

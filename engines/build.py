@@ -31,7 +31,7 @@ from astro_trt.engines.backend import PORTABLE, Backend, capturing_logger
 from astro_trt.errors import BackendError, ConfigError, ExportError
 from astro_trt.exporter.pair_chunks import runtime_form
 from astro_trt.plugins.tensorrt import register as register_plugins
-from astro_trt.precision import by_trt, is_reference
+from astro_trt.precision import by_trt, get
 from astro_trt.settings import MAX_BATCH, MAX_CANDIDATES
 
 ProgressCallback = Callable[[str], None]
@@ -123,7 +123,7 @@ def attention_candidates(backend: Backend | None, requested: str, precision: str
         return [Lowering(NATIVE, NATIVE)]
     if plugins:
         return [Lowering(PLUGIN, PLUGIN)]
-    if is_reference(precision):
+    if get(precision).dtype.name == "float32":  # fp32, and int8 (float activations, int8 weight MatMuls)
         return [Lowering(REFERENCE_BODY, PLUGIN)]
     return [Lowering(NATIVE, NATIVE), Lowering(REFERENCE_BODY, PLUGIN)]
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from astro_trt.engines.bundle import load_bundle
 from astro_trt.manifest import manifest_digest
+from astro_trt.precision import get as get_precision
 
 
 def size_text(n: float) -> str:
@@ -43,7 +44,8 @@ def describe_bundle(directory: str | Path, *, verify: bool = True, expect_sha256
     ]
     for precision in bundle.precisions:
         kv = m["kv_cache"][precision]
-        lines.append(f"[{precision}] attention {bundle.attention(precision)}; kv_cache {kv['dtype']} "
+        lines.append(f"[{precision}] {get_precision(precision).compute}; attention {bundle.attention(precision)}; "
+                     f"kv_cache {kv['dtype']} "
                      f"{kv['shape']} ({kv['bytes_per_user']} bytes per user)")
         for graph in bundle.io(precision):
             onnx_path = bundle.onnx_path(graph, precision)
@@ -52,7 +54,7 @@ def describe_bundle(directory: str | Path, *, verify: bool = True, expect_sha256
             chunk = m["onnx"][precision][graph].get("pairs_per_chunk")
             lines.append(f"  {graph}: onnx {size_text(onnx_path.stat().st_size)}"
                          + (f" (runs {chunk} pairs at a time)" if chunk else "") + f", engine {size}"
-                         + (f" (I/O from {m['engines'][precision][graph]['io_source']})" if engine_path else ""))
+                         + (f" ({_engine_text(m['engines'][precision][graph])})" if engine_path else ""))
             records = bundle.engine_io(graph, precision)
             specs = records or [dict(t.to_dict(), mode=mode) for mode, ts in
                                 (("input", bundle.io(precision)[graph].inputs),
@@ -63,6 +65,11 @@ def describe_bundle(directory: str | Path, *, verify: bool = True, expect_sha256
     for name, files in m.get("reports", {}).items():
         lines.append(f"report {name}: {', '.join(files)}")
     return "\n".join(lines)
+
+
+def _engine_text(entry: dict) -> str:
+    source = entry.get("source")  # an int8 engine's: the QDQ form it was built from
+    return f"I/O from {entry['io_source']}" + (f"; built from {source.split(':')[0]} int8" if source else "")
 
 
 __all__ = ["describe_bundle", "size_text"]

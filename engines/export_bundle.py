@@ -7,6 +7,7 @@ Everything that can be refused is refused before the checkpoint is read or a fil
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint
 from astro_trt.settings import EXPORT_PRECISIONS, MAX_BATCH, MAX_CANDIDATES
 
 Progress = Callable[[str], None]
+# What an engine built from the QDQ form of an int8 graph records as its source (exporter/quantize.py).
+QDQ_SOURCE = "qdq: onnxruntime.quantization.quantize_static, int8 symmetric, per-channel weights"
 
 
 @dataclass
@@ -144,9 +147,13 @@ def _export_precision(model: Any, stage: Path, precision: str, lowerings: list, 
     for index, lowering in enumerate(lowerings):
         onnx_dir = stage / "onnx" / precision
         engine_dir = stage / "engines" / precision
+        # The QDQ form an int8 engine is built from: inside the stage, so that an interrupted export
+        # leaves nothing behind, and removed before the manifest lists the bundle's files.
+        sources_dir = Path(tempfile.mkdtemp(prefix=".engine-sources-", dir=stage))
         try:
             say(f"{precision}: export ONNX ({lowering.effective})")
-            result = export_onnx(model, onnx_dir, precision=precision, attention=lowering.export_as)
+            result = export_onnx(model, onnx_dir, precision=precision, attention=lowering.export_as,
+                                 engine_dir=sources_dir if build.backend is not None else None)
             say(f"{precision}: ONNX Runtime parity")
             parity = check_graphs(model, result)  # ExportError on a failed check, NaN included
             engines: dict[str, Any] = {}
@@ -154,8 +161,9 @@ def _export_precision(model: Any, stage: Path, precision: str, lowerings: list, 
                 if build.backend is None:
                     continue
                 say(f"{precision}/{graph}: build")
+                source = result.engine_sources.get(graph)
                 built = build_engine(
-                    build.backend, result.paths[graph], io, build.profile, targets=list(build.targets),
+                    build.backend, source or result.paths[graph], io, build.profile, targets=list(build.targets),
                     opt_level=build.opt_level, plugins=lowering.effective == contract.PLUGIN,
                     timing_cache=build.timing_cache,
                     progress=lambda phase, g=graph: say(f"{precision}/{g}: {phase}"),
@@ -165,7 +173,8 @@ def _export_precision(model: Any, stage: Path, precision: str, lowerings: list, 
                 path.write_bytes(built.plan)
                 engines[graph] = {"path": engine_relpath(graph, precision), "io": built.io,
                                   "io_source": built.io_source, "build_seconds": round(built.seconds, 3),
-                                  "bytes": len(built.plan)}
+                                  "bytes": len(built.plan),
+                                  **({"source": QDQ_SOURCE} if source is not None else {})}
         except (AstroError, ImportError) as exc:
             if index + 1 == len(lowerings):
                 raise
@@ -173,6 +182,8 @@ def _export_precision(model: Any, stage: Path, precision: str, lowerings: list, 
             shutil.rmtree(onnx_dir, ignore_errors=True)
             shutil.rmtree(engine_dir, ignore_errors=True)
             continue
+        finally:
+            shutil.rmtree(sources_dir, ignore_errors=True)
         exported = result.to_manifest()  # the exporter's own account of its graphs
         onnx = {graph: {"path": onnx_relpath(graph, precision), "io": entry["io"], "opset": exported["opset"],
                         **{k: entry[k] for k in ("op_domains", "pairs_per_chunk") if k in entry}}

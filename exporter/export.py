@@ -9,6 +9,7 @@ body through its inliner for this model ("number of values and replacements must
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ import torch
 from astro_trt import contract
 from astro_trt.contract import GraphIO, KVCacheLayout
 from astro_trt.exporter import symbolic
+from astro_trt.exporter.check import feeds
 from astro_trt.exporter.cleanup import clean, pin_io
 from astro_trt.exporter.functions import attention_functions
 from astro_trt.exporter.graphs import WRAPPERS, named_tensors, run, wrapper_inputs
@@ -31,8 +33,11 @@ from astro_trt.exporter.limits import check_export_request
 from astro_trt.exporter.native import NATIVE_OPSET, lower_native
 from astro_trt.exporter.pair_chunks import chunk_pairs, full_model_pairs_per_chunk, initializers, walk_nodes
 from astro_trt.exporter.precision import model_in_precision
+from astro_trt.exporter.quantize import dynamic_int8, qdq_int8
 from astro_trt.model.astro import ASTRO, History
+from astro_trt.model.synthetic import synthetic_batch
 from astro_trt.plugins.names import ONNX_DOMAIN, ONNX_OPSET_VERSION
+from astro_trt.precision import get as get_precision
 
 TRACE_OPSET = 18  # every op of the model and the reference bodies exists in 18; TensorRT parses it
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf caps a file at 2 GB; stay clear of it
@@ -48,6 +53,9 @@ class ExportResult:
     kv_cache: KVCacheLayout
     op_domains: dict[str, list[str]] = field(default_factory=dict)
     pairs_per_chunk: int | None = None  # the full model's Loop chunk (exporter/pair_chunks.py)
+    # Where an engine is built from another form of the graph than the bundle's ONNX file: the QDQ
+    # form of an int8 graph (exporter/quantize.py), written under the caller's ``engine_dir``.
+    engine_sources: dict[str, Path] = field(default_factory=dict)
 
     def to_manifest(self) -> dict[str, Any]:
         return {
@@ -74,8 +82,10 @@ def export_onnx(
     precision: str = "fp32",
     attention: str = contract.PLUGIN,
     graphs: Sequence[str] = contract.GRAPHS,
+    engine_dir: Path | None = None,
 ) -> ExportResult:
-    """Write out_dir/<graph>.onnx for each of ``graphs``; all files appear, or none."""
+    """Write out_dir/<graph>.onnx for each of ``graphs``; all files appear, or none. For a quantized
+    precision with ``engine_dir``, the QDQ form TensorRT builds from goes to engine_dir/<graph>.onnx."""
     cfg = model.cfg
     graphs = tuple(graphs)
     check_export_request(cfg, precision, attention, graphs)
@@ -90,11 +100,19 @@ def export_onnx(
     pairs_per_chunk = full_model_pairs_per_chunk(cfg)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir))
     try:
-        staged, domains = {}, {}
+        staged, domains, sources = {}, {}, {}
         for name in graphs:
             proto = _export_graph(traced_model, name, io[name], staging)
             if attention == contract.NATIVE:
                 proto = lower_native(proto)
+            if get_precision(precision).quantized:
+                if engine_dir is not None:
+                    qdq = qdq_int8(copy.deepcopy(proto), _calibration(traced_model, io[name]))
+                    if name == contract.FULL_MODEL:
+                        qdq = chunk_pairs(qdq, pairs_per_chunk)
+                    Path(engine_dir).mkdir(parents=True, exist_ok=True)
+                    sources[name] = _save(qdq, Path(engine_dir) / f"{name}.onnx")[0]
+                proto = dynamic_int8(proto)
             if name == contract.FULL_MODEL:
                 proto = chunk_pairs(proto, pairs_per_chunk)
             domains[name] = sorted({n.domain or "ai.onnx" for n in walk_nodes(proto.graph)})
@@ -115,7 +133,23 @@ def export_onnx(
         kv_cache=contract.kv_cache_layout(cfg, precision),
         op_domains=domains,
         pairs_per_chunk=pairs_per_chunk if contract.FULL_MODEL in graphs else None,
+        engine_sources=sources,
     )
+
+
+CALIBRATION_BATCHES, CALIBRATION_USERS, CALIBRATION_CANDIDATES = 4, 4, 16
+
+
+def _calibration(model: ASTRO, io: GraphIO) -> list[dict[str, Any]]:
+    """Feeds of graph ``io`` for int8 calibration: seeded synthetic requests at the model's own
+    config (every block length, padding and time bucket), the scorer fed the model's own cache."""
+    out = []
+    for seed in range(CALIBRATION_BATCHES):
+        request = synthetic_batch(model.cfg, CALIBRATION_USERS, CALIBRATION_CANDIDATES, seed=1000 + seed)
+        with torch.no_grad():
+            kv = run(model, contract.USER_ENCODER, named_tensors(request.history, request.cand_items))
+        out.append(feeds(io, request.history, request.cand_items, kv))
+    return out
 
 
 def example_inputs(model: ASTRO, name: str, batch: int = 2, candidates: int = 3) -> tuple[torch.Tensor, ...]:

@@ -15,18 +15,24 @@ import torch
 import torch.nn.functional as F
 
 from astro_trt.exporter.custom_ops import ExportOps
+from astro_trt.exporter.quantize import fake_quantize_weights
 from astro_trt.model.astro import ASTRO, BlockLayer
 from astro_trt.precision import get
 
 
 def model_in_precision(model: ASTRO, precision: str, *, export_ops: bool) -> ASTRO:
     """A detached eval-mode copy of ``model`` in ``precision``; the caller's model is untouched.
-    ``export_ops`` routes attention through the astro custom ops (for tracing)."""
+    ``export_ops`` routes attention through the astro custom ops (for tracing). A quantized
+    precision is traced in float and quantized as a graph (exporter/quantize.py); the copy that is
+    not traced is PyTorch's own yardstick in it, its weights rounded as the graph stores them."""
+    record = get(precision)
     out = copy.deepcopy(model).eval()
     _freeze_temperatures(out)
-    out = out.to(get(precision).torch())
+    out = out.to(record.torch())
     if export_ops:
         out.ops = ExportOps()
+    elif record.quantized:
+        fake_quantize_weights(out)
     return out
 
 

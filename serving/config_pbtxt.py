@@ -176,7 +176,8 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
 
 
 def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any], *,
-                     precision: str, cache_bytes: int, ort_threads: int | None, batching: bool = True) -> str:
+                     precision: str, cache_bytes: int, ort_threads: int | None, cache_dtype: str = "fp32",
+                     batching: bool = True) -> str:
     """The Python model that keeps a per-user cache of encoded state across requests; with
     ``batching`` Triton queues concurrent requests for at most QUEUE_DELAY_US and hands them over
     together (see the module's note)."""
@@ -199,8 +200,9 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
     if batching:
         message["dynamic_batching"] = {"max_queue_delay_microseconds": QUEUE_DELAY_US}
     message["parameters"] = _parameters({
-        "bundle": "bundle", "precision": precision, "cache_bytes": str(cache_bytes), "compute": "auto",
-        "ort_threads": "" if ort_threads is None else str(ort_threads), "astro_config": dict(config)})
+        "bundle": "bundle", "precision": precision, "cache_bytes": str(cache_bytes), "cache_dtype": cache_dtype,
+        "compute": "auto", "ort_threads": "" if ort_threads is None else str(ort_threads),
+        "astro_config": dict(config)})
     return render(message) + "\n"
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import HISTORY_INPUTS
 from astro_trt.errors import AstroError, DataError
+from astro_trt.serving.cache import DEFAULT_CACHE_DTYPE, check_cache_dtype
 from astro_trt.serving.config_pbtxt import CHECKED, ENCODED, USER_KEY
 from astro_trt.serving.defaults import check_cache_bytes, check_ort_threads
 from astro_trt.serving.service import Recommender, check_request, gate_profiles
@@ -89,7 +90,8 @@ class RecommendModel:
         threads = check_ort_threads(_int_parameter(params, "ort_threads") if params.get("ort_threads") else None)
         cache_bytes = check_cache_bytes(_int_parameter(params, "cache_bytes"))
         self.recommender = Recommender(bundle, params["precision"], cache_bytes=cache_bytes,
-                                       compute=params.get("compute", "auto"), threads=threads)
+                                       compute=params.get("compute", "auto"), threads=threads,
+                                       cache_dtype=check_cache_dtype(params.get("cache_dtype") or DEFAULT_CACHE_DTYPE))
         self.metrics = _Metrics(pb, args["model_name"])
 
     def respond(self, requests: list[Any]) -> list[Any]:

@@ -75,7 +75,8 @@ On a machine without Docker, `astro-trt serve BUNDLE` starts the `tritonserver` 
 
 - **`astro_recommend`** is what a service calls: one request = a page of candidates for each
   user of the batch. It encodes a user once per (`user_key`, history) and keeps the encoded state
-  in a per-user LRU cache bounded to {cache_bytes} bytes (config parameter `cache_bytes`); the key
+  in a per-user LRU cache bounded to {cache_bytes} bytes (config parameter `cache_bytes`; parameter
+  `cache_dtype` keeps each state in fp32 as computed, fp16, or int8 with a scale per head and block); the key
   is the user key plus a fingerprint of the history tensors, so a user whose history changed is
   re-encoded, never scored against a stale cache. `encoded` says whether this request encoded
   the user. One instance: the cache lives in it. Counters on the metrics endpoint:

@@ -26,6 +26,7 @@ from astro_trt.engines.backend import TENSORRT
 from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BundleError, DataError
 from astro_trt.serving import config_pbtxt as pbtxt
+from astro_trt.serving.cache import DEFAULT_CACHE_DTYPE, check_cache_dtype
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS, check_cache_bytes, check_ort_threads
 from astro_trt.serving.readme import repository_readme
 from astro_trt.serving.source import served_precision
@@ -46,12 +47,13 @@ def _model_source(name: str) -> bytes:
 
 def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None = None, force: bool = False,
                      cache_bytes: int = DEFAULT_CACHE_BYTES, ort_threads: int | None = DEFAULT_ORT_THREADS,
-                     batching: bool = True) -> Path:
+                     cache_dtype: str = DEFAULT_CACHE_DTYPE, batching: bool = True) -> Path:
     """Write the repository for ``precision`` of ``bundle`` at ``out`` (atomically: a failure
     leaves nothing there). ``ort_threads``: ONNX Runtime's intra-op threads in astro_recommend
     (None: one per core); ``batching``: astro_recommend merges concurrent requests (dynamic
     batching). Returns its absolute path."""
     cache_bytes, ort_threads = check_cache_bytes(cache_bytes), check_ort_threads(ort_threads)
+    cache_dtype = check_cache_dtype(cache_dtype)
     if not isinstance(batching, bool):
         raise DataError(f"batching {batching!r}: must be True or False (--batching/--no-batching)")
     out = Path(out).resolve()
@@ -82,7 +84,7 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
             (stage / name / VERSION).mkdir(parents=True)
         _write(stage / pbtxt.RECOMMEND / "config.pbtxt",
                pbtxt.recommend_config(io, profiles, config, precision=precision, cache_bytes=cache_bytes,
-                                      ort_threads=ort_threads, batching=batching))
+                                      ort_threads=ort_threads, cache_dtype=cache_dtype, batching=batching))
         _write(stage / pbtxt.RECOMMEND / VERSION / "model.py", _model_source("recommend"))
         shutil.copytree(bundle.directory, stage / pbtxt.RECOMMEND / VERSION / "bundle")
         _write(stage / "README.md", repository_readme(bundle, precision, io, profiles, plans=plans,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from astro_trt.errors import BackendError, DataError
 from astro_trt.lazy import lazy_import
+from astro_trt.serving.cache import check_cache_dtype
 from astro_trt.serving.defaults import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_ORT_THREADS,
@@ -230,7 +231,8 @@ class TritonServer:
 
 def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  precision: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 ort_threads: int | None = DEFAULT_ORT_THREADS, batching: bool = True, replicas: int = 1,
+                 ort_threads: int | None = DEFAULT_ORT_THREADS, cache_dtype: str = "fp32", batching: bool = True,
+                 replicas: int = 1,
                  expect_sha256: str | None = None, show: Callable[[str], None] = print,
                  progress: Callable[[str], None] = lambda _: None) -> None:
     """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by
@@ -243,6 +245,7 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
         check_port(port, what)
     check_cache_bytes(cache_bytes)
     check_ort_threads(ort_threads)
+    check_cache_dtype(cache_dtype)
     if len(set(ports.values())) < len(ports):
         raise DataError(f"{', '.join(f'{k} {v}' for k, v in ports.items())}: each endpoint needs its own port; "
                         "choose three different ports")
@@ -255,11 +258,11 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     try:
         with tempfile.TemporaryDirectory(prefix="astro-repo-") as tmp:
             repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_bytes,
-                                    ort_threads=ort_threads, batching=batching)
+                                    ort_threads=ort_threads, cache_dtype=cache_dtype, batching=batching)
             server: TritonServer | replicas_lib.Replicas
             if replicas > 1:
                 server = replicas_lib.Replicas(repo, models=PYTHON_MODELS, count=replicas, http_port=http_port,
-                                  grpc_port=grpc_port, metrics_port=metrics_port, cancel=stop)
+                                               grpc_port=grpc_port, metrics_port=metrics_port, cancel=stop)
             else:
                 server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
                                       metrics_port=metrics_port, cancel=stop)

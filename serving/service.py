@@ -13,11 +13,12 @@ import numpy as np
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import BATCH, CAND_ITEMS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
-from astro_trt.errors import DataError
+from astro_trt.errors import BackendError, DataError
 from astro_trt.runtime import gate
 from astro_trt.runtime.gate import Ranges
+from astro_trt.runtime.onnxruntime import OrtRunner
 from astro_trt.runtime.runner import Runner
-from astro_trt.serving.cache import UserCache, fingerprint
+from astro_trt.serving.cache import DEFAULT_CACHE_DTYPE, StateCodec, UserCache, fingerprint
 from astro_trt.serving.compute import make_compute
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES
 
@@ -54,10 +55,15 @@ class Recommender:
     one upload to the device, which the encoder and the scorer both read)."""
 
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 compute: str = "auto", threads: int | None = None, engine: Runner | None = None) -> None:
+                 compute: str = "auto", threads: int | None = None, engine: Runner | None = None,
+                 cache_dtype: str = DEFAULT_CACHE_DTYPE) -> None:
         self.cfg = bundle.config
         self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}  # tuples already, as gate_profiles gives
+        self.codec = StateCodec(cache_dtype)
         self.compute = engine or make_compute(bundle, precision, compute, threads)
+        if not self.codec.identity and not isinstance(self.compute, OrtRunner):
+            raise BackendError(f"--cache-dtype {cache_dtype} packs states on the host, but {self.compute.name} keeps "
+                               "them on the device; serve with ONNX Runtime or --cache-dtype fp32")
         self.cache = UserCache(cache_bytes)
         self.encodes = 0  # users encoded since start
 
@@ -107,7 +113,8 @@ class Recommender:
         """Encode the group's cache misses in one call and score its pages (all of one size) in
         another; the group's arrays are put into the runner's form once (TensorRT: one upload)."""
         rows = [(c, b) for c in group for b in range(len(c.keys))]
-        states: list[Any] = [self.cache.get(c.keys[b], c.prints[b]) for c, b in rows]
+        cached = [self.cache.get(c.keys[b], c.prints[b]) for c, b in rows]
+        states: list[Any] = [None if p is None else self.codec.unpack(p) for p in cached]
         # A user missing twice in the group (two pages of one session) is encoded once.
         misses: dict[tuple[bytes, bytes], list[int]] = {}
         for r, ((c, b), state) in enumerate(zip(rows, states, strict=True)):
@@ -127,9 +134,12 @@ class Recommender:
             fresh = self.compute.split(self.compute.encode_checked(history))
             self.encodes += len(firsts)
             for (key, print_), rs, state in zip(misses, misses.values(), fresh, strict=True):
-                self.cache.put(key, print_, state, self.compute.nbytes(state))
+                # A page scores from the state as the cache keeps it: the same logits hit or miss.
+                packed = self.codec.pack(state)
+                self.cache.put(key, print_, packed,
+                               self.compute.nbytes(state) if self.codec.identity else packed.nbytes)
                 for r in rs:
-                    states[r] = state
+                    states[r] = self.codec.unpack(packed)
                 encoded[rs[0]] = True
         logits = self.compute.score_checked(self.compute.stack(states), feeds)
         start = 0

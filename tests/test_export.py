@@ -92,8 +92,10 @@ def test_lowerings_agree(model, exported, precision):
     }
     # fp32: same arithmetic reordered. Half: native keeps q/k/v and the mask in half precision
     # (the fused-kernel form), the reference bodies upcast; both sit within their precision's
-    # tolerance of the oracle, so they differ by at most the sum of two such tolerances.
-    tol = {"fp32": FP32_TOL, "fp16": 4e-3, "bf16": 3.2e-2}[precision]
+    # tolerance of the oracle, so they differ by at most the sum of two such tolerances. int8: the
+    # same int8 weights; activations are re-quantized per call, so a reordered fp32 sum may flip one
+    # rounding step (1/255 of a tensor's range, ~1e-2 of a logit here); seen: equal.
+    tol = {"fp32": FP32_TOL, "fp16": 4e-3, "bf16": 3.2e-2, "int8": 1e-2}[precision]
     np.testing.assert_allclose(got["plugin"], got["native"], rtol=0, atol=tol)
 
 
@@ -138,7 +140,7 @@ def test_manifest_records_graphs_and_kv_layout(model, exported):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"precision": "int8"}, "unknown precision 'int8'"),
+        ({"precision": "int4"}, "unknown precision 'int4'"),
         ({"attention": "fused"}, "unknown attention lowering 'fused'"),
         ({"graphs": ["decoder"]}, "unknown graphs ['decoder']"),
     ],

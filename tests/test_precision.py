@@ -30,6 +30,9 @@ def test_records_agree_with_each_toolkit():
         assert onnx.helper.tensor_dtype_to_np_dtype(record.onnx_type()) == record.numpy()
         assert record.numpy().itemsize == record.bytes == torch.empty((), dtype=record.torch()).element_size()
     for p in REGISTRY.values():
+        if p.quantized:  # eps is one step of the stored integers relative to the largest (2^-7 for int8)
+            assert p.eps == 2.0 ** -(8 * p.weights.dtype.bytes - 1)
+            continue
         # eps is the spacing of the format just above 1.0.
         one = torch.ones((), dtype=p.torch())
         assert float(torch.nextafter(one, one + 1) - one) == p.eps

@@ -117,6 +117,7 @@ class BenchResult:
     machine: dict[str, Any] = field(default_factory=dict)
     peer_notes: dict[str, str] = field(default_factory=dict)  # peer -> why it did not run, or how it ran
     profile: dict[str, Any] = field(default_factory=dict)  # "M=256" -> graph -> per-op breakdown
+    ceiling: dict[str, Any] = field(default_factory=dict)  # int8: "M=1024" -> scorers vs bare MatMuls (ceiling.py)
 
     def predicted_gain(self, candidates: int, *, head: bool = False) -> float:
         """ASTRO's arithmetic (docs/model.md §6): per candidate, layer and block the naive path
@@ -145,6 +146,7 @@ class BenchResult:
                             predicted_gain_with_head=self.predicted_gain(p.candidates, head=True))
                        for p in self.points],
             "profile": self.profile,
+            **({"ceiling": self.ceiling} if self.ceiling else {}),
         }
 
 
@@ -311,8 +313,28 @@ times faster this runtime's split is.
 {notes}
 ![throughput vs candidates]({plot_name})
 
-{_profile_markdown(result)}{_gap_explanation(result)}
+{ceiling_markdown(result.ceiling, result.threads)}{_profile_markdown(result)}{_gap_explanation(result)}
 """
+
+
+def ceiling_markdown(ceiling: Mapping[str, Any], threads: int | None) -> str:
+    """The int8 report section (validate/ceiling.py's figures): one row per timed thing and M."""
+    if not ceiling:
+        return ""
+    rows = []
+    for point, figures in ceiling.items():
+        for name, ms in figures["ms"].items():
+            shares = [f"{v * 100:.0f}% of {k.split(' of ')[1]}" for k, v in figures["share"].items()
+                      if k.startswith(f"{name} of ")]
+            rows.append((point, name, f"{ms:.2f}", f"{figures['gops'][name]:.1f}", "; ".join(shares)))
+    speedups = "; ".join(f"{p}: {f['int8_speedup']:.2f}x" for p, f in ceiling.items() if "int8_speedup" in f)
+    return ("## The int8 scorer against its ceiling (one user, same run)\n\n"
+            f"Scorers and bare MatMuls timed in turn, {threads or 'default'} ONNX Runtime thread(s); GOP/s "
+            "counts two operations per multiply-add (the scorer's by the arithmetic above, with the head). "
+            "The bare MatMuls are the scorer's per-token weight products at its shapes: q/k/v side by side, "
+            "the FFN's two, called until they do the scorer's multiply-adds (ms is for all the calls).\n\n"
+            + markdown_table(["point", "timed", "ms", "GOP/s", "share of the bare rate"], rows)
+            + (f"\n\nint8 scorer over the fp32 scorer: {speedups}.\n\n" if speedups else "\n\n"))
 
 
 def _profile_markdown(result: BenchResult) -> str:

@@ -22,7 +22,7 @@ from astro_trt.errors import DataError
 from astro_trt.exporter.export import export_onnx
 from astro_trt.model.astro import ASTRO
 from astro_trt.model.checkpoint import load_checkpoint
-from astro_trt.precision import REFERENCE
+from astro_trt.precision import REFERENCE, is_quantized
 from astro_trt.runtime.gate import check_profile
 from astro_trt.runtime.onnxruntime import OrtRunner
 from astro_trt.runtime.tensorrt import make_trt_runner
@@ -37,6 +37,7 @@ from astro_trt.validate.bench import (
     write_bench_reports,
     write_bench_to_bundle,
 )
+from astro_trt.validate.ceiling import scorer_ceiling
 
 
 @dataclass
@@ -89,9 +90,18 @@ def bench_bundle(
         runner, cfg, source, model, graphs = _runner(bundle, runtime, config, precision, attention, Path(tmp), say,
                                                      threads, max(user_counts))
         peers, notes = _peers(model, runner.precision, threads, peer, use_compile)
+        reference = _reference_runner(bundle, runtime, config, runner, model, attention, Path(tmp), say, threads,
+                                      max(user_counts))
+        if reference is not None:  # int8 beside fp32 of the same weights, same requests, same run
+            peers[f"ort {REFERENCE}"] = reference
+            notes[f"ort {REFERENCE}"] = f"the same weights' {REFERENCE} graphs on ONNX Runtime, {threads} threads"
         result = run_bench(runner, cfg, counts, source=source, users=user_counts, peers=peers, warmup=warmup,
                            repetitions=repetitions, progress=say)
         result.peer_notes.update(notes)
+        if reference is not None:
+            say("int8 and fp32 scorers against the bare MatMul rates (one user per request)")
+            result.ceiling = scorer_ceiling({runner.precision: runner, REFERENCE: reference}, cfg, counts,
+                                            threads=threads, warmup=warmup, repetitions=repetitions)
         if profile:
             if graphs is None:
                 raise DataError("--profile breaks down ONNX Runtime graphs; use --runtime ort")
@@ -177,9 +187,27 @@ def _check_choices(*, runtime: Any, config: Any, precision: Any, attention: Any,
             raise DataError(f"{option} {value!r}: must be an integer >= {least}")
 
 
+def _reference_runner(bundle: Any, runtime: str, config: str, runner: Any, model: Any, attention: str, tmp: Path,
+                      say: Callable[[str], None], threads: int, max_users: int) -> Any:
+    """For a quantized precision on ONNX Runtime: a runner of the same weights in the reference
+    precision (the bundle's own fp32 graphs, or the preset's model exported again), else None."""
+    if runtime != "ort" or not is_quantized(runner.precision):
+        return None
+    if config == "bundle":
+        if REFERENCE not in bundle.precisions:
+            say(f"no {REFERENCE} graphs in the bundle: int8 is timed without its {REFERENCE} peer")
+            return None
+        return _runner(bundle, runtime, config, REFERENCE, attention, tmp, say, threads, max_users)[0]
+    fp32_dir = tmp / REFERENCE
+    fp32_dir.mkdir()
+    return _runner(bundle, runtime, config, REFERENCE, attention, fp32_dir, say, threads, max_users, model)[0]
+
+
 def _runner(bundle: Any, runtime: str, config: str, precision: str | None, attention: str, tmp: Path,
-            say: Callable[[str], None], threads: int, max_users: int) -> tuple[Any, Any, str, Any, Any]:
-    """(runner, config, source, the PyTorch model of the same weights, ONNX graphs or None)."""
+            say: Callable[[str], None], threads: int, max_users: int,
+            model: Any = None) -> tuple[Any, Any, str, Any, Any]:
+    """(runner, config, source, the PyTorch model of the same weights, ONNX graphs or None);
+    a preset exports ``model`` when given (another precision of the same weights)."""
     if config == "bundle":
         precision = precision or bundle.precisions[0]
         model = load_checkpoint(bundle.checkpoint_dir).model
@@ -200,7 +228,7 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
     precision = precision or REFERENCE
     torch.manual_seed(0)
     say(f"exporting a random {config} model ({precision}, {attention}) to ONNX")
-    model = ASTRO(cfg).eval()
+    model = model if model is not None else ASTRO(cfg).eval()
     result = export_onnx(model, tmp, precision=precision, attention=attention)
     # A preset has no engines: its graphs take as many users per request as asked.
     profiles = dict.fromkeys(GRAPHS, Profile(max_batch=max(max_users, Profile().max_batch)).ranges())

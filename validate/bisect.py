@@ -38,6 +38,7 @@ from astro_trt.contract import ITEM_SCORER, KV_CACHE, KV_CACHE_AXES, PRECISIONS,
 from astro_trt.engines.bundle import load_bundle, write_report
 from astro_trt.errors import BundleError, DataError
 from astro_trt.exporter.precision import model_in_precision
+from astro_trt.exporter.quantize import INPUT_MARK
 from astro_trt.model.checkpoint import load_checkpoint
 from astro_trt.model.synthetic import synthetic_batch
 from astro_trt.precision import REFERENCE, REGISTRY, get, is_reference
@@ -171,10 +172,17 @@ def _find_tensor(model: Any, anchor: tuple[str, str], path: Path) -> str:
         for tensor in node.output:
             producers[tensor] = node
     readers = [n for n in consumers.get(name, []) if n.op_type in (("MatMul",) if kind == "input_of" else ("Add",))]
+    # An int8 graph's weight MatMuls are the quantizer's: their inputs are marked (exporter/quantize.py).
+    marks = {n.name: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
+    marks.update({n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"})
+    if kind == "input_of" and not readers and name + INPUT_MARK in marks:
+        return marks[name + INPUT_MARK]
     if len(readers) == 1:
         other = [t for t in readers[0].input if t != name]
         if kind == "input_of" and other:
             return other[0]
+        if kind == "gate" and other and other[0] + INPUT_MARK in marks:
+            return marks[other[0] + INPUT_MARK]
         if kind == "gate" and other and other[0] in producers and producers[other[0]].op_type == "MatMul":
             return producers[other[0]].input[0]
     raise BundleError(f"{path}: no stage boundary at weight '{name}' (the graph was not exported by this version "

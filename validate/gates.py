@@ -9,7 +9,7 @@ from typing import Any
 
 from astro_trt import tolerances
 from astro_trt.errors import ConfigError
-from astro_trt.precision import get, is_reference
+from astro_trt.precision import get, is_quantized, is_reference
 
 # Requests hold at most a few thousand candidates; a larger k only ever compares whole lists.
 MAX_TOPK = 100_000
@@ -24,9 +24,12 @@ class Gates:
     fp32_max_abs: float = tolerances.FP32_MAX_ABS
     half_error_ratio: float = tolerances.HALF_ERROR_RATIO
     half_floor_ulps: float = tolerances.HALF_FLOOR_ULPS
+    int8_error_ratio: float = tolerances.INT8_ERROR_RATIO
     # AUC deltas: fp32 against the trained checkpoint's metrics.json (ml-100k) and the oracle.
     auc_delta_fp32: float = 1e-4
     auc_delta_half: float = 5e-3
+    auc_delta_int8: float = tolerances.INT8_AUC_DELTA
+    kendall_tau_int8: float = tolerances.INT8_KENDALL_TAU
     # Split (encoder + scorer) against the full model in the same runtime, fp32. Half
     # precision uses twice its logits limit: each side may sit that far from the oracle.
     split_full_max_abs: float = 1e-4
@@ -45,8 +48,12 @@ class Gates:
                 raise ConfigError(f"{flag} must be a finite number >= 0, got {value!r}")
         if self.topk_overlap > 1:
             raise ConfigError(f"--topk-overlap is a fraction of the top k, in [0, 1]; got {self.topk_overlap}")
-        if self.half_error_ratio == 0:
-            raise ConfigError("--half-error-ratio must be > 0 (a multiple of PyTorch's own half-precision error)")
+        if self.kendall_tau_int8 > 1:
+            raise ConfigError(f"--kendall-tau-int8 is a rank correlation, at most 1; got {self.kendall_tau_int8}")
+        for key in ("half_error_ratio", "int8_error_ratio"):
+            if getattr(self, key) == 0:
+                raise ConfigError(f"--{key.replace('_', '-')} must be > 0 (a multiple of PyTorch's own error in "
+                                  "that precision)")
 
     def half_floor(self, precision: str) -> float:
         return self.half_floor_ulps * get(precision).eps
@@ -55,10 +62,16 @@ class Gates:
         """Max abs logits error allowed against the oracle for a runtime in ``precision``.
         ``torch_error`` is PyTorch's own max abs error in that precision (unused for fp32)."""
         return tolerances.max_abs_limit(precision, torch_error, fp32_max_abs=self.fp32_max_abs,
-                                        ratio=self.half_error_ratio, floor_ulps=self.half_floor_ulps)
+                                        ratio=self.half_error_ratio, floor_ulps=self.half_floor_ulps,
+                                        int8_ratio=self.int8_error_ratio)
+
+    def error_ratio(self, precision: str) -> float:
+        return tolerances.error_ratio(precision, self.half_error_ratio, self.int8_error_ratio)
 
     def auc_limit(self, precision: str) -> float:
-        return self.auc_delta_fp32 if is_reference(precision) else self.auc_delta_half
+        if is_reference(precision):
+            return self.auc_delta_fp32
+        return self.auc_delta_int8 if is_quantized(precision) else self.auc_delta_half
 
     def split_full_limit(self, precision: str, torch_error: float | None) -> float:
         if is_reference(precision):

@@ -10,11 +10,12 @@ import click
 from astro_trt.errors import DataError, GateError
 from astro_trt.lazy import lazy_import
 from astro_trt.serving import defaults as lim
+from astro_trt.serving.cache import CACHE_DTYPES, DEFAULT_CACHE_DTYPE, cache_capacity
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
 from astro_trt.serving.k8s import check_out, manifests, write_manifests
 from astro_trt.serving.repository import write_repository
 from astro_trt.serving.server import serve_bundle
-from astro_trt.serving.source import load_served_bundle
+from astro_trt.serving.source import load_served_bundle, served_precision
 
 loadtest_lib = lazy_import("astro_trt.serving.loadtest")
 replica_loadtest_lib = lazy_import("astro_trt.serving.replica_loadtest")
@@ -30,6 +31,10 @@ _BATCHING = click.option("--batching/--no-batching", default=True, show_default=
 _CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_default=True,
                       type=click.IntRange(lim.MIN_CACHE_MIB, lim.max_cache_mib()),
                       help="astro_recommend's per-user cache of encoded state, in MiB.")
+_CACHE_DTYPE = click.option("--cache-dtype", default=DEFAULT_CACHE_DTYPE, show_default=True,
+                            type=click.Choice(CACHE_DTYPES),
+                            help="How astro_recommend keeps each user's state: as the runtime returns it (fp32), "
+                                 "or fp16, or int8 with a scale per head and block (ONNX Runtime compute).")
 
 
 @click.command("triton")
@@ -38,6 +43,7 @@ _CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_def
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @_PRECISION
 @_CACHE
+@_CACHE_DTYPE
 @_THREADS
 @_BATCHING
 @click.option("--k8s", "k8s_dir", type=click.Path(path_type=Path), default=None,
@@ -50,9 +56,9 @@ _CACHE = click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_def
 @click.option("--gpus", default=1, show_default=True, type=click.IntRange(0, 16),
               help="GPUs per Triton pod (0: CPU pods).")
 @_SHA
-def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cache_mib: int, ort_threads: int,
-           batching: bool, k8s_dir: Path | None, k8s_replicas: int, k8s_max_replicas: int, k8s_namespace: str,
-           gpus: int, expect_sha256: str | None) -> None:
+def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cache_mib: int, cache_dtype: str,
+           ort_threads: int, batching: bool, k8s_dir: Path | None, k8s_replicas: int, k8s_max_replicas: int,
+           k8s_namespace: str, gpus: int, expect_sha256: str | None) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime models, gate, ensemble,
     per-user cache model) from BUNDLE_DIR; with --k8s, Kubernetes manifests that serve it."""
     if k8s_dir is not None:  # its arguments checked before the repository is written
@@ -61,9 +67,10 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
                   cache_bytes=cache_mib << 20, gpus=gpus, repository_bytes=0)
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     repo = write_repository(bundle, out, precision=precision, force=force, cache_bytes=cache_mib << 20,
-                            ort_threads=ort_threads or None, batching=batching)
+                            ort_threads=ort_threads or None, cache_dtype=cache_dtype, batching=batching)
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     click.echo(f"model repository {repo}: {', '.join(models)} (see {repo / 'README.md'})")
+    click.echo(_capacity_line(bundle, precision, cache_dtype, cache_mib))
     if k8s_dir is not None:
         size = sum(p.stat().st_size for p in repo.rglob("*") if p.is_file())
         written = write_manifests(k8s_dir, replicas=k8s_replicas, max_replicas=k8s_max_replicas,
@@ -73,6 +80,16 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
                    "(kubectl apply -f; see README)")
 
 
+def _capacity_line(bundle: object, precision: str | None, cache_dtype: str, cache_mib: int) -> str:
+    """Users the per-user cache holds, in this --cache-mib and per GiB, against an fp32 cache."""
+    served = served_precision(bundle, precision)
+    per_user, users = cache_capacity(bundle.config, served, cache_dtype, cache_mib << 20)  # type: ignore[attr-defined]
+    plain, _ = cache_capacity(bundle.config, served, DEFAULT_CACHE_DTYPE, 1)  # type: ignore[attr-defined]
+    return (f"astro_recommend cache ({cache_dtype}): {per_user:,} bytes per user, {users:,} users in {cache_mib} MiB, "
+            f"{(1 << 30) // per_user:,} per GiB ({plain / per_user:.2f}x the users of the runtime's own state, "
+            f"{plain:,} bytes)")
+
+
 @click.command("serve")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, lim.MAX_PORT))
@@ -80,19 +97,22 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
 @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, lim.MAX_PORT))
 @_PRECISION
 @_CACHE
+@_CACHE_DTYPE
 @_THREADS
 @_BATCHING
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, lim.MAX_REPLICAS),
               help="Tritonservers behind HAProxy (Debian package haproxy), users routed by their X-User-Key header.")
 @_SHA
 def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, precision: str | None,
-          cache_mib: int, ort_threads: int, batching: bool, replicas: int, expect_sha256: str | None) -> None:
+          cache_mib: int, cache_dtype: str, ort_threads: int, batching: bool, replicas: int,
+          expect_sha256: str | None) -> None:
     """Serve BUNDLE_DIR with tritonserver on 127.0.0.1 (astro_recommend and astro_gate, ONNX
     Runtime on the CPU) until Ctrl-C or SIGTERM; with --replicas N, N servers behind HAProxy on
     the HTTP and gRPC ports."""
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                  precision=precision, cache_bytes=cache_mib << 20, ort_threads=ort_threads or None,
-                 batching=batching, replicas=replicas, expect_sha256=expect_sha256, show=click.echo,
+                 cache_dtype=cache_dtype, batching=batching, replicas=replicas, expect_sha256=expect_sha256,
+                 show=click.echo,
                  progress=lambda msg: click.echo(msg, err=True))
 
 

@@ -40,8 +40,13 @@ rich_table = lazy_import("rich.table")
 @click.option("--half-error-ratio", type=float, default=None,
               help="Half precision: allowed multiple of PyTorch's own error in that precision [2].")
 @click.option("--half-floor-ulps", type=float, default=None, help="Absolute floor in half ulps at 1.0 [2].")
+@click.option("--int8-error-ratio", type=float, default=None,
+              help="int8: allowed multiple of PyTorch's own int8-weight error [4].")
 @click.option("--auc-delta-fp32", type=float, default=None, help="Max |AUC delta| for fp32 [1e-4].")
 @click.option("--auc-delta-half", type=float, default=None, help="Max |AUC delta| for fp16/bf16 [5e-3].")
+@click.option("--auc-delta-int8", type=float, default=None, help="Max |AUC delta| per task for int8 [1e-3].")
+@click.option("--kendall-tau-int8", type=float, default=None,
+              help="int8: min mean Kendall tau of each user's ranking vs the oracle's [0.98].")
 @click.option("--split-full-max-abs", type=float, default=None, help="fp32 max |split - full| logits [1e-4].")
 @click.option("--topk", type=int, default=None, help="k of the top-k overlap gate [10].")
 @click.option("--topk-overlap", type=float, default=None, help="Min mean top-k overlap per user [0.9].")

@@ -22,7 +22,7 @@ BAD = {
     "opt_level": [6, -1, "3", 2.0, True],
 }
 BISECT_BAD = {
-    "precisions": ["fp64", "", 16, ["fp32", "int8"], "bf16"],
+    "precisions": ["fp64", "", 16, ["fp32", "int4"], "bf16"],
     "runtime": ["trt", "gpu", "", None, ["torch"], 7],
     "data": ["imagenet", "", None, 100],
     "users": [0, -1, "8", 1.5, True],

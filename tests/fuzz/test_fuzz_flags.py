@@ -80,7 +80,7 @@ def test_fuzz_gate_and_profile_flags():
             [("max_candidates", v) for v in (0, -3, 10**6, 2**31)]:
         tally.python(f"export --{key}={value}", naming(key.replace("_", "-"), lambda k=key, v=value: Profile(
             **{k: v})))
-    for text in ("", ",", "fp8", "fp32,int8", "FP33", "fp16;fp32", "\x00"):
+    for text in ("", ",", "fp8", "fp32,int4", "FP33", "fp16;fp32", "\x00"):
         tally.python(f"export --precision {text!r}", naming("--precision", lambda t=text: _precisions(t)))
     for text in ("", "a", "0", "-1", "1e3", "64,,x", "10**6", "0x10", "nan", "inf"):
         tally.python(f"bench --candidates {text!r}", naming("--candidates", lambda t=text: parse_candidates(t)))
