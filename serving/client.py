@@ -11,6 +11,7 @@ import numpy as np
 
 from astro_trt.lazy import lazy_import
 from astro_trt.serving.config_pbtxt import ENCODED, RECOMMEND, USER_KEY
+from astro_trt.serving.proxy import USER_KEY_HEADER
 
 # tritonclient comes with the serve extra and costs ~0.3 s: only a command that calls a server pays.
 _CLIENTS = {"http": lazy_import("tritonclient.http"), "grpc": lazy_import("tritonclient.grpc")}
@@ -53,12 +54,24 @@ def inputs(protocol: str, tensors: Mapping[str, np.ndarray], user_key: bytes | N
     return out
 
 
+def header_key(user_key: bytes) -> str:
+    """The X-User-Key value for ``user_key``: the key itself when it is printable ASCII without a
+    comma, else its hex (the value only has to be the same for every page of a user). HAProxy's
+    ``hdr()`` splits a header at commas, so keys "a,1" and "a,2" would hash alike."""
+    if user_key.isascii() and user_key.decode().isprintable() and b"," not in user_key:
+        return user_key.decode()
+    return user_key.hex()
+
+
 def infer(protocol: str, client: Any, tensors: Mapping[str, np.ndarray], user_key: bytes | None = None,
           model: str = RECOMMEND) -> Any:
     """One request; returns the InferResult (``as_numpy("logits")``). Errors raise tritonclient's
     InferenceServerException (``.status()`` is "400" / "StatusCode.INVALID_ARGUMENT" for a refused
-    request)."""
-    kwargs = {"client_timeout": TIMEOUT_S} if protocol == "grpc" else {}
+    request). A ``user_key`` also travels as the X-User-Key header (gRPC metadata), which a proxy
+    in front of replicas routes by (proxy.py)."""
+    kwargs: dict[str, Any] = {"client_timeout": TIMEOUT_S} if protocol == "grpc" else {}
+    if user_key is not None:
+        kwargs["headers"] = {(USER_KEY_HEADER.lower() if protocol == "grpc" else USER_KEY_HEADER): header_key(user_key)}
     return client.infer(model, inputs(protocol, tensors, user_key), **kwargs)
 
 
@@ -101,4 +114,5 @@ def server_times(url: str, model: str = RECOMMEND, headers: Mapping[str, str] | 
         raise ValueError(f"the reply is not Triton's statistics of {model}") from None
 
 
-__all__ = ["PROTOCOLS", "server_times", "TIMEOUT_S", "connect", "infer", "inputs", "recommend", "served_config"]
+__all__ = ["PROTOCOLS", "header_key", "server_times", "TIMEOUT_S", "connect", "infer", "inputs", "recommend",
+           "served_config"]

@@ -7,8 +7,12 @@ the candidate count M is a non-batch dim that varies by page. Requests are not p
 (padding costs scorer work proportional to the pad, and padded slots would need masking the
 scorer does not have) and ragged batching does not apply (the scorer takes a rectangular
 [B, M]): requests with the same M (the fixed page sizes a recommender uses) are merged, a
-request with another M runs in its own batch. The Python models keep per-user state and execute
-request by request, so they have no dynamic batcher.
+request with another M runs in its own batch. astro_gate executes request by request.
+astro_recommend has a dynamic batcher too: Triton hands its execute() the list of requests queued
+together (at most max_batch_size users, the profiles' batch), and the model merges pages of the
+same size into one encoder call and one scorer call itself (service.Recommender.pages). Its
+cand_items are ragged for the batcher, so pages of other sizes wait in no separate queue: the
+model sorts them by size.
 """
 
 from __future__ import annotations
@@ -173,24 +177,34 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
 
 def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any], *,
                      precision: str, cache_bytes: int, ort_threads: int | None, cache_dtype: str = "fp32",
-                     bundle_sha256: str = "") -> str:
+                     bundle_sha256: str = "", batching: bool = True) -> str:
     """The Python model that keeps a per-user cache of encoded state across requests;
-    ``bundle_sha256`` (the manifest digest) lets a client tell which bundle is served."""
+    ``bundle_sha256`` (the manifest digest) lets a client tell which bundle is served. With
+    ``batching`` Triton queues concurrent requests for at most QUEUE_DELAY_US and hands them over
+    together (see the module's note)."""
     request = request_tensors(io)
     key, encoded = USER_KEY_SPEC, ENCODED_SPEC
-    return render({
+    inputs = [tensor(key), *(tensor(t) for t in request)]
+    if batching:
+        for entry in inputs:
+            if entry["name"] == "cand_items":
+                entry["allow_ragged_batch"] = True
+    message: dict[str, Any] = {
         "name": RECOMMEND,
         "backend": "python",
         "max_batch_size": max_batch(profiles, *SPLIT_GRAPHS),
-        "input": [tensor(key), *(tensor(t) for t in request)],
+        "input": inputs,
         "output": [*(tensor(t) for t in io[ITEM_SCORER].outputs), tensor(encoded)],
         # One instance: the cache lives in the instance, so a second one would encode users twice.
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
-        "parameters": _parameters({"bundle": "bundle", "precision": precision, "cache_bytes": str(cache_bytes),
-                                   "cache_dtype": cache_dtype,
-                                   "compute": "auto", "ort_threads": "" if ort_threads is None else str(ort_threads),
-                                   "astro_config": dict(config), "bundle_sha256": bundle_sha256}),
-    }) + "\n"
+    }
+    if batching:
+        message["dynamic_batching"] = {"max_queue_delay_microseconds": QUEUE_DELAY_US}
+    message["parameters"] = _parameters({
+        "bundle": "bundle", "precision": precision, "cache_bytes": str(cache_bytes), "cache_dtype": cache_dtype,
+        "compute": "auto", "ort_threads": "" if ort_threads is None else str(ort_threads),
+        "astro_config": dict(config), "bundle_sha256": bundle_sha256})
+    return render(message) + "\n"
 
 
 __all__ = [

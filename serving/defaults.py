@@ -29,6 +29,9 @@ MAX_CANDIDATES = 100_000
 MAX_WORKLOAD_IDS = 1 << 27  # 1 GiB of int64 candidate ids
 MIN_SECONDS, MAX_SECONDS = 0.5, 3600.0
 MAX_SEED = 2**32 - 1
+# serve --replicas: each replica is a whole tritonserver with its own Python stub and cache; more
+# than this on one machine only splits its cores further.
+MAX_REPLICAS = 64
 
 
 def max_cache_mib() -> int:
@@ -69,6 +72,10 @@ def check_seconds(seconds: object, what: str) -> float:
     return float(seconds)
 
 
+def check_replicas(replicas: object) -> int:
+    return _bounded_int(replicas, "--replicas", 1, MAX_REPLICAS, "choose fewer replicas")
+
+
 def check_workload(*, clients: object, users: object, pages: object, candidates: object, seed: object) -> None:
     """The load test's counts, each in its range, and a workload that fits MAX_WORKLOAD_IDS."""
     _bounded_int(clients, "--clients", 1, MAX_CLIENTS, "choose fewer concurrent clients")
@@ -86,3 +93,4 @@ __all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_ORT_THREADS", "MAX_CANDIDATES", "MAX_
            "MAX_PAGES", "MAX_PORT", "MAX_SECONDS", "MAX_SEED", "MAX_USERS", "MAX_WORKLOAD_IDS", "MIN_CACHE_MIB",
            "MIN_SECONDS", "check_cache_bytes", "check_ort_threads", "check_port", "check_seconds", "check_workload",
            "max_cache_mib"]
+__all__ += ["MAX_REPLICAS", "check_replicas"]

@@ -48,6 +48,16 @@ class Phase:
     # Per request, as Triton's statistics report them (served runs only): time queued, time in the model.
     server_queue_ms: float | None = None
     server_compute_ms: float | None = None
+    # Per request, seconds from the run's start: (start, end, encoded) of each served one and
+    # (start, end) of each failed one; what a replica killed mid-run is judged by (replica_loadtest.py).
+    served_at: list[tuple[float, float, bool]] = field(default_factory=list, repr=False)
+    failed_at: list[tuple[float, float]] = field(default_factory=list, repr=False)
+    started: float = 0.0  # time.perf_counter() when the run began
+
+    @property
+    def hit_rate(self) -> float:
+        """Pages served from the per-user cache (not encoding their user), of all served pages."""
+        return 1.0 - self.encodes / self.requests if self.requests else float("nan")
 
     @property
     def requests_per_s(self) -> float:
@@ -61,7 +71,8 @@ class Phase:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
     def summary(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("latencies_ms", "served_at", "failed_at", "started")}
         out.update(requests_per_s=self.requests_per_s, candidates_per_s=self.candidates_per_s,
                    p50_ms=self.percentile(50), p90_ms=self.percentile(90), p99_ms=self.percentile(99),
                    max_ms=max(self.latencies_ms, default=float("nan")))
@@ -77,7 +88,10 @@ def _run(name: str, clients: int, seconds: float, work: Callable[[Any, int], tup
     latencies: list[float] = []
     totals = {"requests": 0, "candidates": 0, "errors": 0, "encodes": 0}
     samples: list[str] = []
-    deadline = time.monotonic() + seconds
+    served_at: list[tuple[float, float, bool]] = []
+    failed_at: list[tuple[float, float]] = []
+    began = time.monotonic()
+    deadline = began + seconds
 
     def worker() -> None:
         conn = connect()
@@ -89,12 +103,15 @@ def _run(name: str, clients: int, seconds: float, work: Callable[[Any, int], tup
                     cands, encoded = work(conn, index)
                 except Exception as exc:  # noqa: BLE001 - a failed request is counted, the client goes on
                     with lock:
+                        failed_at.append((start - began_pc, time.perf_counter() - began_pc))
                         totals["errors"] += 1
                         if len(samples) < 5:
                             samples.append(str(exc).splitlines()[0][:300])
                     continue
-                elapsed = (time.perf_counter() - start) * 1e3
+                end = time.perf_counter()
+                elapsed = (end - start) * 1e3
                 with lock:
+                    served_at.append((start - began_pc, end - began_pc, bool(encoded)))
                     latencies.append(elapsed)
                     totals["requests"] += 1
                     totals["candidates"] += cands
@@ -102,13 +119,14 @@ def _run(name: str, clients: int, seconds: float, work: Callable[[Any, int], tup
         finally:
             close(conn)
 
-    began = time.monotonic()
+    began_pc = time.perf_counter()
     threads = [threading.Thread(target=worker, name=f"{name}-{i}", daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:  # a request is bounded by the client timeout, so this ends
         t.join(timeout=seconds + 2 * tc.TIMEOUT_S)
-    return Phase(name, clients, time.monotonic() - began, latencies_ms=latencies, error_samples=samples, **totals)
+    return Phase(name, clients, time.monotonic() - began, latencies_ms=latencies, error_samples=samples,
+                 served_at=served_at, failed_at=failed_at, started=began_pc, **totals)
 
 
 def served_phase(protocol: str, url: str, workload: Workload, *, clients: int, seconds: float,

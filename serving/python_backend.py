@@ -94,19 +94,38 @@ class RecommendModel:
                                        cache_dtype=check_cache_dtype(params.get("cache_dtype") or DEFAULT_CACHE_DTYPE))
         self.metrics = _Metrics(pb, args["model_name"])
 
-    def respond(self, request: Any) -> Any:
+    def respond(self, requests: list[Any]) -> list[Any]:
+        """One response per request, in order. The requests Triton's dynamic batcher hands over
+        together are served in merged calls (Recommender.pages); a refused request gets its own
+        error response and its neighbours are still served."""
+        inputs: list[Any] = []
+        for request in requests:
+            try:
+                tensors = read_inputs(self.pb, request, REQUEST_INPUTS)
+                keys = self.pb.get_input_tensor_by_name(request, USER_KEY)
+                if keys is None:
+                    raise DataError(f"request is missing {USER_KEY}; send one key per user ([batch, 1] bytes)")
+                inputs.append((keys.as_numpy(), tensors))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error, not the server's
+                inputs.append(exc)
+        valid = [i for i, item in enumerate(inputs) if not isinstance(item, Exception)]
         try:
-            tensors = read_inputs(self.pb, request, REQUEST_INPUTS)
-            keys = self.pb.get_input_tensor_by_name(request, USER_KEY)
-            if keys is None:
-                raise DataError(f"request is missing {USER_KEY}; send one key per user ([batch, 1] bytes)")
-            page = self.recommender.page(keys.as_numpy(), tensors)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error, not the server's
-            self.metrics.refused.increment(1)
-            return error_response(self.pb, exc)
-        self.metrics.update(page.encoded, self.recommender.cache.stats)
-        return self.pb.InferenceResponse([self.pb.Tensor("logits", page.logits),
-                                          self.pb.Tensor(ENCODED, page.encoded[:, None])])
+            served = self.recommender.pages([inputs[i] for i in valid])
+        except Exception as exc:  # noqa: BLE001 - pages() returns per-request errors; this is a last resort
+            served = [exc] * len(valid)
+        results: list[Any] = list(inputs)
+        for i, result in zip(valid, served, strict=True):
+            results[i] = result
+        responses = []
+        for result in results:
+            if isinstance(result, Exception):
+                self.metrics.refused.increment(1)
+                responses.append(error_response(self.pb, result))
+                continue
+            self.metrics.update(result.encoded, self.recommender.cache.stats)
+            responses.append(self.pb.InferenceResponse([self.pb.Tensor("logits", result.logits),
+                                                        self.pb.Tensor(ENCODED, result.encoded[:, None])]))
+        return responses
 
 
 class _Metrics:

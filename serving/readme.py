@@ -113,7 +113,13 @@ pad) and ragged batching does not apply (the scorer takes a rectangular [batch, 
 `user_encoder` and `item_scorer` batch dynamically (queue delay {pbtxt.QUEUE_DELAY_US} us) and merge
 requests with the same candidate count, the fixed page sizes a recommender uses; a request with
 another count runs in its own batch. A `[batch]` tensor (`scenario`, `request_time`) is sent as
-`[batch, 1]`. The Python models execute request by request.
+`[batch, 1]`. `astro_gate` executes request by request. `astro_recommend` has a dynamic batcher
+too (unless written with `--no-batching`): its `execute()` receives the requests queued together
+(at most {batch} users) and merges the pages of one size into one encoder call for the users
+missing from its cache and one scorer call; a refused request gets its own error.
+
+Behind several servers, route each user to one of them (its cache is there): `astro-trt serve
+--replicas N` and the `--k8s` manifests put HAProxy in front, hashing the `X-User-Key` header.
 
 ## A request (Python, tritonclient)
 

@@ -47,13 +47,15 @@ def _model_source(name: str) -> bytes:
 
 def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None = None, force: bool = False,
                      cache_bytes: int = DEFAULT_CACHE_BYTES, ort_threads: int | None = DEFAULT_ORT_THREADS,
-                     cache_dtype: str = DEFAULT_CACHE_DTYPE) -> Path:
+                     cache_dtype: str = DEFAULT_CACHE_DTYPE, batching: bool = True) -> Path:
     """Write the repository for ``precision`` of ``bundle`` at ``out`` (atomically: a failure
     leaves nothing there). ``ort_threads``: ONNX Runtime's intra-op threads in astro_recommend
-    (None: one per core). Returns its absolute path."""
+    (None: one per core); ``batching``: astro_recommend merges concurrent requests (dynamic
+    batching). Returns its absolute path."""
     instance(bundle, "bundle", Bundle, "a loaded bundle (load_bundle(DIR))")
     out = as_path(out, "out (--out)").resolve()
     flag(force, "force (--force)")
+    flag(batching, "batching (--batching/--no-batching)")
     if precision is not None:  # one the bundle lacks: served_precision names the bundle's
         choice(precision, "precision (--precision)", PRECISIONS)
     cache_bytes, ort_threads = check_cache_bytes(cache_bytes), check_ort_threads(ort_threads)
@@ -91,7 +93,7 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
             (stage / name / VERSION).mkdir(parents=True)
         _write(stage / pbtxt.RECOMMEND / "config.pbtxt",
                pbtxt.recommend_config(io, profiles, config, precision=precision, cache_bytes=cache_bytes,
-                                      ort_threads=ort_threads, cache_dtype=cache_dtype,
+                                      ort_threads=ort_threads, cache_dtype=cache_dtype, batching=batching,
                                       bundle_sha256=bundle.manifest_sha256))
         _write(stage / pbtxt.RECOMMEND / VERSION / "model.py", _model_source("recommend"))
         _write(stage / "README.md", repository_readme(bundle, precision, io, profiles, plans=plans,

@@ -20,13 +20,13 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from astro_trt.artifacts import _pid_alive, as_path, read_regular_file
 from astro_trt.errors import AstroError, BackendError, DataError, one_line
+from astro_trt.lazy import lazy_import
 from astro_trt.model.resources import machine_memory
 from astro_trt.serving import lockdown
 from astro_trt.serving.cache import check_cache_dtype
@@ -36,9 +36,15 @@ from astro_trt.serving.defaults import (
     check_cache_bytes,
     check_ort_threads,
     check_port,
+    check_replicas,
 )
+from astro_trt.serving.processes import end_group, wait_ready
+from astro_trt.serving.proxy import find_haproxy
 from astro_trt.serving.repository import PYTHON_MODELS, write_repository
 from astro_trt.serving.source import load_served_bundle
+
+# replicas.py builds on TritonServer below: imported when first used, not in a cycle at import.
+replicas_lib = lazy_import("astro_trt.serving.replicas")
 
 HOST = "127.0.0.1"
 LOG_NAME = "tritonserver.log"
@@ -316,23 +322,9 @@ class TritonServer:
         return threading.current_thread() is threading.main_thread()
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        url = f"http://{self.endpoints.http}/v2/health/ready"
-        while time.monotonic() < deadline:
-            if self.cancel is not None and self.cancel.is_set():
-                raise KeyboardInterrupt
-            if self.process is None or self.process.poll() is not None:
-                raise BackendError(f"tritonserver exited while starting ({self.exit_cause()}); "
-                                   f"see {self.log_path}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise BackendError(f"tritonserver was not ready within {self.startup_timeout:.0f} s ({self.last_error()}); "
-                           f"see {self.log_path}")
+        wait_ready(self.process, f"http://{self.endpoints.http}/v2/health/ready", what="tritonserver",
+                   timeout=self.startup_timeout, last_error=self.exit_cause, log_path=self.log_path,
+                   cancel=self.cancel)
 
     def last_error(self) -> str:
         """The server log's last error line, for one-line messages; the warnings every start on a
@@ -364,16 +356,7 @@ class TritonServer:
         never started)."""
         code = None
         if self.process is not None:
-            if self.process.poll() is None:
-                try:
-                    os.killpg(self.process.pid, signal.SIGTERM)
-                    self.process.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                    self.process.wait(timeout=10)
-                except ProcessLookupError:
-                    pass
-            code = self.process.returncode
+            code = end_group(self.process, timeout)
             self._end_stubs()
         for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             leftover.unlink(missing_ok=True)
@@ -460,14 +443,38 @@ def supervise(server: TritonServer, stop: threading.Event, *, progress: Callable
     return server
 
 
+def _serve_replicas(repo: Path, tmp: Path, *, replicas: int, ports: tuple[int, int, int], memory_limit: int,
+                    stop: threading.Event, show: Callable[[str], None], progress: Callable[[str], None]) -> None:
+    """serve_bundle's --replicas N: the fleet (one management key for all replicas) until ``stop``."""
+    http_port, grpc_port, metrics_port = ports
+    fleet = replicas_lib.Replicas(repo, models=PYTHON_MODELS, count=replicas, http_port=http_port,
+                                  grpc_port=grpc_port, metrics_port=metrics_port, cancel=stop,
+                                  memory_limit=memory_limit)
+    key_file = _write_key(tmp / "api-key", fleet.api_key)
+    progress(f"starting {replicas} tritonservers ...")
+    with fleet:
+        for line in fleet.lines():
+            show(line)
+        show(f"management key  {key_file} (header {lockdown.KEY_HEADER}; model control off)")
+        progress(f"models   {', '.join(PYTHON_MODELS)} (Ctrl-C stops)")
+        while not stop.wait(0.5):
+            if not fleet.alive():
+                raise BackendError(f"the replicas stopped serving ({fleet.last_error()}); see {fleet.log_path}")
+
+
 def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  precision: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 ort_threads: int | None = DEFAULT_ORT_THREADS, cache_dtype: str = "fp32",
+                 ort_threads: int | None = DEFAULT_ORT_THREADS, cache_dtype: str = "fp32", batching: bool = True,
+                 replicas: int = 1,
                  expect_sha256: str | None = None, show: Callable[[str], None] = print,
                  progress: Callable[[str], None] = lambda _: None) -> None:
     """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by
     a locked-down tritonserver (lockdown.py) on 127.0.0.1 and restarted if it dies, until SIGINT
-    or SIGTERM; ``show`` gets the endpoints and the file holding the management key."""
+    or SIGTERM; ``show`` gets the endpoints and the file holding the management key. With
+    ``replicas`` > 1, that many tritonservers behind HAProxy on the HTTP and gRPC ports, routing
+    users by their X-User-Key header (replicas.py); a replica that dies is not restarted, its users
+    move to the next replica on the ring."""
+    check_replicas(replicas)
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     for what, port in ports.items():
         check_port(port, what)
@@ -478,6 +485,8 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
         raise DataError(f"{', '.join(f'{k} {v}' for k, v in ports.items())}: each endpoint needs its own port; "
                         "choose three different ports")
     find_triton()  # before any work: say how to install it
+    if replicas > 1:
+        find_haproxy()
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     sweep_stale()  # repositories of `serve` processes killed before they could remove them
     stop = threading.Event()
@@ -485,10 +494,15 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     try:
         with tempfile.TemporaryDirectory(prefix=f"{REPO_PREFIX}{os.getpid()}-") as tmp:
             repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_bytes,
-                                    ort_threads=ort_threads, cache_dtype=cache_dtype)
+                                    ort_threads=ort_threads, cache_dtype=cache_dtype, batching=batching)
+            memory_limit = default_memory_limit(cache_bytes)
+            if replicas > 1:
+                _serve_replicas(repo, Path(tmp), replicas=replicas, ports=(http_port, grpc_port, metrics_port),
+                                memory_limit=memory_limit, stop=stop, show=show, progress=progress)
+                progress("stopped")
+                return
             server = TritonServer(repo, models=PYTHON_MODELS, http_port=http_port, grpc_port=grpc_port,
-                                  metrics_port=metrics_port, cancel=stop,
-                                  memory_limit=default_memory_limit(cache_bytes))
+                                  metrics_port=metrics_port, cancel=stop, memory_limit=memory_limit)
             key_file = _write_key(Path(tmp) / "api-key", server.api_key)
             progress("starting tritonserver ...")
             server.start()

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import CAND_ITEMS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER
+from astro_trt.contract import BATCH, CAND_ITEMS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BackendError, DataError
 from astro_trt.runtime import gate
@@ -68,30 +68,108 @@ class Recommender:
         self.encodes = 0  # users encoded since start
 
     def page(self, user_keys: np.ndarray, tensors: Mapping[str, np.ndarray]) -> Page:
-        arrays, cand = check_request(self.cfg, tensors, self.profiles)
-        batch = cand.shape[0]
-        keys = _keys(user_keys, batch)
-        prints = [fingerprint(arrays, FINGERPRINT_INPUTS, b) for b in range(batch)]
-        cached = [self.cache.get(k, p) for k, p in zip(keys, prints, strict=True)]
-        states: list[Any] = [None if c is None else self.codec.unpack(c) for c in cached]
-        missing = [b for b, s in enumerate(states) if s is None]
-        # What the graphs of this page read, put into the runner's form once (TensorRT: one upload).
+        result = self.pages([(user_keys, tensors)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def pages(self, requests: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]]) -> list[Page | Exception]:
+        """Several requests that arrived together (Triton's dynamic batcher hands them over as one
+        list): requests with the same page size are encoded and scored in merged calls of at most
+        the profiles' batch; each request gets its Page, or the exception that refused or failed it
+        alone (a merged call that fails is retried request by request, so one bad request never
+        fails its neighbours)."""
+        results: list[Page | Exception | None] = [None] * len(requests)
+        checked: list[_Checked] = []
+        for index, (user_keys, tensors) in enumerate(requests):
+            try:
+                arrays, cand = check_request(self.cfg, tensors, self.profiles)
+                keys = _keys(user_keys, cand.shape[0])
+            except Exception as exc:  # noqa: BLE001 - this request's error, returned in its place
+                results[index] = exc
+                continue
+            prints = [fingerprint(arrays, FINGERPRINT_INPUTS, b) for b in range(len(keys))]
+            checked.append(_Checked(index, keys, prints, arrays, cand))
+        for group in merge_groups(checked, self.batch_limit):
+            try:
+                self._serve(group, results)
+            except Exception as exc:  # noqa: BLE001 - find which request it was: each alone
+                if len(group) == 1:
+                    results[group[0].index] = exc
+                    continue
+                for one in group:
+                    try:
+                        self._serve([one], results)
+                    except Exception as alone:  # noqa: BLE001
+                        results[one.index] = alone
+        return results  # type: ignore[return-value]
+
+    @property
+    def batch_limit(self) -> int:
+        """Users one merged call may hold: the largest batch both graphs' profiles take."""
+        return min(int(self.profiles[g][BATCH][2]) for g in SPLIT_GRAPHS)
+
+    def _serve(self, group: Sequence[_Checked], results: list[Page | Exception | None]) -> None:
+        """Encode the group's cache misses in one call and score its pages (all of one size) in
+        another; the group's arrays are put into the runner's form once (TensorRT: one upload)."""
+        rows = [(c, b) for c in group for b in range(len(c.keys))]
+        cached = [self.cache.get(c.keys[b], c.prints[b]) for c, b in rows]
+        states: list[Any] = [None if p is None else self.codec.unpack(p) for p in cached]
+        # A user missing twice in the group (two pages of one session) is encoded once.
+        misses: dict[tuple[bytes, bytes], list[int]] = {}
+        for r, ((c, b), state) in enumerate(zip(rows, states, strict=True)):
+            if state is None:
+                misses.setdefault((c.keys[b], c.prints[b]), []).append(r)
+        arrays = group[0].arrays if len(group) == 1 else {n: np.concatenate([c.arrays[n] for c in group])
+                                                          for n in group[0].arrays}
+        cand = group[0].cand if len(group) == 1 else np.concatenate([c.cand for c in group])
         io = self.compute.io
-        names = {*io[ITEM_SCORER].input_names, *(io[USER_ENCODER].input_names if missing else ())} - {KV_CACHE}
+        names = {*io[ITEM_SCORER].input_names, *(io[USER_ENCODER].input_names if misses else ())} - {KV_CACHE}
         feeds = self.compute.put({n: cand if n == CAND_ITEMS else arrays[n] for n in names})
-        if missing:
-            rows = {n: feeds[n] if len(missing) == batch else feeds[n][missing] for n in io[USER_ENCODER].input_names}
-            fresh = self.compute.split(self.compute.encode_checked(rows))
-            self.encodes += len(missing)
-            for b, state in zip(missing, fresh, strict=True):
+        encoded = np.zeros(len(rows), dtype=bool)
+        if misses:
+            firsts = [rs[0] for rs in misses.values()]
+            history = {n: feeds[n] if len(firsts) == len(rows) else feeds[n][firsts]
+                       for n in io[USER_ENCODER].input_names}
+            fresh = self.compute.split(self.compute.encode_checked(history))
+            self.encodes += len(firsts)
+            for (key, print_), rs, state in zip(misses, misses.values(), fresh, strict=True):
                 # A page scores from the state as the cache keeps it: the same logits hit or miss.
                 packed = self.codec.pack(state)
-                states[b] = self.codec.unpack(packed)
-                self.cache.put(keys[b], prints[b], packed,
+                self.cache.put(key, print_, packed,
                                self.compute.nbytes(state) if self.codec.identity else packed.nbytes)
-        encoded = np.zeros(batch, dtype=bool)
-        encoded[missing] = True
-        return Page(self.compute.score_checked(self.compute.stack(states), feeds), encoded)
+                for r in rs:
+                    states[r] = self.codec.unpack(packed)
+                encoded[rs[0]] = True
+        logits = self.compute.score_checked(self.compute.stack(states), feeds)
+        start = 0
+        for c in group:
+            end = start + len(c.keys)
+            results[c.index] = Page(logits[start:end], encoded[start:end])
+            start = end
+
+
+@dataclass
+class _Checked:
+    """A request that passed the gate: where its result goes, its users' keys and fingerprints."""
+
+    index: int
+    keys: list[bytes]
+    prints: list[bytes]
+    arrays: dict[str, np.ndarray]
+    cand: np.ndarray
+
+
+def merge_groups(checked: Sequence[_Checked], limit: int) -> list[list[_Checked]]:
+    """Requests with the same page size (candidates) in arrival order, packed into groups of at most
+    ``limit`` users: each group is one encoder call and one scorer call of a rectangular [B, M]."""
+    by_size: dict[int, list[list[_Checked]]] = {}
+    for c in checked:
+        groups = by_size.setdefault(int(c.cand.shape[1]), [[]])
+        if sum(len(g.keys) for g in groups[-1]) + len(c.keys) > limit:
+            groups.append([])
+        groups[-1].append(c)
+    return [g for groups in by_size.values() for g in groups if g]
 
 
 def _keys(user_keys: np.ndarray, batch: int) -> list[bytes]:
@@ -108,4 +186,4 @@ def _keys(user_keys: np.ndarray, batch: int) -> list[bytes]:
     return keys
 
 
-__all__ = ["FINGERPRINT_INPUTS", "Page", "Recommender", "check_request", "gate_profiles"]
+__all__ = ["FINGERPRINT_INPUTS", "Page", "Recommender", "check_request", "gate_profiles", "merge_groups"]

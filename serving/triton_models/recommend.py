@@ -12,4 +12,4 @@ class TritonPythonModel:
         self.model = RecommendModel(args, pb_utils)
 
     def execute(self, requests):
-        return [self.model.respond(request) for request in requests]
+        return self.model.respond(requests)  # a list: concurrent requests are merged
