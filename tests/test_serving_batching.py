@@ -16,6 +16,7 @@ from astro_trt.errors import DataError
 from astro_trt.serving import client as tc
 from astro_trt.serving import config_pbtxt as pbtxt
 from astro_trt.serving.compute import make_compute
+from astro_trt.serving.lockdown import admin_headers
 from astro_trt.serving.repository import PYTHON_MODELS, write_repository
 from astro_trt.serving.server import TritonServer, unavailable_reason
 from astro_trt.serving.service import Page, Recommender
@@ -182,7 +183,9 @@ def test_served_requests_are_merged_and_a_bad_one_fails_alone(bundle, tmp_path):
                 assert np.abs(logits - reference_logits(bundle, tensors)).max() <= FP32_TOL
         client = tc.connect("http", url)
         try:
-            stats = client.get_inference_statistics(pbtxt.RECOMMEND)["model_stats"][0]
+            # Statistics are a management API: the operator's key opens them (lockdown.py).
+            stats = client.get_inference_statistics(pbtxt.RECOMMEND,
+                                                     headers=admin_headers(server.api_key))["model_stats"][0]
         finally:
             client.close()
         # 12 requests reached the model in fewer executions: the batcher handed several over at once.

@@ -121,9 +121,10 @@ def test_locked_down_arguments_run_on_the_real_tritonserver(bundle_dir, tmp_path
     class PodServer(TritonServer):
         """The pod's arguments, with this machine's ports and backends."""
 
-        def command(self, install, backends):
-            args = [a.replace("$(ASTRO_ADMIN_KEY)", "s3cret") for a in k8s.triton_args(str(self.repository))
-                    if not a.startswith(("--http-port", "--grpc-port", "--metrics-port"))]
+        def command(self, install, backends, view):
+            args = [a.replace("$(ASTRO_ADMIN_KEY)", "s3cret") for a in k8s.triton_args(str(view))
+                    if not a.startswith(tuple(f"--{k}-{w}" for k in ("http", "grpc", "metrics")
+                                              for w in ("port", "address")))]
             ports = [f"--{kind}-{what}={value}" for kind in ("http", "grpc", "metrics")
                      for what, value in (("address", "127.0.0.1"), ("port", self.ports[kind]))]
             return [str(install.binary), *args, *ports, f"--backend-directory={backends}"]
