@@ -297,7 +297,7 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -320,7 +320,7 @@ def sweep_stale_temporaries(path: str | Path) -> list[Path]:
         return removed
     for tmp in candidates:
         pid = tmp.name[len(prefix):]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)) or tmp.is_dir():
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)) or tmp.is_dir():
             continue
         with suppress(OSError):
             tmp.unlink()

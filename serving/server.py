@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from astro_trt.artifacts import _pid_alive, as_path, read_regular_file
+from astro_trt.artifacts import as_path, pid_alive, read_regular_file
 from astro_trt.errors import AstroError, BackendError, DataError, one_line
 from astro_trt.lazy import lazy_import
 from astro_trt.model.resources import machine_memory
@@ -128,7 +128,7 @@ def sweep_stale(tmp: str | Path | None = None) -> list[Path]:
     removed = []
     for run in Path(tmp or tempfile.gettempdir()).iterdir():
         match = _RUN_DIR.fullmatch(run.name)
-        if not match or not _mine(run) or not run.is_dir() or _pid_alive(int(match[1])):
+        if not match or not _mine(run) or not run.is_dir() or pid_alive(int(match[1])):
             continue
         try:  # another start may sweep the same folder at the same time
             for child in run.iterdir():
@@ -145,7 +145,7 @@ def sweep_stale(tmp: str | Path | None = None) -> list[Path]:
     shm = Path("/dev/shm")
     for region in shm.iterdir() if shm.is_dir() else ():
         match = _STUB_SHM.fullmatch(region.name)
-        if match and _mine(region) and not _pid_alive(int(match[1])):
+        if match and _mine(region) and not pid_alive(int(match[1])):
             region.unlink(missing_ok=True)
             removed.append(region)
     return removed

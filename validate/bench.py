@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.arguments import max_threads
 from astro_trt.choices import split_list
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import GRAPHS
@@ -165,9 +166,8 @@ def machine_info(threads: int | None) -> dict[str, Any]:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
-        "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": usable, "threads": threads,
+        "cpu": cpu, "logical_cores": os.cpu_count(), "usable_cores": max_threads(), "threads": threads,
         "python": platform.python_version(), "platform": platform.platform(), "versions": versions,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
