@@ -7,6 +7,9 @@ a replica at a chosen second:
 - ``single``: one replica holding the cache of all N (the same memory in one place);
 - with ``kill_at``: one more user-key run in which replica 1 is killed (SIGKILL) at that second.
 
+Every run supervises its replicas as `serve --replicas` does: the killed replica is restarted on
+its ports, and the report says when it answered again and how many requests it served after.
+
 A population of users larger than one replica's cache shows what routing buys: with user-keyed
 routing each replica holds only its share of the users."""
 
@@ -35,6 +38,7 @@ from astro_trt.serving.defaults import (
     check_workload,
 )
 from astro_trt.serving.loadtest import Phase, served_phase
+from astro_trt.serving.lockdown import admin_headers
 from astro_trt.serving.proxy import ROUTINGS, find_haproxy
 from astro_trt.serving.replicas import Replicas
 from astro_trt.serving.repository import PYTHON_MODELS, write_repository
@@ -57,6 +61,10 @@ class ReplicaRun:
     phase: Phase
     killed_at: float | None = None  # seconds into the run
     windows: list[tuple[float, int, float]] = field(default_factory=list)  # (start s, requests, hit rate)
+    # (replica, seconds into the run when it answered again) of each restart, and the requests each
+    # restarted replica then served (routed back to it by the proxy: the ring healed).
+    restarts: list[tuple[int, float]] = field(default_factory=list)
+    served_after_restart: list[int] = field(default_factory=list)
 
     @property
     def in_flight_at_kill(self) -> int:
@@ -91,6 +99,8 @@ class ReplicaRun:
                        hit_rate_before_kill=self.hit_rate_between(0, self.killed_at),
                        hit_rate_after_kill=self.hit_rate_between(self.killed_at, self.killed_at + 2 * WINDOW_S),
                        hit_rate_last_third=self.hit_rate_between(p.seconds * 2 / 3, p.seconds))
+        out.update(restarts=[{"replica": i, "ready_at_s": t, "requests_served_after": n}
+                             for (i, t), n in zip(self.restarts, self.served_after_restart, strict=True)])
         return out
 
 
@@ -129,6 +139,8 @@ def report_markdown(report: ReplicaReport) -> str:
             f"{r.failed_outside_kill} failed outside; hit rate {s['hit_rate_before_kill']:.1%} before, "
             f"{s['hit_rate_after_kill']:.1%} in the {2 * WINDOW_S:.0f} s after, {s['hit_rate_last_third']:.1%} in "
             "the last third")
+        for (i, t), n in zip(r.restarts, r.served_after_restart, strict=True):
+            kill += f"; replica{i} restarted, serving again at {t:.1f} s ({n} requests after)"
         rows.append((r.name, r.replicas, f"{r.cache_bytes / 2**20:.0f}", r.phase.requests, r.phase.errors,
                      f"{r.phase.requests_per_s:,.1f}", f"{r.phase.percentile(50):.1f}",
                      f"{r.phase.percentile(90):.1f}", f"{r.phase.percentile(99):.1f}", f"{r.phase.hit_rate:.1%}",
@@ -148,9 +160,20 @@ def report_markdown(report: ReplicaReport) -> str:
 
 
 def _one_run(repo: Path, name: str, routing: str, count: int, cache_bytes: int, *, protocol: str, workload: Any,
-             clients: int, duration: float, kill_at: float | None) -> ReplicaRun:
-    with Replicas(repo, models=PYTHON_MODELS, count=count, routing=routing) as fleet:
+             clients: int, duration: float, kill_at: float | None, progress: Callable[[str], None]) -> ReplicaRun:
+    done = threading.Event()  # the run is over: supervision ends, and so does a restart still starting
+    with Replicas(repo, models=PYTHON_MODELS, count=count, routing=routing, cancel=done) as fleet:
         url = fleet.endpoints.http if protocol == "http" else fleet.endpoints.grpc
+        failures: list[BaseException] = []
+
+        def keep_up() -> None:  # as `serve --replicas` does: a replica that dies is restarted
+            try:
+                fleet.supervise(done, progress=progress)
+            except BaseException as exc:  # noqa: BLE001 - raised in the run's own thread below
+                failures.append(exc)
+
+        supervisor = threading.Thread(target=keep_up, name="supervise-replicas", daemon=True)
+        supervisor.start()
         killed: list[float] = []
         timer = None
         if kill_at is not None:
@@ -164,7 +187,16 @@ def _one_run(repo: Path, name: str, routing: str, count: int, cache_bytes: int, 
         finally:
             if timer is not None:
                 timer.cancel()
-    run = ReplicaRun(name, routing, count, cache_bytes, phase, windows=_windows(phase))
+            done.set()
+            supervisor.join()
+        # Requests the restarted replica served: a fresh server's statistics start at 0.
+        served_again = [tc.server_times(fleet.servers[i].endpoints.http, headers=admin_headers(fleet.api_key))
+                        ["count"] for i, _ in fleet.restarted]
+        restarted = [(i, t - phase.started) for i, t in fleet.restarted]
+    if failures:
+        raise failures[0]
+    run = ReplicaRun(name, routing, count, cache_bytes, phase, windows=_windows(phase), restarts=restarted,
+                     served_after_restart=served_again)
     if killed:
         run.killed_at = killed[0] - phase.started
     return run
@@ -211,7 +243,7 @@ def run_replica_loadtest(bundle_dir: Path, *, replicas: int = 3, runs: str = ","
                 name = name if len(protocols) == 1 else f"{name} ({proto})"
                 progress(f"{name}: {count} replica(s), {clients} {proto} clients for {duration:.0f} s ...")
                 done.append(_one_run(repos[cache], name, routing, count, cache, protocol=proto, workload=workload,
-                                     clients=clients, duration=duration, kill_at=kill))
+                                     clients=clients, duration=duration, kill_at=kill, progress=progress))
     state = _state_bytes(bundle)
     report = ReplicaReport({"users": users, "pages": pages, "candidates": candidates, "clients": clients,
                             "duration": duration, "protocol": ",".join(protocols), "seed": seed, "state_bytes": state,

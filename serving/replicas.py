@@ -1,25 +1,28 @@
 """N tritonservers on 127.0.0.1 behind HAProxy: each replica is a TritonServer of server.py (the
 same start, flags and clean-up as one server), the proxy routes users to them by consistent
-hashing of the user key (proxy.py). Started together, stopped together, nothing left behind."""
+hashing of the user key (proxy.py). Started together, supervised like one server (a replica that
+dies is restarted on its ports), stopped together, nothing left behind."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from astro_trt.errors import DataError
+from astro_trt.errors import BackendError, DataError
 from astro_trt.serving import lockdown
 from astro_trt.serving.defaults import check_replicas
 from astro_trt.serving.proxy import ROUTINGS, Backend, HAProxy, find_haproxy, haproxy_config
-from astro_trt.serving.server import HOST, Endpoints, TritonServer, free_port
+from astro_trt.serving.server import HOST, MAX_RESTARTS, Endpoints, Restarts, TritonServer, free_port
 
 
 class Replicas:
     """``with Replicas(repo, models=[...], count=3) as fleet:`` starts ``count`` tritonservers and
     the proxy in front of them on ``http_port`` (HTTP) and ``grpc_port`` (gRPC); ``fleet.servers``
-    are the replicas (``kill()`` one to see its users move), ``fleet.endpoints`` the proxy's."""
+    are the replicas (``kill()`` one to see its users move; ``supervise()`` restarts it),
+    ``fleet.endpoints`` the proxy's."""
 
     def __init__(self, repository: str | Path, *, models: Sequence[str], count: int, http_port: int = 0,
                  grpc_port: int = 0, metrics_port: int = 0, routing: str = "user-key",
@@ -39,6 +42,8 @@ class Replicas:
         self.endpoints = Endpoints(f"{HOST}:{ports['http']}", f"{HOST}:{ports['grpc']}",
                                    self.servers[0].endpoints.metrics)
         backends = [Backend(f"replica{i}", s.endpoints.http, s.endpoints.grpc) for i, s in enumerate(self.servers)]
+        # (replica index, time.perf_counter() when it answered again) of each restart by supervise().
+        self.restarted: list[tuple[int, float]] = []
         self.proxy = HAProxy(haproxy_config(backends, http=self.endpoints.http, grpc=self.endpoints.grpc,
                                             routing=routing), f"http://{self.endpoints.http}/v2/health/ready")
 
@@ -67,14 +72,29 @@ class Replicas:
                        f"metrics http://{s.endpoints.metrics}/metrics")
         return out
 
-    def alive(self) -> bool:
-        """The proxy runs and at least one replica does (the proxy routes around a dead one)."""
-        return self.proxy.alive() and any(s.alive() for s in self.servers)
-
-    def last_error(self) -> str:
-        if not self.proxy.alive():
-            return f"haproxy: {self.proxy.last_error()}"
-        return "; ".join(f"replica{i}: {s.last_error()}" for i, s in enumerate(self.servers) if not s.alive())
+    def supervise(self, stop: threading.Event, *, progress: Callable[[str], None], poll_s: float = 0.25,
+                  max_restarts: int = MAX_RESTARTS) -> None:
+        """Until ``stop`` is set, keep every replica up the way `serve` keeps its one server up
+        (server.Restarts): a replica that dies is restarted on its own ports with the fleet's key,
+        so HAProxy's health check puts it back on the ring and its users return to it (encoded
+        there once more); in the meantime they are served by the next replica on the ring. A
+        replica dying more than ``max_restarts`` times within the window, or the proxy ending,
+        raises BackendError naming the cause and the log."""
+        restarts = [Restarts(max_restarts, f"replica{i}") for i in range(len(self.servers))]
+        while not stop.wait(poll_s):
+            if not self.proxy.alive():
+                raise BackendError(f"haproxy stopped serving the replicas ({self.proxy.last_error()}); "
+                                   f"see {self.proxy.log_path}")
+            for i, server in enumerate(self.servers):
+                if server.alive() or stop.is_set():
+                    continue
+                try:
+                    self.servers[i] = restarts[i].restart(server, progress)
+                except KeyboardInterrupt:  # ``stop`` (the fleet's cancel) set during the restart
+                    if stop.is_set():
+                        return
+                    raise
+                self.restarted.append((i, time.perf_counter()))
 
     def stop(self) -> None:
         """The proxy first (no new request reaches a stopping replica), then every replica."""

@@ -225,6 +225,7 @@ class TritonServer:
         self.memory_limit = memory_limit or default_memory_limit()
         self.process: subprocess.Popen | None = None
         self._workdir: Path | None = None
+        self._log_kept = False  # a stop kept the log (a message names it): later stops keep it too
 
     @property
     def log_path(self) -> Path | None:
@@ -360,8 +361,9 @@ class TritonServer:
             self._end_stubs()
         for leftover in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             leftover.unlink(missing_ok=True)
+        self._log_kept = self._log_kept or keep_log
         if self._workdir is not None:
-            if keep_log:  # the backends' copy and the served view go; the log stays where messages named it
+            if self._log_kept:  # the backends' copy and the served view go; the log stays where messages named it
                 for child in self._workdir.iterdir():
                     if child.name != LOG_NAME:
                         shutil.rmtree(child, ignore_errors=True)
@@ -414,32 +416,46 @@ def read_api_key(path: str | Path) -> str:
     return key
 
 
-def supervise(server: TritonServer, stop: threading.Event, *, progress: Callable[[str], None],
-              poll_s: float = 0.25, max_restarts: int = MAX_RESTARTS) -> TritonServer:
-    """Keep ``server`` up until ``stop`` is set: a server that dies (a body that crashes Triton's
-    own HTTP front end, a kill, the kernel's OOM killer) is restarted at once on the same ports,
-    repository and key, its cause logged and its log kept. More than ``max_restarts`` deaths
-    within RESTART_WINDOW_S end it with BackendError naming the last cause and log. Returns the server
-    that is running when ``stop`` is set."""
-    deaths: list[float] = []
-    while not stop.wait(poll_s):
-        if server.alive():
-            continue
+class Restarts:
+    """The restart policy of one supervised server: a server that died is restarted at once on
+    the same ports, repository and key, its cause reported and its log kept; more than
+    ``max_restarts`` deaths within RESTART_WINDOW_S end supervision with BackendError naming the
+    last cause and log. ``name`` is what the messages call it (``replica1``: one of a fleet)."""
+
+    def __init__(self, max_restarts: int = MAX_RESTARTS, name: str = "tritonserver") -> None:
+        self.max_restarts = max_restarts
+        self.name = name
+        self.deaths: list[float] = []
+
+    def restart(self, server: TritonServer, progress: Callable[[str], None]) -> TritonServer:
+        """A new, started TritonServer in place of the dead ``server``."""
         cause, log = server.exit_cause(), server.log_path
         server.stop(keep_log=True)
         now = time.monotonic()
-        deaths = [t for t in deaths if now - t < RESTART_WINDOW_S] + [now]
-        if len(deaths) > max_restarts:
-            raise BackendError(f"tritonserver died {len(deaths)} times within {RESTART_WINDOW_S:.0f} s, last "
+        self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW_S] + [now]
+        if len(self.deaths) > self.max_restarts:
+            raise BackendError(f"{self.name} died {len(self.deaths)} times within {RESTART_WINDOW_S:.0f} s, last "
                                f"({cause}); see {log}")
-        progress(f"tritonserver died ({cause}); its log is kept at {log}; restarting ...")
-        server = TritonServer(server.repository, models=server.models, http_port=server.ports["http"],
-                              grpc_port=server.ports["grpc"], metrics_port=server.ports["metrics"],
-                              startup_timeout=server.startup_timeout, env=server.extra_env, cancel=server.cancel,
-                              api_key=server.api_key, memory_limit=server.memory_limit)
+        progress(f"{self.name} died ({cause}); its log is kept at {log}; restarting ...")
+        again = TritonServer(server.repository, models=server.models, http_port=server.ports["http"],
+                             grpc_port=server.ports["grpc"], metrics_port=server.ports["metrics"],
+                             startup_timeout=server.startup_timeout, env=server.extra_env, cancel=server.cancel,
+                             api_key=server.api_key, memory_limit=server.memory_limit)
         began = time.monotonic()
-        server.start()
-        progress(f"tritonserver restarted in {time.monotonic() - began:.1f} s")
+        again.start()
+        progress(f"{self.name} restarted in {time.monotonic() - began:.1f} s")
+        return again
+
+
+def supervise(server: TritonServer, stop: threading.Event, *, progress: Callable[[str], None],
+              poll_s: float = 0.25, max_restarts: int = MAX_RESTARTS) -> TritonServer:
+    """Keep ``server`` up until ``stop`` is set: a server that dies (a body that crashes Triton's
+    own HTTP front end, a kill, the kernel's OOM killer) is restarted (Restarts). Returns the
+    server that is running when ``stop`` is set."""
+    restarts = Restarts(max_restarts)
+    while not stop.wait(poll_s):
+        if not server.alive():
+            server = restarts.restart(server, progress)
     return server
 
 
@@ -457,9 +473,7 @@ def _serve_replicas(repo: Path, tmp: Path, *, replicas: int, ports: tuple[int, i
             show(line)
         show(f"management key  {key_file} (header {lockdown.KEY_HEADER}; model control off)")
         progress(f"models   {', '.join(PYTHON_MODELS)} (Ctrl-C stops)")
-        while not stop.wait(0.5):
-            if not fleet.alive():
-                raise BackendError(f"the replicas stopped serving ({fleet.last_error()}); see {fleet.log_path}")
+        fleet.supervise(stop, progress=progress)
 
 
 def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
@@ -472,8 +486,8 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     a locked-down tritonserver (lockdown.py) on 127.0.0.1 and restarted if it dies, until SIGINT
     or SIGTERM; ``show`` gets the endpoints and the file holding the management key. With
     ``replicas`` > 1, that many tritonservers behind HAProxy on the HTTP and gRPC ports, routing
-    users by their X-User-Key header (replicas.py); a replica that dies is not restarted, its users
-    move to the next replica on the ring."""
+    users by their X-User-Key header (replicas.py); a replica that dies is restarted on its ports
+    like the single server (its users move to the next replica on the ring meanwhile, and back)."""
     check_replicas(replicas)
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     for what, port in ports.items():
@@ -522,5 +536,5 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
             signal.signal(sig, handler)
 
 
-__all__ = ["HOST", "LOG_NAME", "Endpoints", "TritonInstall", "TritonServer", "describe_exit", "find_triton",
+__all__ = ["HOST", "LOG_NAME", "Endpoints", "Restarts", "TritonInstall", "TritonServer", "describe_exit", "find_triton",
            "free_port", "read_api_key", "serve_bundle", "supervise", "sweep_stale", "unavailable_reason"]
