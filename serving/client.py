@@ -107,9 +107,11 @@ def server_times(url: str, model: str = RECOMMEND, headers: Mapping[str, str] | 
     finally:
         client.close()
     try:
-        stats = reply["model_stats"][0]["inference_stats"]
+        model_stats = reply["model_stats"][0]
+        stats = model_stats["inference_stats"]
+        # executions: execute() calls; fewer than count when the dynamic batcher merged requests.
         return {"count": int(stats["success"]["count"]), "queue_ns": int(stats["queue"]["ns"]),
-                "compute_ns": int(stats["compute_infer"]["ns"])}
+                "compute_ns": int(stats["compute_infer"]["ns"]), "executions": int(model_stats["execution_count"])}
     except (KeyError, IndexError, TypeError, ValueError):
         raise ValueError(f"the reply is not Triton's statistics of {model}") from None
 

@@ -32,6 +32,8 @@ MAX_SEED = 2**32 - 1
 # serve --replicas: each replica is a whole tritonserver with its own Python stub and cache; more
 # than this on one machine only splits its cores further.
 MAX_REPLICAS = 64
+# loadtest --compare-batching: pairs of runs (with and without batching), each a server start.
+MAX_ROUNDS = 50
 
 
 def max_cache_mib() -> int:
@@ -93,4 +95,4 @@ __all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_ORT_THREADS", "MAX_CANDIDATES", "MAX_
            "MAX_PAGES", "MAX_PORT", "MAX_SECONDS", "MAX_SEED", "MAX_USERS", "MAX_WORKLOAD_IDS", "MIN_CACHE_MIB",
            "MIN_SECONDS", "check_cache_bytes", "check_ort_threads", "check_port", "check_seconds", "check_workload",
            "max_cache_mib"]
-__all__ += ["MAX_REPLICAS", "check_replicas"]
+__all__ += ["MAX_REPLICAS", "MAX_ROUNDS", "check_replicas"]

@@ -48,6 +48,7 @@ class Phase:
     # Per request, as Triton's statistics report them (served runs only): time queued, time in the model.
     server_queue_ms: float | None = None
     server_compute_ms: float | None = None
+    requests_per_execute: float | None = None  # requests the model got per execute() (dynamic batching)
     # Per request, seconds from the run's start: (start, end, encoded) of each served one and
     # (start, end) of each failed one; what a replica killed mid-run is judged by (replica_loadtest.py).
     served_at: list[tuple[float, float, bool]] = field(default_factory=list, repr=False)
@@ -142,6 +143,7 @@ def served_phase(protocol: str, url: str, workload: Workload, *, clients: int, s
         if count > 0:
             phase.server_queue_ms = (after["queue_ns"] - before["queue_ns"]) / count / 1e6
             phase.server_compute_ms = (after["compute_ns"] - before["compute_ns"]) / count / 1e6
+            phase.requests_per_execute = count / max(1, after["executions"] - before["executions"])
     return phase
 
 

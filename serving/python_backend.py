@@ -117,14 +117,17 @@ class RecommendModel:
         for i, result in zip(valid, served, strict=True):
             results[i] = result
         responses = []
+        encodes = hits = refused = 0
         for result in results:
             if isinstance(result, Exception):
-                self.metrics.refused.increment(1)
+                refused += 1
                 responses.append(error_response(self.pb, result))
                 continue
-            self.metrics.update(result.encoded, self.recommender.cache.stats)
+            encodes += int(result.encoded.sum())
+            hits += int(result.encoded.size - result.encoded.sum())
             responses.append(self.pb.InferenceResponse([self.pb.Tensor("logits", result.logits),
                                                         self.pb.Tensor(ENCODED, result.encoded[:, None])]))
+        self.metrics.update(encodes, hits, refused, self.recommender.cache.stats)
         return responses
 
 
@@ -145,13 +148,20 @@ class _Metrics:
                                 counter)
         self.bytes = family("astro_cache_bytes", "bytes of encoded state held in the cache", gauge)
         self._evicted = 0
+        self._bytes = 0  # what the gauge shows (a new gauge shows 0)
 
-    def update(self, encoded: np.ndarray, stats: Any) -> None:
-        self.encodes.increment(int(encoded.sum()))
-        self.hits.increment(int((~encoded).sum()))
-        self.evictions.increment(stats.evictions - self._evicted)
+    def update(self, encodes: int, hits: int, refused: int, stats: Any) -> None:
+        """Once per execute(), and only what changed: every increment or set is a message from the
+        stub to the server that the model waits for (~0.1-0.2 ms each, measured on a busy 2-core
+        machine: a third of a merged call's own Python time when made per request)."""
+        for metric, amount in ((self.encodes, encodes), (self.hits, hits), (self.refused, refused),
+                               (self.evictions, stats.evictions - self._evicted)):
+            if amount:
+                metric.increment(amount)
         self._evicted = stats.evictions
-        self.bytes.set(stats.bytes)
+        if stats.bytes != self._bytes:
+            self.bytes.set(stats.bytes)
+            self._bytes = stats.bytes
 
 
 __all__ = ["GateModel", "RecommendModel", "error_response", "parameters", "read_inputs"]

@@ -5,11 +5,13 @@ in-process too: the project's one input gate (runtime/gate.py) once in front of 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from astro_trt.arguments import integer, max_threads
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import BATCH, CAND_ITEMS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
@@ -22,6 +24,9 @@ from astro_trt.serving.cache import DEFAULT_CACHE_DTYPE, StateCodec, UserCache, 
 from astro_trt.serving.compute import make_compute
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES
 
+# A merged scorer call is split over at most this many cores (the 2 of the CPU machines it was
+# measured on; more parts of an 8-user batch would each hold too few users to pay their hand-off).
+MAX_SCORE_WORKERS = 2
 # What identifies an encoded history: everything but the request time, which only the scorer reads.
 FINGERPRINT_INPUTS = tuple(n for n in HISTORY_INPUTS if n != "request_time")
 
@@ -56,7 +61,7 @@ class Recommender:
 
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  compute: str = "auto", threads: int | None = None, engine: Runner | None = None,
-                 cache_dtype: str = DEFAULT_CACHE_DTYPE) -> None:
+                 cache_dtype: str = DEFAULT_CACHE_DTYPE, score_workers: int | None = None) -> None:
         self.cfg = bundle.config
         self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}  # tuples already, as gate_profiles gives
         self.codec = StateCodec(cache_dtype)
@@ -66,6 +71,14 @@ class Recommender:
                                "them on the device; serve with ONNX Runtime or --cache-dtype fp32")
         self.cache = UserCache(cache_bytes)
         self.encodes = 0  # users encoded since start
+        # A merged scorer call runs as this many concurrent calls over its users (ONNX Runtime
+        # sessions take concurrent runs; with one intra-op thread each call runs on its caller's
+        # thread, so nothing spins where the cores are busy). TensorRT computes the whole batch
+        # in one call. ``score_workers`` overrides the choice (the tests split on any machine).
+        default = min(max_threads(), MAX_SCORE_WORKERS) if isinstance(self.compute, OrtRunner) else 1
+        self.workers = default if score_workers is None else integer(
+            score_workers, "score_workers", 1, MAX_SCORE_WORKERS, "None picks one per core, at most that")
+        self._pool = ThreadPoolExecutor(self.workers - 1, "astro-score") if self.workers > 1 else None
 
     def page(self, user_keys: np.ndarray, tensors: Mapping[str, np.ndarray]) -> Page:
         result = self.pages([(user_keys, tensors)])[0]
@@ -75,34 +88,75 @@ class Recommender:
 
     def pages(self, requests: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]]) -> list[Page | Exception]:
         """Several requests that arrived together (Triton's dynamic batcher hands them over as one
-        list): requests with the same page size are encoded and scored in merged calls of at most
-        the profiles' batch; each request gets its Page, or the exception that refused or failed it
-        alone (a merged call that fails is retried request by request, so one bad request never
-        fails its neighbours)."""
+        list): requests with the same page size are gated, encoded and scored in merged calls of at
+        most the profiles' batch; each request gets its Page, or the exception that refused or
+        failed it alone (a merged gate or call that fails is retried request by request, so one bad
+        request never fails its neighbours)."""
         results: list[Page | Exception | None] = [None] * len(requests)
         checked: list[_Checked] = []
-        for index, (user_keys, tensors) in enumerate(requests):
-            try:
-                arrays, cand = check_request(self.cfg, tensors, self.profiles)
-                keys = _keys(user_keys, cand.shape[0])
-            except Exception as exc:  # noqa: BLE001 - this request's error, returned in its place
-                results[index] = exc
+        for chunk in gate_chunks(requests, self.batch_limit):
+            merged = self._check_merged(chunk, requests) if len(chunk) > 1 else None
+            if merged is not None:
+                checked.append(merged)
                 continue
-            prints = [fingerprint(arrays, FINGERPRINT_INPUTS, b) for b in range(len(keys))]
-            checked.append(_Checked(index, keys, prints, arrays, cand))
+            for index in chunk:
+                user_keys, tensors = requests[index]
+                try:
+                    arrays, cand = check_request(self.cfg, tensors, self.profiles)
+                    keys = _keys(user_keys, cand.shape[0])
+                except Exception as exc:  # noqa: BLE001 - this request's error, returned in its place
+                    results[index] = exc
+                    continue
+                checked.append(_Checked([(index, len(keys))], keys, self._prints(arrays, len(keys)), arrays, cand))
         for group in merge_groups(checked, self.batch_limit):
             try:
                 self._serve(group, results)
             except Exception as exc:  # noqa: BLE001 - find which request it was: each alone
-                if len(group) == 1:
-                    results[group[0].index] = exc
+                alone = [one for c in group for one in c.split()]
+                if len(alone) == 1:
+                    results[alone[0].spans[0][0]] = exc
                     continue
-                for one in group:
+                for one in alone:
                     try:
                         self._serve([one], results)
-                    except Exception as alone:  # noqa: BLE001
-                        results[one.index] = alone
+                    except Exception as error:  # noqa: BLE001
+                        results[one.spans[0][0]] = error
         return results  # type: ignore[return-value]
+
+    def _check_merged(self, chunk: Sequence[int],
+                      requests: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray]]]) -> _Checked | None:
+        """One gate pass over the chunk's requests concatenated (gate_chunks: the same tensors,
+        dtypes and non-batch shapes, at most the profiles' batch of users): the gate checks each
+        user's rows on their own, so the merged arrays pass exactly when every request would.
+        None when a request's keys or the merged arrays are refused: the caller then gates the
+        chunk request by request, so that each refusal is that request's own message."""
+        try:
+            keys = [_keys(requests[i][0], int(np.shape(requests[i][1]["hist_items"])[0])) for i in chunk]
+            tensors = {n: np.concatenate([requests[i][1][n] for i in chunk]) for n in requests[chunk[0]][1]}
+            arrays, cand = check_request(self.cfg, tensors, self.profiles)
+        except Exception:  # noqa: BLE001 - the per-request path names the request and its problem
+            return None
+        flat = [k for ks in keys for k in ks]
+        return _Checked([(i, len(ks)) for i, ks in zip(chunk, keys, strict=True)], flat,
+                        self._prints(arrays, len(flat)), arrays, cand)
+
+    def _score(self, kv_cache: Any, feeds: Mapping[str, Any], users: int) -> np.ndarray:
+        """The scorer over ``users`` users: one call, or (several users, several workers) the
+        users split into concurrent calls, one on this thread. Users are independent in the
+        scorer, so the logits are those of one call (float32 summation order aside)."""
+        parts = min(self.workers, users)
+        if parts == 1 or self._pool is None:
+            return self.compute.score_checked(kv_cache, feeds)
+        bounds = [users * i // parts for i in range(parts + 1)]
+        slices = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+        futures = [self._pool.submit(self.compute.score_checked, kv_cache[s], {n: v[s] for n, v in feeds.items()})
+                   for s in slices[1:]]
+        first = self.compute.score_checked(kv_cache[slices[0]], {n: v[slices[0]] for n, v in feeds.items()})
+        return np.concatenate([first, *(f.result() for f in futures)])
+
+    @staticmethod
+    def _prints(arrays: Mapping[str, np.ndarray], users: int) -> list[bytes]:
+        return [fingerprint(arrays, FINGERPRINT_INPUTS, b) for b in range(users)]
 
     @property
     def batch_limit(self) -> int:
@@ -141,23 +195,69 @@ class Recommender:
                 for r in rs:
                     states[r] = self.codec.unpack(packed)
                 encoded[rs[0]] = True
-        logits = self.compute.score_checked(self.compute.stack(states), feeds)
+        logits = self._score(self.compute.stack(states), feeds, len(rows))
         start = 0
         for c in group:
-            end = start + len(c.keys)
-            results[c.index] = Page(logits[start:end], encoded[start:end])
-            start = end
+            for index, users in c.spans:
+                results[index] = Page(logits[start:start + users], encoded[start:start + users])
+                start += users
 
 
 @dataclass
 class _Checked:
-    """A request that passed the gate: where its result goes, its users' keys and fingerprints."""
+    """Requests that passed the gate (one, or several gated together): where each one's result
+    goes and how many users (rows) it has, in order, then all their users' keys, fingerprints
+    and arrays."""
 
-    index: int
+    spans: list[tuple[int, int]]  # (request index, users)
     keys: list[bytes]
     prints: list[bytes]
     arrays: dict[str, np.ndarray]
     cand: np.ndarray
+
+    def split(self) -> list[_Checked]:
+        """One _Checked per request (views of the rows), to retry a failed merged call alone."""
+        if len(self.spans) == 1:
+            return [self]
+        out, start = [], 0
+        for index, users in self.spans:
+            rows = slice(start, start + users)
+            out.append(_Checked([(index, users)], self.keys[rows], self.prints[rows],
+                                {n: a[rows] for n, a in self.arrays.items()}, self.cand[rows]))
+            start += users
+        return out
+
+
+def gate_chunks(requests: Sequence[tuple[Any, Mapping[str, Any]]], limit: int) -> list[list[int]]:
+    """Request indices in arrival order, in chunks that one gate pass can check together: the
+    same tensor names, dtypes and shapes but the batch axis (which every tensor of a request
+    agrees on), at most ``limit`` users in all. A request that fits no chunk (a missing or ragged
+    tensor, more users than ``limit``) is a chunk of its own, gated alone."""
+    chunks: dict[Any, list[list[int]]] = {}
+    alone: list[list[int]] = []
+    users: dict[int, int] = {}
+    for index, (_, tensors) in enumerate(requests):
+        layout = _layout(tensors)
+        if layout is None or layout[0] > limit:
+            alone.append([index])
+            continue
+        users[index] = layout[0]
+        open_chunks = chunks.setdefault(layout[1], [[]])
+        if sum(users[i] for i in open_chunks[-1]) + layout[0] > limit:
+            open_chunks.append([])
+        open_chunks[-1].append(index)
+    return [c for cs in chunks.values() for c in cs if c] + alone
+
+
+def _layout(tensors: Mapping[str, Any]) -> tuple[int, tuple[Any, ...]] | None:
+    """(users, what must agree to concatenate) of a request's numpy tensors; None when a tensor is
+    not an array with the batch axis every other one has."""
+    if not all(isinstance(t, np.ndarray) and t.ndim >= 1 for t in tensors.values()) or not tensors:
+        return None
+    batch = {t.shape[0] for t in tensors.values()}
+    if len(batch) != 1:
+        return None
+    return batch.pop(), tuple(sorted((n, t.dtype.str, t.shape[1:]) for n, t in tensors.items()))
 
 
 def merge_groups(checked: Sequence[_Checked], limit: int) -> list[list[_Checked]]:
@@ -186,4 +286,5 @@ def _keys(user_keys: np.ndarray, batch: int) -> list[bytes]:
     return keys
 
 
-__all__ = ["FINGERPRINT_INPUTS", "Page", "Recommender", "check_request", "gate_profiles", "merge_groups"]
+__all__ = ["FINGERPRINT_INPUTS", "Page", "Recommender", "check_request", "gate_chunks", "gate_profiles",
+           "merge_groups"]

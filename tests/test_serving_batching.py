@@ -6,6 +6,7 @@ batcher hands the model several requests per execute()."""
 from __future__ import annotations
 
 import threading
+import urllib.request
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from astro_trt.engines.bundle import load_bundle
 from astro_trt.errors import DataError
 from astro_trt.serving import client as tc
 from astro_trt.serving import config_pbtxt as pbtxt
+from astro_trt.serving import service
 from astro_trt.serving.compute import make_compute
 from astro_trt.serving.lockdown import admin_headers
 from astro_trt.serving.repository import PYTHON_MODELS, write_repository
@@ -123,6 +125,62 @@ def test_a_bad_request_fails_alone(bundle):
     assert np.abs(pages[2].logits - reference_logits(bundle, good[1][1])).max() <= FP32_TOL
 
 
+def test_requests_of_one_layout_pass_one_gate_and_a_refusal_is_still_their_own(bundle, monkeypatch):
+    rec, engine = _recommender(bundle)
+    cfg = bundle.config
+    gated = []
+    real_check = service.check_request
+
+    def counting_check(cfg_, tensors, profiles):  # the real gate, counting the users each pass checks
+        gated.append(len(tensors["hist_items"]))
+        return real_check(cfg_, tensors, profiles)
+
+    monkeypatch.setattr(service, "check_request", counting_check)
+    good = [_one(cfg, b"m%d-" % i, 11, seed=60 + i, users=1 + i % 2) for i in range(4)]  # 6 users, one layout
+    pages = rec.pages(good)
+    assert gated == [6] and engine.scores == [6]  # one gate pass, one scorer call
+    for (_, tensors), page in zip(good, pages, strict=True):
+        assert np.abs(page.logits - reference_logits(bundle, tensors)).max() <= FP32_TOL
+
+    # A refused request inside the chunk: the merged pass fails, each request is gated alone and
+    # only the bad one gets the gate's message, with its own row index (0), not its merged one.
+    gated.clear(), engine.scores.clear()
+    keys, tensors = _one(cfg, b"late-", 11, seed=70)
+    late = dict(tensors, request_time=tensors["request_time"] * 0 + 1)  # before its history's events
+    pages = rec.pages([good[0], good[1], (keys, late), good[2]])
+    assert gated == [5, 1, 2, 1, 1]
+    assert isinstance(pages[2], DataError) and "after request_time[0]" in str(pages[2])
+    assert engine.scores == [4] and all(isinstance(pages[i], Page) for i in (0, 1, 3))
+
+
+def test_gate_chunks_keep_what_cannot_merge_apart():
+    def req(users: int, m: int, dtype=np.int64, extra: dict | None = None):
+        return None, {"hist_items": np.zeros((users, 3, 5), dtype), "cand_items": np.zeros((users, m), dtype),
+                      **(extra or {})}
+
+    requests = [req(1, 8), req(2, 8), req(1, 9), req(3, 8), req(1, 8, np.int32), req(9, 8), req(3, 8),
+                req(1, 8, extra={"scenario": np.zeros(2, np.int64)}), req(2, 8)]
+    # same page size and dtypes merge up to 8 users (0, 1, 3, then 6 and 8 in the next chunk); another page
+    # size (2), dtype (4), a batch above the limit (5) and a request whose tensors disagree on it (7) go alone
+    assert service.gate_chunks(requests, 8) == [[0, 1, 3], [6, 8], [2], [4], [5], [7]]
+
+
+def test_a_merged_score_split_over_two_workers_gives_the_same_logits(bundle):
+    engine = Counting(make_compute(bundle, "fp32", "ort"))
+    rec = Recommender(bundle, "fp32", cache_bytes=1 << 20, engine=engine, score_workers=2)
+    cfg = bundle.config
+    requests = [_one(cfg, b"w%d-" % i, 13, seed=80 + i, users=1 + i % 2) for i in range(3)]  # 4 users
+    pages = rec.pages(requests)
+    assert engine.encodes == [4] and sorted(engine.scores) == [2, 2]  # two concurrent calls of 2 users
+    for (_, tensors), page in zip(requests, pages, strict=True):
+        assert np.abs(page.logits - reference_logits(bundle, tensors)).max() <= FP32_TOL
+    # one user: one call, nothing to split
+    engine.scores.clear()
+    assert isinstance(rec.pages([requests[0]])[0], Page) and engine.scores == [1]
+    with pytest.raises(DataError, match="score_workers 0: must be an integer in 1..2"):
+        Recommender(bundle, "fp32", engine=engine, score_workers=0)
+
+
 def test_single_page_api_still_raises(bundle):
     rec, _ = _recommender(bundle)
     keys, tensors = _one(bundle.config, b"x", 8, seed=5)
@@ -191,3 +249,45 @@ def test_served_requests_are_merged_and_a_bad_one_fails_alone(bundle, tmp_path):
         # 12 requests reached the model in fewer executions: the batcher handed several over at once.
         assert int(stats["inference_count"]) == 12
         assert int(stats["execution_count"]) < 12
+        # the counters, updated once per execute(), add up per request: 11 users encoded, 1 refused
+        metrics = urllib.request.urlopen(f"http://{server.endpoints.metrics}/metrics", timeout=10).read().decode()
+        values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                  if line.startswith("astro_")}
+        assert values["astro_user_encodes_total"] == 11 and values["astro_cache_hits_total"] == 0
+        assert values["astro_requests_refused_total"] == 1 and values["astro_cache_bytes"] > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["127.0.0.1:8000", "--bundle", "b"], "starts its own servers; drop the URL"),
+    (["--replicas", "2", "--bundle", "b"], "drop --replicas"),
+    ([], "--compare-batching needs --bundle BUNDLE"),
+    (["--bundle", "b", "--rounds", "0"], "--rounds"),
+])
+def test_compare_batching_refuses_bad_arguments(argv, message, tmp_path, capsys):
+    from astro_trt.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["loadtest", "--compare-batching", *argv, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_batching_serves_both_modes_in_one_command(bundle, tmp_path):
+    if unavailable_reason():
+        pytest.skip(unavailable_reason())
+    import json
+
+    from astro_trt.cli import main
+    out = tmp_path / "ab"
+    main(["loadtest", "--compare-batching", "--bundle", str(bundle.directory), "--rounds", "1", "--duration", "1.5",
+          "--clients", "8", "--users", "4", "--pages", "2", "--candidates", "8", "--cache-mib", "1",
+          "--protocol", "http", "--out", str(out)])
+    report = json.loads((out / "batching.json").read_text())
+    runs = {r["mode"]: r for r in report["runs"]}
+    assert report["failed_requests"] == 0 and set(runs) == {"batching", "no batching"}
+    assert all(r["requests"] > 20 and r["round"] == 1 for r in runs.values())
+    # Triton's own statistics tell the servers apart: one request per execute() without the batcher
+    assert runs["no batching"]["requests_per_execute"] == 1.0 and runs["batching"]["requests_per_execute"] > 1.0
+    [pair] = report["pairs"]
+    assert pair["ratio"] == pytest.approx(runs["batching"]["requests_per_s"] / runs["no batching"]["requests_per_s"])
+    assert report["spread"]["pairs"] == 1 and "| 1 | http |" in (out / "batching.md").read_text()

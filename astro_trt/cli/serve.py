@@ -19,6 +19,7 @@ from astro_trt.serving.source import load_served_bundle, served_precision
 
 loadtest_lib = lazy_import("astro_trt.serving.loadtest")
 replica_loadtest_lib = lazy_import("astro_trt.serving.replica_loadtest")
+batching_loadtest_lib = lazy_import("astro_trt.serving.batching_loadtest")
 
 _THREADS = click.option("--ort-threads", default=DEFAULT_ORT_THREADS, show_default=True,
                         type=click.IntRange(0, lim.MAX_ORT_THREADS),
@@ -144,27 +145,39 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
               help="With --replicas: runs to make (user-key, round-robin; single: one replica with all the cache).")
 @click.option("--kill-at", default=None, type=click.FloatRange(lim.MIN_SECONDS, lim.MAX_SECONDS),
               help="With --replicas: one more user-key run in which replica 1 is killed at this second.")
+@click.option("--compare-batching", is_flag=True,
+              help="Serve --bundle with and without batching across requests, --rounds times in alternating "
+                   "order (no URL), and compare them.")
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(1, lim.MAX_ROUNDS),
+              help="With --compare-batching: pairs of runs (with and without batching).")
 @click.option("--cache-mib", default=DEFAULT_CACHE_BYTES >> 20, show_default=True,
               type=click.IntRange(lim.MIN_CACHE_MIB, lim.max_cache_mib()),
-              help="With --replicas: each replica's per-user cache, in MiB.")
+              help="With --replicas: each replica's per-user cache, in MiB (with --compare-batching: the server's).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(0, lim.MAX_SEED))
 @click.option("--note", default="", help="A line for the report (e.g. what else shared the machine).")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("loadtest"), show_default=True,
-              help="Where loadtest.{json,md,png} (replicas.{json,md} with --replicas) go.")
+              help="Where loadtest.{json,md,png} (replicas.{json,md} with --replicas, batching.{json,md} with "
+                   "--compare-batching) go.")
 @click.option("--api-key-file", type=click.Path(path_type=Path), default=None,
               help="The file astro-trt serve named on its 'management key' line: the served model's config and "
                    "statistics are management APIs behind that key.")
 def loadtest(url: str | None, grpc_url: str | None, protocol: str, clients: int, duration: float, users: int,
              pages: int, candidates: int, bundle_dir: Path | None, baseline_seconds: float, replicas: int | None,
-             routing: str, kill_at: float | None, cache_mib: int, seed: int, note: str, out_dir: Path,
-             api_key_file: Path | None) -> None:
+             routing: str, kill_at: float | None, compare_batching: bool, rounds: int, cache_mib: int, seed: int,
+             note: str, out_dir: Path, api_key_file: Path | None) -> None:
     """N concurrent clients against astro_recommend at URL (host:port of HTTP) for a bounded time:
     requests/s, candidates/s, latency percentiles, errors. With --replicas N (and no URL): N
     replicas of --bundle behind HAProxy, user-keyed routing against round-robin and one replica,
-    with cache hit rates. Exit 1 when any request failed (with --kill-at: any outside the killed
-    replica's in-flight ones)."""
+    with cache hit rates. With --compare-batching (and no URL): --bundle served with and without
+    batching across requests in alternating rounds. Exit 1 when any request failed (with
+    --kill-at: any outside the killed replica's in-flight ones)."""
     api_key = None if api_key_file is None else read_api_key(api_key_file)
     say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+    if compare_batching:
+        _batching_loadtest(url, bundle_dir, replicas, rounds=rounds, protocol=protocol, clients=clients,
+                           duration=duration, users=users, pages=pages, candidates=candidates,
+                           cache_bytes=cache_mib << 20, seed=seed, note=note, out_dir=out_dir, progress=say)
+        return
     if replicas is not None:
         _replica_loadtest(url, bundle_dir, replicas=replicas, runs=routing, kill_at=kill_at, protocol=protocol,
                           clients=clients, duration=duration, users=users, pages=pages, candidates=candidates,
@@ -176,6 +189,20 @@ def loadtest(url: str | None, grpc_url: str | None, protocol: str, clients: int,
         url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration, users=users, pages=pages,
         candidates=candidates, bundle_dir=bundle_dir, baseline_seconds=baseline_seconds, seed=seed, note=note,
         out_dir=out_dir, progress=say, api_key=api_key)
+    click.echo(paths["md"].read_text())
+    click.echo(f"reports: {paths['md']}")
+    if report.failed:
+        raise GateError(f"loadtest: {report.failed} requests failed; see the errors in {paths['md']}")
+
+
+def _batching_loadtest(url: str | None, bundle_dir: Path | None, replicas: int | None, **kwargs: object) -> None:
+    if url is not None:
+        raise DataError(f"--compare-batching starts its own servers; drop the URL {url!r}")
+    if replicas is not None:
+        raise DataError("--compare-batching serves one server at a time; drop --replicas (or --compare-batching)")
+    if bundle_dir is None:
+        raise DataError("--compare-batching needs --bundle BUNDLE, what the servers serve")
+    report, paths = batching_loadtest_lib.run_batching_loadtest(bundle_dir, **kwargs)  # type: ignore[arg-type]
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
     if report.failed:
