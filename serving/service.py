@@ -5,13 +5,11 @@ in-process too: the project's one input gate (runtime/gate.py) once in front of 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from astro_trt.arguments import integer, max_threads
 from astro_trt.config import ASTROConfig
 from astro_trt.contract import BATCH, CAND_ITEMS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import Bundle
@@ -24,9 +22,6 @@ from astro_trt.serving.cache import DEFAULT_CACHE_DTYPE, StateCodec, UserCache, 
 from astro_trt.serving.compute import make_compute
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES
 
-# A merged scorer call is split over at most this many cores (the 2 of the CPU machines it was
-# measured on; more parts of an 8-user batch would each hold too few users to pay their hand-off).
-MAX_SCORE_WORKERS = 2
 # What identifies an encoded history: everything but the request time, which only the scorer reads.
 FINGERPRINT_INPUTS = tuple(n for n in HISTORY_INPUTS if n != "request_time")
 
@@ -61,7 +56,7 @@ class Recommender:
 
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  compute: str = "auto", threads: int | None = None, engine: Runner | None = None,
-                 cache_dtype: str = DEFAULT_CACHE_DTYPE, score_workers: int | None = None) -> None:
+                 cache_dtype: str = DEFAULT_CACHE_DTYPE) -> None:
         self.cfg = bundle.config
         self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}  # tuples already, as gate_profiles gives
         self.codec = StateCodec(cache_dtype)
@@ -71,14 +66,6 @@ class Recommender:
                                "them on the device; serve with ONNX Runtime or --cache-dtype fp32")
         self.cache = UserCache(cache_bytes)
         self.encodes = 0  # users encoded since start
-        # A merged scorer call runs as this many concurrent calls over its users (ONNX Runtime
-        # sessions take concurrent runs; with one intra-op thread each call runs on its caller's
-        # thread, so nothing spins where the cores are busy). TensorRT computes the whole batch
-        # in one call. ``score_workers`` overrides the choice (the tests split on any machine).
-        default = min(max_threads(), MAX_SCORE_WORKERS) if isinstance(self.compute, OrtRunner) else 1
-        self.workers = default if score_workers is None else integer(
-            score_workers, "score_workers", 1, MAX_SCORE_WORKERS, "None picks one per core, at most that")
-        self._pool = ThreadPoolExecutor(self.workers - 1, "astro-score") if self.workers > 1 else None
 
     def page(self, user_keys: np.ndarray, tensors: Mapping[str, np.ndarray]) -> Page:
         result = self.pages([(user_keys, tensors)])[0]
@@ -140,20 +127,6 @@ class Recommender:
         return _Checked([(i, len(ks)) for i, ks in zip(chunk, keys, strict=True)], flat,
                         self._prints(arrays, len(flat)), arrays, cand)
 
-    def _score(self, kv_cache: Any, feeds: Mapping[str, Any], users: int) -> np.ndarray:
-        """The scorer over ``users`` users: one call, or (several users, several workers) the
-        users split into concurrent calls, one on this thread. Users are independent in the
-        scorer, so the logits are those of one call (float32 summation order aside)."""
-        parts = min(self.workers, users)
-        if parts == 1 or self._pool is None:
-            return self.compute.score_checked(kv_cache, feeds)
-        bounds = [users * i // parts for i in range(parts + 1)]
-        slices = [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
-        futures = [self._pool.submit(self.compute.score_checked, kv_cache[s], {n: v[s] for n, v in feeds.items()})
-                   for s in slices[1:]]
-        first = self.compute.score_checked(kv_cache[slices[0]], {n: v[slices[0]] for n, v in feeds.items()})
-        return np.concatenate([first, *(f.result() for f in futures)])
-
     @staticmethod
     def _prints(arrays: Mapping[str, np.ndarray], users: int) -> list[bytes]:
         return [fingerprint(arrays, FINGERPRINT_INPUTS, b) for b in range(users)]
@@ -195,7 +168,11 @@ class Recommender:
                 for r in rs:
                     states[r] = self.codec.unpack(packed)
                 encoded[rs[0]] = True
-        logits = self._score(self.compute.stack(states), feeds, len(rows))
+        # One scorer call for the whole group, on this thread: split into two concurrent calls
+        # (users on both cores) it served 0.75-0.98x of the unbatched requests/s on the shared
+        # 2-core machine, against 1.07-1.48x as one call (loadtest --compare-batching, minutes
+        # apart): smaller calls cost more per user, and a batch waits for its slower half.
+        logits = self.compute.score_checked(self.compute.stack(states), feeds)
         start = 0
         for c in group:
             for index, users in c.spans:

@@ -165,22 +165,6 @@ def test_gate_chunks_keep_what_cannot_merge_apart():
     assert service.gate_chunks(requests, 8) == [[0, 1, 3], [6, 8], [2], [4], [5], [7]]
 
 
-def test_a_merged_score_split_over_two_workers_gives_the_same_logits(bundle):
-    engine = Counting(make_compute(bundle, "fp32", "ort"))
-    rec = Recommender(bundle, "fp32", cache_bytes=1 << 20, engine=engine, score_workers=2)
-    cfg = bundle.config
-    requests = [_one(cfg, b"w%d-" % i, 13, seed=80 + i, users=1 + i % 2) for i in range(3)]  # 4 users
-    pages = rec.pages(requests)
-    assert engine.encodes == [4] and sorted(engine.scores) == [2, 2]  # two concurrent calls of 2 users
-    for (_, tensors), page in zip(requests, pages, strict=True):
-        assert np.abs(page.logits - reference_logits(bundle, tensors)).max() <= FP32_TOL
-    # one user: one call, nothing to split
-    engine.scores.clear()
-    assert isinstance(rec.pages([requests[0]])[0], Page) and engine.scores == [1]
-    with pytest.raises(DataError, match="score_workers 0: must be an integer in 1..2"):
-        Recommender(bundle, "fp32", engine=engine, score_workers=0)
-
-
 def test_single_page_api_still_raises(bundle):
     rec, _ = _recommender(bundle)
     keys, tensors = _one(bundle.config, b"x", 8, seed=5)
