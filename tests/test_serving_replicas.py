@@ -218,3 +218,24 @@ def _alive(pid: int) -> bool:
 
 def test_alive_helper_sees_this_process():
     assert _alive(os.getpid())
+
+
+@needs_servers
+def test_a_replica_that_keeps_dying_ends_supervision_naming_it_the_cause_and_its_log(bundle_dir, tmp_path):
+    from astro_trt.serving.replicas import Replicas
+    from astro_trt.serving.repository import PYTHON_MODELS, write_repository
+    from astro_trt.serving.source import load_served_bundle
+
+    repo = write_repository(load_served_bundle(bundle_dir), tmp_path / "models", cache_bytes=1 << 20)
+    said: list[str] = []
+    with Replicas(repo, models=PYTHON_MODELS, count=2) as fleet:
+        fleet.servers[1].kill()
+        with pytest.raises(BackendError) as exc:
+            fleet.supervise(threading.Event(), progress=said.append, max_restarts=0)
+        message = str(exc.value)
+        assert message.startswith("replica1 died 1 times within 60 s") and "killed by SIGKILL" in message, message
+        assert "\n" not in message and not said and fleet.restarted == []
+        log = Path(message.rsplit("see ", 1)[1])
+        assert log.is_file() and "Started HTTPService" in log.read_text()  # the dead replica's log, kept
+        assert fleet.servers[0].alive()  # the other replica was left alone
+    assert log.is_file()  # stopping the fleet does not remove a log a message named
