@@ -184,39 +184,45 @@ def loadtest(url: str | None, grpc_url: str | None, protocol: str, clients: int,
                           cache_bytes=cache_mib << 20, seed=seed, note=note, out_dir=out_dir, progress=say)
         return
     if url is None:
-        raise DataError("give the server's URL (host:port of HTTP), or --replicas N --bundle BUNDLE")
+        raise DataError("give the server's URL (host:port of HTTP), or --replicas N --bundle BUNDLE, or "
+                        "--compare-batching --bundle BUNDLE")
     report, paths = loadtest_lib.run_loadtest(
         url, grpc_url=grpc_url, protocol=protocol, clients=clients, duration=duration, users=users, pages=pages,
         candidates=candidates, bundle_dir=bundle_dir, baseline_seconds=baseline_seconds, seed=seed, note=note,
         out_dir=out_dir, progress=say, api_key=api_key)
-    click.echo(paths["md"].read_text())
-    click.echo(f"reports: {paths['md']}")
+    _show_report(paths)
     if report.failed:
         raise GateError(f"loadtest: {report.failed} requests failed; see the errors in {paths['md']}")
 
 
-def _batching_loadtest(url: str | None, bundle_dir: Path | None, replicas: int | None, **kwargs: object) -> None:
+def _own_servers(option: str, url: str | None, bundle_dir: Path | None, serving: str) -> Path:
+    """The bundle of a load test that starts its own servers (``option``): no URL, a --bundle."""
     if url is not None:
-        raise DataError(f"--compare-batching starts its own servers; drop the URL {url!r}")
-    if replicas is not None:
-        raise DataError("--compare-batching serves one server at a time; drop --replicas (or --compare-batching)")
+        raise DataError(f"{option} starts its own servers; drop the URL {url!r}")
     if bundle_dir is None:
-        raise DataError("--compare-batching needs --bundle BUNDLE, what the servers serve")
-    report, paths = batching_loadtest_lib.run_batching_loadtest(bundle_dir, **kwargs)  # type: ignore[arg-type]
+        raise DataError(f"{option} needs --bundle BUNDLE, what the {serving} serve")
+    return bundle_dir
+
+
+def _show_report(paths: dict[str, Path]) -> None:
     click.echo(paths["md"].read_text())
     click.echo(f"reports: {paths['md']}")
+
+
+def _batching_loadtest(url: str | None, bundle_dir: Path | None, replicas: int | None, **kwargs: object) -> None:
+    bundle_dir = _own_servers("--compare-batching", url, bundle_dir, "servers")
+    if replicas is not None:
+        raise DataError("--compare-batching serves one server at a time; drop --replicas (or --compare-batching)")
+    report, paths = batching_loadtest_lib.run_batching_loadtest(bundle_dir, **kwargs)  # type: ignore[arg-type]
+    _show_report(paths)
     if report.failed:
         raise GateError(f"loadtest: {report.failed} requests failed; see the errors in {paths['md']}")
 
 
 def _replica_loadtest(url: str | None, bundle_dir: Path | None, **kwargs: object) -> None:
-    if url is not None:
-        raise DataError(f"--replicas starts its own servers; drop the URL {url!r}")
-    if bundle_dir is None:
-        raise DataError("--replicas needs --bundle BUNDLE, what the replicas serve")
+    bundle_dir = _own_servers("--replicas", url, bundle_dir, "replicas")
     report, paths = replica_loadtest_lib.run_replica_loadtest(bundle_dir, **kwargs)  # type: ignore[arg-type]
-    click.echo(paths["md"].read_text())
-    click.echo(f"reports: {paths['md']}")
+    _show_report(paths)
     if report.failed_outside_kill:
         raise GateError(f"loadtest: {report.failed_outside_kill} requests failed (outside a killed replica's "
                         f"in-flight ones); see {paths['md']}")
