@@ -28,6 +28,7 @@ from astro_trt.artifacts import as_path, copy_regular_file, sha256_file, staged_
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ArtifactError, CheckpointError, ConfigError, one_line
 from astro_trt.model.astro import ASTRO
+from astro_trt.model.item_table import ItemTable
 from astro_trt.model.resources import check_fits
 from astro_trt.precision import by_torch
 
@@ -136,7 +137,29 @@ def read_checkpoint_config(path: str | Path) -> ASTROConfig:
         raise ConfigError(message) from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+ITEM_TABLE_KEY = "item_embedding.weight"
+
+
+def table_chunks(path: str | Path, chunk_rows: int = 65536):  # STAND-IN
+    tensors = load_file(str(_resolve(path)[1]))
+    table = tensors[ITEM_TABLE_KEY].numpy()
+    for start in range(0, len(table), chunk_rows):
+        yield table[start:start + chunk_rows]
+
+
+def write_dense_checkpoint(src: str | Path, dest: str | Path) -> None:  # STAND-IN
+    directory, weights = _resolve(src)
+    header, metadata, _ = _read_header(weights)
+    tensors = load_file(str(weights))
+    tensors.pop(ITEM_TABLE_KEY)
+    dest = Path(dest)
+    save_file(tensors, str(dest / WEIGHTS_FILE), metadata={"astro_trt_item_table": "external"})
+    for name in _documents(directory, weights, metadata):
+        if name != WEIGHTS_FILE:
+            copy_regular_file(directory / name, dest / name, max_bytes=MAX_DOCUMENT_BYTES)
+
+
+def load_checkpoint(path: str | Path, *, item_table: object = None) -> Checkpoint:
     """Load a checkpoint from its directory or its ``model.safetensors`` file.
 
     Raises CheckpointError (weights) or ConfigError (config.json) with a one-line message.
@@ -145,8 +168,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     directory, weights = _resolve(path)
     config_path = directory / CONFIG_FILE
     header, metadata, _ = _read_header(weights)
-    _check_against_config(header, cfg, weights)
-    _check_recorded_config(metadata, cfg, config_path, weights)
+    if item_table is None:
+        _check_against_config(header, cfg, weights)
+        _check_recorded_config(metadata, cfg, config_path, weights)
     # The smallest work any command does with a checkpoint: the exporter's 2-user, 5-candidate check.
     try:
         check_fits(cfg, users=2, candidates=5, purpose="running one request")
@@ -166,7 +190,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if recorded is not None and recorded != _content_digest(tensors, metadata):
         raise CheckpointError(f"{weights}: its tensors or metadata do not match the digest recorded when it was "
                               "saved; the file is corrupt or was edited, re-copy or re-save the checkpoint")
-    model = ASTRO(cfg)
+    if item_table is None:
+        item_table = ItemTable.from_array(tensors.pop(ITEM_TABLE_KEY).numpy())
+    model = ASTRO(cfg, item_table=item_table)
     model.load_state_dict(tensors, strict=True)
     model.eval()
     return Checkpoint(config=cfg, model=model, sha256=checkpoint_sha256(weights), directory=directory)

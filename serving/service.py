@@ -56,11 +56,11 @@ class Recommender:
 
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  compute: str = "auto", threads: int | None = None, engine: Runner | None = None,
-                 cache_dtype: str = DEFAULT_CACHE_DTYPE) -> None:
+                 cache_dtype: str = DEFAULT_CACHE_DTYPE, item_table: str | None = None) -> None:
         self.cfg = bundle.config
         self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}  # tuples already, as gate_profiles gives
         self.codec = StateCodec(cache_dtype)
-        self.compute = engine or make_compute(bundle, precision, compute, threads)
+        self.compute = engine or make_compute(bundle, precision, compute, threads, item_table)
         if not self.codec.identity and not isinstance(self.compute, OrtRunner):
             raise BackendError(f"--cache-dtype {cache_dtype} packs states on the host, but {self.compute.name} keeps "
                                "them on the device; serve with ONNX Runtime or --cache-dtype fp32")

@@ -330,7 +330,7 @@ def bisect_bundle(
         if not get(p).ort_cpu:
             runnable = " or ".join(q.name for q in REGISTRY.values() if q.ort_cpu)
             raise DataError(f"--bisect: ONNX Runtime has no {get(p).dtype.name} CPU kernels; bisect {runnable}")
-    ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)
+    ckpt = load_checkpoint(checkpoint) if checkpoint else bundle.checkpoint()
     if ckpt.sha256 != bundle.checkpoint_sha256:
         raise DataError(f"checkpoint {ckpt.directory} is not the one the bundle was exported from (sha256 "
                         f"{ckpt.sha256[:16]}... vs {bundle.checkpoint_sha256[:16]}...); bisect against the "
