@@ -64,8 +64,8 @@ _ITEM_TABLE = click.option("--item-table", "item_table", default=None, type=clic
               help="GPUs per Triton pod (0: CPU pods).")
 @_SHA
 def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cache_mib: int, cache_dtype: str,
-           ort_threads: int, batching: bool, item_table: str | None, k8s_dir: Path | None, k8s_replicas: int, k8s_max_replicas: int,
-           k8s_namespace: str, gpus: int, expect_sha256: str | None) -> None:
+           ort_threads: int, batching: bool, item_table: str | None, k8s_dir: Path | None, k8s_replicas: int,
+           k8s_max_replicas: int, k8s_namespace: str, gpus: int, expect_sha256: str | None) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime models, gate, ensemble,
     per-user cache model) from BUNDLE_DIR; with --k8s, Kubernetes manifests that serve it."""
     if k8s_dir is not None:  # its arguments checked before the repository is written
