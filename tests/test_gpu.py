@@ -100,13 +100,12 @@ def test_engines_pass_the_parity_gates(bundle):
 
 def test_one_encoded_user_serves_many_candidate_batches(bundle):
     from astro_trt.engines.bundle import load_bundle
-    from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.model.synthetic import synthetic_batch
     from astro_trt.runtime.tensorrt import TrtRunner
     from astro_trt.tolerances import FP32_MAX_ABS
 
     loaded = load_bundle(bundle)
-    model = load_checkpoint(loaded.checkpoint_dir).model
+    model = loaded.checkpoint().model
     batch = synthetic_batch(loaded.config, batch=1, candidates=512, seed=3)
     runner = TrtRunner(loaded, "fp32")
     state = runner.encode(batch.history)

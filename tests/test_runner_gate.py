@@ -12,7 +12,6 @@ from validate_bundle_fixture import make_bundle, random_checkpoint
 from astro_trt.contract import FULL_MODEL, GRAPHS, ITEM_SCORER
 from astro_trt.engines.bundle import load_bundle
 from astro_trt.errors import DataError
-from astro_trt.model.checkpoint import load_checkpoint
 from astro_trt.model.synthetic import synthetic_batch
 from astro_trt.runtime.onnxruntime import OrtRunner
 from astro_trt.runtime.torch_runner import TorchRunner
@@ -27,8 +26,8 @@ def bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runners(bundle):
     ort = OrtRunner({g: bundle.onnx_path(g, "fp32") for g in GRAPHS}, bundle.config, "fp32",
-                    profiles={g: bundle.profile(g) for g in GRAPHS})
-    return {"torch": TorchRunner(load_checkpoint(bundle.checkpoint_dir).model), "ort": ort}
+                    item_table=bundle.item_table(), profiles={g: bundle.profile(g) for g in GRAPHS})
+    return {"torch": TorchRunner(bundle.checkpoint().model), "ort": ort}
 
 
 @pytest.fixture(scope="module")
