@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from astro_trt.contract import ITEM_ROWS
 from astro_trt.errors import BackendError
 from astro_trt.lazy import lazy_import
 
@@ -56,4 +57,14 @@ class DeviceItemTable:
         return rows.reshape(*ids.shape, self.dim)
 
 
-__all__ = ["DeviceItemTable", "UPLOAD_ROWS"]
+def upload(arrays: dict[str, np.ndarray], device: Any, table: DeviceItemTable) -> dict[str, Any]:
+    """Checked host arrays -> tensors on ``device`` (non-blocking, on the current stream), with the
+    rows of their item ids (contract.ITEM_ROWS) gathered there from ``table``: the request's one crossing."""
+    out = {n: torch.from_numpy(a).to(device, non_blocking=True) for n, a in arrays.items()}
+    for ids, rows in ITEM_ROWS.items():
+        if ids in out:
+            out[rows] = table.gather(out[ids])
+    return out
+
+
+__all__ = ["DeviceItemTable", "UPLOAD_ROWS", "upload"]

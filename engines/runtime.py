@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from astro_trt import contract
-from astro_trt.contract import CAND_ITEM_EMB, ITEM_ROWS
+from astro_trt.contract import CAND_ITEM_EMB
 from astro_trt.engines.backend import BACKENDS, capturing_logger
 from astro_trt.engines.bundle import Bundle, load_bundle
-from astro_trt.engines.device_table import DeviceItemTable
+from astro_trt.engines.device_table import DeviceItemTable, upload
 from astro_trt.errors import BackendError, BundleError
 from astro_trt.lazy import lazy_import
 from astro_trt.precision import dtype
@@ -109,11 +109,7 @@ class Session:
         """Checked host arrays -> device tensors, on this session's stream (the one crossing), with
         the rows of their item ids gathered there (contract.ITEM_ROWS)."""
         with torch.cuda.stream(self.stream):
-            out = {n: torch.from_numpy(a).to(self.device, non_blocking=True) for n, a in arrays.items()}
-            for ids, rows in ITEM_ROWS.items():
-                if ids in out:
-                    out[rows] = self.item_rows.gather(out[ids])
-            return out
+            return upload(arrays, self.device, self.item_rows)
 
     def run(self, graph: str, inputs: dict[str, Any]) -> Any:
         """One graph on device tensors (a superset of its inputs, by contract name) -> its one output

@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import BATCH, CAND_ITEMS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER
+from astro_trt.contract import (
+    BATCH,
+    CAND_ITEMS,
+    HISTORY_INPUTS,
+    ITEM_SCORER,
+    KV_CACHE,
+    SPLIT_GRAPHS,
+    USER_ENCODER,
+    request_name,
+)
 from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BackendError, DataError
 from astro_trt.runtime import gate
@@ -124,7 +133,10 @@ class Recommender:
                                                           for n in group[0].arrays}
         cand = group[0].cand if len(group) == 1 else np.concatenate([c.cand for c in group])
         io = self.compute.io
-        names = {*io[ITEM_SCORER].input_names, *(io[USER_ENCODER].input_names if misses else ())} - {KV_CACHE}
+        # The request tensors the graphs' inputs come from: put() looks the ids up (a cache hit never
+        # looks its history's items up).
+        names = {request_name(n) for n in (*io[ITEM_SCORER].input_names,
+                                           *(io[USER_ENCODER].input_names if misses else ()))} - {KV_CACHE}
         feeds = self.compute.put({n: cand if n == CAND_ITEMS else arrays[n] for n in names})
         encoded = np.zeros(len(rows), dtype=bool)
         if misses:
