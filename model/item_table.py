@@ -34,6 +34,8 @@ from astro_trt.precision import STORAGE, Storage
 torch = lazy_import("torch")
 
 TABLE_DIR = "tables"
+# The storage that holds the checkpoint's own rows: the oracle's, and what the others are judged against.
+REFERENCE_TABLE = "fp32"
 # Rows per streamed chunk are sized by bytes: 64 MiB of float32 rows (131,072 rows at d_model 128)
 # keeps the writer's buffers (the chunk and one encoded copy per storage) well under 0.5 GiB.
 CHUNK_BYTES = 64 << 20
@@ -214,17 +216,19 @@ def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
 def write_tables(chunks: Iterable[np.ndarray], rows: int, dim: int, out_dir: Path,
                  storages: Sequence[str]) -> dict[str, tuple[TableFiles, list[Path]]]:
     """Stream float32 row chunks ([k, dim] each, in row order) into the table files of every
-    storage in ``storages`` at once, under ``out_dir / TABLE_DIR`` (``out_dir`` is the bundle).
-    Returns per storage its manifest entry and the files written. The files are written under
-    temporary names and renamed only once every row has arrived finite and the count is ``rows``;
-    on any refusal nothing is left behind. Never holds more than one chunk (and its encodings)."""
+    storage in ``storages`` at once. ``out_dir`` is the bundle's TABLE_DIR folder (created if
+    missing); the entries' paths are relative to the bundle. Returns per storage its manifest
+    entry and the files written. The files are written under temporary names and renamed only
+    once every row has arrived finite and the count is ``rows``; on any refusal nothing is left
+    behind. Never holds more than one chunk (and its encodings)."""
     records = [precision.storage(name) for name in dict.fromkeys(storages)]
-    table_dir = Path(out_dir) / TABLE_DIR
-    table_dir.mkdir(exist_ok=True)
+    table_dir = Path(out_dir)
+    table_dir.mkdir(parents=True, exist_ok=True)
     targets: dict[str, list[tuple[Path, Path]]] = {}
     for record in records:
         names = [table_relpath(record.name)] + ([scales_relpath(record.name)] if record.scaled else [])
-        targets[record.name] = [(Path(out_dir) / n, Path(out_dir) / f"{n}.partial") for n in names]
+        finals = [table_dir / Path(n).name for n in names]
+        targets[record.name] = [(final, final.with_name(f".{final.name}.partial")) for final in finals]
     handles: dict[Path, Any] = {}
     try:
         for pairs in targets.values():
@@ -290,6 +294,6 @@ def _few(rows: np.ndarray, limit: int = 4) -> str:
 
 
 __all__ = [
-    "CHUNK_BYTES", "TABLE_DIR", "ItemTable", "TableFiles", "chunk_rows", "planned_table_bytes", "scales_relpath",
-    "table_relpath", "write_tables",
+    "CHUNK_BYTES", "REFERENCE_TABLE", "TABLE_DIR", "ItemTable", "TableFiles", "chunk_rows", "planned_table_bytes",
+    "scales_relpath", "table_relpath", "write_tables",
 ]

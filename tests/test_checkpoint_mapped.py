@@ -23,7 +23,7 @@ from astro_trt.model.checkpoint import (
     table_chunks,
     write_dense_checkpoint,
 )
-from astro_trt.model.item_table import ItemTable, write_tables
+from astro_trt.model.item_table import TABLE_DIR, ItemTable, write_tables
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ml100k"
 
@@ -79,7 +79,7 @@ def _bundle_like(saved, tmp_path):
     path, _, cfg = saved
     bundle = tmp_path / "bundle"
     names = write_dense_checkpoint(path, bundle / "checkpoint")
-    written = write_tables(table_chunks(path), cfg.num_items + 1, cfg.d_model, bundle, ["fp32", "int8"])
+    written = write_tables(table_chunks(path), cfg.num_items + 1, cfg.d_model, bundle / TABLE_DIR, ["fp32", "int8"])
     return bundle, names, {name: ItemTable.open(bundle, files) for name, (files, _) in written.items()}
 
 

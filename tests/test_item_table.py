@@ -41,8 +41,8 @@ def weight(saved) -> np.ndarray:
 
 def _written(saved, out, storages=STORAGES, rows_per_chunk=7):
     path, _, cfg = saved
-    return write_tables(table_chunks(path, chunk_rows=rows_per_chunk), cfg.num_items + 1, cfg.d_model, out,
-                        storages)
+    return write_tables(table_chunks(path, chunk_rows=rows_per_chunk), cfg.num_items + 1, cfg.d_model,
+                        out / TABLE_DIR, storages)
 
 
 def _one_line(info) -> str:
@@ -180,7 +180,7 @@ def test_entries_round_trip() -> None:
 
 def _refused_write(tmp_path, chunks, rows, storages=STORAGES):
     with pytest.raises(CheckpointError) as info:
-        write_tables(iter(chunks), rows, 4, tmp_path, storages)
+        write_tables(iter(chunks), rows, 4, tmp_path / TABLE_DIR, storages)
     assert list((tmp_path / TABLE_DIR).iterdir()) == []  # nothing published, no partial left
     return _one_line(info)
 
@@ -204,7 +204,7 @@ def test_a_row_beyond_float16_is_refused_for_an_fp16_table(tmp_path) -> None:
     rows = np.ones((5, 4), np.float32)
     rows[3, 2] = 1e6
     assert "row 3 exceeds float16" in _refused_write(tmp_path, [rows], 5, ["fp32", "fp16"])
-    write_tables([rows], 5, 4, tmp_path, ["fp32", "int8"])  # the others hold it
+    write_tables([rows], 5, 4, tmp_path / TABLE_DIR, ["fp32", "int8"])  # the others hold it
 
 
 def test_a_chunk_of_the_wrong_width_or_dtype_is_refused(tmp_path) -> None:
