@@ -25,7 +25,7 @@ from astro_trt.exporter.check import check_graphs
 from astro_trt.exporter.export import export_onnx
 from astro_trt.manifest import build_manifest, write_manifest
 from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint, read_checkpoint_config
-from astro_trt.model.resources import EXPORT_TABLE_COPIES, check_fits
+from astro_trt.model.resources import check_fits
 from astro_trt.settings import EXPORT_PRECISIONS, MAX_BATCH, MAX_CANDIDATES
 
 Progress = Callable[[str], None]
@@ -93,9 +93,8 @@ def export_bundle(
     cache = as_path(timing_cache, "timing_cache") if timing_cache is not None else None
     if cache is not None and chosen is not None and not chosen.timing_cache:
         say(f"note: --timing-cache {cache} is not used: {chosen.name} has no timing cache (a no-op in its API)")
-    # What the export holds of the item table, judged from the config before the weights are read.
-    check_fits(read_checkpoint_config(checkpoint), users=2, candidates=5, purpose="export",
-               table_copies=EXPORT_TABLE_COPIES)
+    # Judged from the config before the weights are read (the item table is streamed, never held).
+    check_fits(read_checkpoint_config(checkpoint), users=2, candidates=5, purpose="export")
     ckpt = load_checkpoint(checkpoint)
     check_apart(out, ckpt.directory, "checkpoint", "bundle")
 

@@ -210,3 +210,22 @@ def test_a_row_beyond_float16_is_refused_for_an_fp16_table(tmp_path) -> None:
 def test_a_chunk_of_the_wrong_width_or_dtype_is_refused(tmp_path) -> None:
     assert "float32 [k, 4]" in _refused_write(tmp_path, [np.ones((5, 3), np.float32)], 5)
     assert "float64" in _refused_write(tmp_path, [np.ones((5, 4))], 5)
+
+
+# ---------------------------------------------------------------------------- disk space
+def test_an_output_larger_than_the_free_space_is_refused_before_writing(tmp_path) -> None:
+    import shutil
+
+    from astro_trt.artifacts import FREE_SPACE_MARGIN, check_free_space
+    from astro_trt.errors import ArtifactError
+
+    free = shutil.disk_usage(tmp_path).free
+    out = tmp_path / "not" / "yet" / "bundle"  # judged by the file system of the nearest folder
+    assert check_free_space(out, 1 << 20) >= (1 << 20) + FREE_SPACE_MARGIN
+    with pytest.raises(BundleError) as info:
+        check_free_space(out, free, "--out", BundleError)  # the margin on top cannot fit
+    message = _one_line(info)
+    assert str(out) in message and "GiB free" in message and "another disk" in message
+    with pytest.raises(ArtifactError):
+        check_free_space(out, 1 << 62)
+    assert not (tmp_path / "not").exists()
