@@ -25,7 +25,7 @@ import numpy as np
 
 from astro_trt import precision
 from astro_trt.config import ASTROConfig
-from astro_trt.errors import BundleError, CheckpointError, DataError
+from astro_trt.errors import AstroError, BundleError, CheckpointError, DataError
 from astro_trt.lazy import lazy_import
 from astro_trt.manifest import inside
 from astro_trt.precision import STORAGE, Storage
@@ -39,6 +39,14 @@ REFERENCE_TABLE = "fp32"
 # Rows per streamed chunk are sized by bytes: 64 MiB of float32 rows (131,072 rows at d_model 128)
 # keeps the writer's buffers (the chunk and one encoded copy per storage) well under 0.5 GiB.
 CHUNK_BYTES = 64 << 20
+# A file-backed table larger than this is read with positioned reads of the rows looked up, not
+# through its map. On this project's Linux (6.18) the page cache holds a file in large folios (up to
+# 2 MiB) and a fault maps the whole folio, so every random row read through a map added ~2 MiB to
+# the process's RSS: 400 random rows of the 10M-item table (5.1 GB) mapped 747 MiB, 10,400 rows
+# 4.7 GiB (2026-12-03, /proc/self/status RssFile; MADV_RANDOM and MADV_NOHUGEPAGE changed nothing).
+# Positioned reads copy only the rows (~3 us a row on this 2-core machine, shared); a table up to
+# this size may as well become resident whole, and is gathered through its map.
+MAP_BYTES = 256 << 20
 # float16's largest finite value: a row beyond it would be stored as inf.
 _FP16_MAX = float(np.finfo(np.float16).max)
 
@@ -115,12 +123,16 @@ class ItemTable:
     """The item rows in one storage: mapped from a bundle's file, a view into a checkpoint's
     safetensors file, or in memory. ``lookup`` returns float32 rows (dequantized when scaled)."""
 
-    def __init__(self, record: Storage, stored: np.ndarray, scales: np.ndarray | None = None) -> None:
+    def __init__(self, record: Storage, stored: np.ndarray, scales: np.ndarray | None = None,
+                 error: type[AstroError] = BundleError) -> None:
         if stored.ndim != 2 or (scales is None) == record.scaled:
             raise ValueError("stored must be [rows, dim] and scales given exactly for a scaled storage")
         self.storage = record
         self._stored = stored
         self._scales = scales
+        # A large file-backed table is read row by row (see MAP_BYTES), from the file that was mapped.
+        large = isinstance(stored, np.memmap) and stored.nbytes > MAP_BYTES
+        self._reader = _RowReader(stored, error) if large else None
 
     @property
     def rows(self) -> int:
@@ -152,9 +164,14 @@ class ItemTable:
                 raise DataError(f"item ids span {low}..{high} but the item table has rows 0..{self.rows - 1} "
                                 "(0 is padding); pass ids the model was trained with (its config's num_items)")
         flat = ids.reshape(-1)
-        # Fancy indexing on a memmap reads just these rows (and their scales).
+        if self._reader is not None:
+            # Each distinct row once (padding and popular items repeat), in file order.
+            unique, inverse = np.unique(flat, return_inverse=True)
+            stored = self._reader.read(unique)[inverse]
+        else:
+            stored = self._stored[flat]  # fancy indexing: a memmap reads just these rows
         scale = None if self._scales is None else np.asarray(self._scales[flat])[:, None]
-        return self.storage.decode(self._stored[flat], scale).reshape(*ids.shape, self.dim)
+        return self.storage.decode(stored, scale).reshape(*ids.shape, self.dim)
 
     def lookup_torch(self, ids: Any) -> Any:
         """The PyTorch oracle's lookup: a CPU int tensor -> float32 CPU tensor [*ids.shape, dim]."""
@@ -200,7 +217,37 @@ class ItemTable:
             raise CheckpointError(f"{path}: {size} bytes, but its item table needs bytes up to {need}; "
                                   "re-copy or re-save the checkpoint")
         view = np.memmap(path, dtype=_file_dtype(record), mode="r", offset=offset, shape=(rows, dim))
-        return cls(record, view)
+        return cls(record, view, error=CheckpointError)
+
+
+class _RowReader:
+    """Positioned reads of whole rows of a mapped table from the same file, opened once (a file
+    replaced at the path later is not read). Runs of consecutive rows are one read."""
+
+    def __init__(self, mapped: np.memmap, error: type[AstroError]) -> None:
+        self._error = error
+        self._path = Path(mapped.filename)
+        self._file = open(self._path, "rb", buffering=0)  # lives as long as the table
+        self._offset = int(mapped.offset)
+        self._dtype = mapped.dtype
+        self._dim = int(mapped.shape[1])
+        self._row_bytes = self._dim * mapped.dtype.itemsize
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Sorted distinct row numbers -> their stored rows [len(rows), dim]."""
+        out = np.empty((len(rows), self._dim), self._dtype)
+        view = memoryview(out).cast("B")
+        cuts = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
+        fd, size = self._file.fileno(), self._row_bytes
+        for start, end in zip([0, *cuts], [*cuts, len(rows)], strict=True):
+            first, done, want = int(rows[start]), 0, (end - start) * size
+            while done < want:  # a read stops at 2 GiB: long runs take several
+                got = os.preadv(fd, [view[start * size + done:end * size]], self._offset + first * size + done)
+                if got <= 0:
+                    raise self._error(f"{self._path}: ends before row {first + (end - start) - 1} (it changed since "
+                                      "it was opened); restore the file, or re-export or re-save it")
+                done += got
+        return out
 
 
 def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -62,7 +62,8 @@ def test_the_streamed_digest_is_the_one_recorded_for_the_example_checkpoint() ->
     weights = EXAMPLE / WEIGHTS_FILE
     header = ckpt_module._read_header(weights)
     recorded = header.metadata["astro_trt_sha256"]  # written by save_checkpoint before it streamed
-    assert ckpt_module._file_digest(weights, header) == recorded
+    assert ckpt_module._file_digests(weights, header) == (recorded, checkpoint_sha256(weights))
+    assert ckpt_module._tensor_digest_of_file(weights, header) == recorded  # the path for other layouts
     assert ckpt_module._tensor_digest(load_file(str(weights)), header.metadata) == recorded
     assert load_checkpoint(EXAMPLE).sha256 == checkpoint_sha256(weights)
 

@@ -229,3 +229,26 @@ def test_an_output_larger_than_the_free_space_is_refused_before_writing(tmp_path
     with pytest.raises(ArtifactError):
         check_free_space(out, 1 << 62)
     assert not (tmp_path / "not").exists()
+
+
+# ---------------------------------------------------------------------------- large tables: positioned reads
+def test_a_large_tables_rows_are_read_by_position_and_equal_the_mapped_ones(saved, tmp_path, monkeypatch) -> None:
+    from astro_trt.model import item_table
+
+    written = _written(saved, tmp_path)
+    ids = np.array([[0, 0, 40, 3], [4, 5, 6, 40]])  # repeats and a run of consecutive rows
+    mapped = {name: ItemTable.open(tmp_path, files).lookup(ids) for name, (files, _) in written.items()}
+    monkeypatch.setattr(item_table, "MAP_BYTES", 0)  # every file-backed table is "large"
+    for name, (files, _) in written.items():
+        table = ItemTable.open(tmp_path, files)
+        assert table._reader is not None
+        assert table.lookup(ids).tobytes() == mapped[name].tobytes()
+        assert table.lookup(np.arange(table.rows)).shape == (table.rows, table.dim)  # one run: one read
+    # A file cut after it was opened ends the read with a one-line error, not short rows.
+    files = written["fp32"][0]
+    table = ItemTable.open(tmp_path, files)
+    with open(tmp_path / files.path, "r+b") as fh:
+        fh.truncate(10 * files.dim * 4)
+    with pytest.raises(BundleError) as info:
+        table.lookup(np.array([3, 20]))
+    assert "ends before row 20" in _one_line(info)
