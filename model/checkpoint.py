@@ -177,6 +177,9 @@ def load_checkpoint(path: str | Path, item_table: ItemTable | None = None) -> Ch
                               "tables/); load it through its bundle (astro-trt validate BUNDLE), or load the "
                               "original checkpoint")
     if item_table is not None:
+        if not isinstance(item_table, ItemTable):
+            raise CheckpointError(f"item_table is a {type(item_table).__name__}, not an ItemTable; open the bundle's "
+                                  "table with astro_trt.model.item_table.ItemTable.open (or from_array)")
         _check_table_shape(item_table, cfg, weights)
 
     metadata = header.metadata

@@ -131,8 +131,8 @@ class ItemTable:
         self._stored = stored
         self._scales = scales
         # A large file-backed table is read row by row (see MAP_BYTES), from the file that was mapped.
-        large = isinstance(stored, np.memmap) and stored.nbytes > MAP_BYTES
-        self._reader = _RowReader(stored, error) if large else None
+        self._reader = _RowReader(stored, error) if _large(stored) else None
+        self._scale_reader = _RowReader(scales, error) if scales is not None and _large(scales) else None
 
     @property
     def rows(self) -> int:
@@ -164,13 +164,17 @@ class ItemTable:
                 raise DataError(f"item ids span {low}..{high} but the item table has rows 0..{self.rows - 1} "
                                 "(0 is padding); pass ids the model was trained with (its config's num_items)")
         flat = ids.reshape(-1)
+        # Each distinct row once (padding and popular items repeat), in file order.
+        unique, inverse = np.unique(flat, return_inverse=True) if self._reader is not None else (None, None)
         if self._reader is not None:
-            # Each distinct row once (padding and popular items repeat), in file order.
-            unique, inverse = np.unique(flat, return_inverse=True)
             stored = self._reader.read(unique)[inverse]
         else:
             stored = self._stored[flat]  # fancy indexing: a memmap reads just these rows
-        scale = None if self._scales is None else np.asarray(self._scales[flat])[:, None]
+        scale = None
+        if self._scale_reader is not None:
+            scale = self._scale_reader.read(unique)[inverse]
+        elif self._scales is not None:
+            scale = np.asarray(self._scales[flat])[:, None]
         return self.storage.decode(stored, scale).reshape(*ids.shape, self.dim)
 
     def lookup_torch(self, ids: Any) -> Any:
@@ -220,6 +224,10 @@ class ItemTable:
         return cls(record, view, error=CheckpointError)
 
 
+def _large(array: np.ndarray) -> bool:
+    return isinstance(array, np.memmap) and array.nbytes > MAP_BYTES
+
+
 class _RowReader:
     """Positioned reads of whole rows of a mapped table from the same file, opened once (a file
     replaced at the path later is not read). Runs of consecutive rows are one read."""
@@ -230,7 +238,7 @@ class _RowReader:
         self._file = open(self._path, "rb", buffering=0)  # lives as long as the table
         self._offset = int(mapped.offset)
         self._dtype = mapped.dtype
-        self._dim = int(mapped.shape[1])
+        self._dim = int(np.prod(mapped.shape[1:]))  # 1 for the per-row scales
         self._row_bytes = self._dim * mapped.dtype.itemsize
 
     def read(self, rows: np.ndarray) -> np.ndarray:

@@ -126,6 +126,8 @@ def test_a_table_whose_shape_disagrees_with_the_config_is_named(saved, tmp_path)
             load_checkpoint(target, item_table=wrong)
         message = _one_line(info)
         assert f"[{cfg.num_items}, {cfg.d_model}]" in message and f"[{cfg.num_items + 1}, {cfg.d_model}]" in message
+    with pytest.raises(CheckpointError, match="item_table is a ndarray, not an ItemTable"):
+        load_checkpoint(path, item_table=np.zeros((cfg.num_items + 1, cfg.d_model), np.float32))
 
 
 def test_an_edited_dense_copy_is_refused_by_its_own_digest(saved, tmp_path) -> None:

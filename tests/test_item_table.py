@@ -241,7 +241,7 @@ def test_a_large_tables_rows_are_read_by_position_and_equal_the_mapped_ones(save
     monkeypatch.setattr(item_table, "MAP_BYTES", 0)  # every file-backed table is "large"
     for name, (files, _) in written.items():
         table = ItemTable.open(tmp_path, files)
-        assert table._reader is not None
+        assert table._reader is not None and (table._scale_reader is not None) == (files.scales is not None)
         assert table.lookup(ids).tobytes() == mapped[name].tobytes()
         assert table.lookup(np.arange(table.rows)).shape == (table.rows, table.dim)  # one run: one read
     # A file cut after it was opened ends the read with a one-line error, not short rows.
