@@ -177,6 +177,19 @@ class ItemTable:
             scale = np.asarray(self._scales[flat])[:, None]
         return self.storage.decode(stored, scale).reshape(*ids.shape, self.dim)
 
+    def stored_rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Rows start..stop-1 as stored (and their scales when scaled), for copying the table in
+        chunks (to a device): a large file-backed table is read, not faulted in through its map."""
+        if not 0 <= start <= stop <= self.rows:
+            raise DataError(f"rows {start}..{stop - 1} are not inside the item table's 0..{self.rows - 1}; "
+                            "ask for a range of its rows")
+        stored = self._reader.read_range(start, stop) if self._reader is not None else self._stored[start:stop]
+        if self._scales is None:
+            return stored, None
+        if self._scale_reader is not None:
+            return stored, self._scale_reader.read_range(start, stop).reshape(-1)
+        return stored, self._scales[start:stop]
+
     def lookup_torch(self, ids: Any) -> Any:
         """The PyTorch oracle's lookup: a CPU int tensor -> float32 CPU tensor [*ids.shape, dim]."""
         return torch.from_numpy(self.lookup(ids.detach().cpu().numpy()))
@@ -244,18 +257,29 @@ class _RowReader:
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Sorted distinct row numbers -> their stored rows [len(rows), dim]."""
         out = np.empty((len(rows), self._dim), self._dtype)
+        if not out.size:
+            return out
         view = memoryview(out).cast("B")
         cuts = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist()
-        fd, size = self._file.fileno(), self._row_bytes
         for start, end in zip([0, *cuts], [*cuts, len(rows)], strict=True):
-            first, done, want = int(rows[start]), 0, (end - start) * size
-            while done < want:  # a read stops at 2 GiB: long runs take several
-                got = os.preadv(fd, [view[start * size + done:end * size]], self._offset + first * size + done)
-                if got <= 0:
-                    raise self._error(f"{self._path}: ends before row {first + (end - start) - 1} (it changed since "
-                                      "it was opened); restore the file, or re-export or re-save it")
-                done += got
+            self._read_run(view[start * self._row_bytes:end * self._row_bytes], int(rows[start]))
         return out
+
+    def read_range(self, start: int, stop: int) -> np.ndarray:
+        """Stored rows start..stop-1 [stop - start, dim], in one run of reads."""
+        out = np.empty((stop - start, self._dim), self._dtype)
+        if out.size:
+            self._read_run(memoryview(out).cast("B"), start)
+        return out
+
+    def _read_run(self, view: memoryview, first: int) -> None:
+        done, want = 0, len(view)
+        while done < want:  # a read stops at 2 GiB: long runs take several
+            got = os.preadv(self._file.fileno(), [view[done:]], self._offset + first * self._row_bytes + done)
+            if got <= 0:
+                raise self._error(f"{self._path}: ends before row {first + want // self._row_bytes - 1} (it changed "
+                                  "since it was opened); restore the file, or re-export or re-save it")
+            done += got
 
 
 def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

@@ -244,6 +244,16 @@ def test_a_large_tables_rows_are_read_by_position_and_equal_the_mapped_ones(save
         assert table._reader is not None and (table._scale_reader is not None) == (files.scales is not None)
         assert table.lookup(ids).tobytes() == mapped[name].tobytes()
         assert table.lookup(np.arange(table.rows)).shape == (table.rows, table.dim)  # one run: one read
+        assert table.lookup(np.zeros((2, 0), np.int64)).shape == (2, 0, table.dim)
+        # The chunks a device copy takes are the stored rows themselves, read or mapped alike.
+        mapped_table = ItemTable.open(tmp_path, files)
+        mapped_table._reader = mapped_table._scale_reader = None
+        for start, stop in ((0, 7), (7, table.rows), (5, 5)):
+            got, want = table.stored_rows(start, stop), mapped_table.stored_rows(start, stop)
+            assert got[0].tobytes() == np.asarray(want[0]).tobytes() and got[0].dtype == want[0].dtype
+            assert (got[1] is None) == (want[1] is None) and (got[1] is None or np.array_equal(got[1], want[1]))
+        with pytest.raises(DataError, match="not inside"):
+            table.stored_rows(0, table.rows + 1)
     # A file cut after it was opened ends the read with a one-line error, not short rows.
     files = written["fp32"][0]
     table = ItemTable.open(tmp_path, files)
