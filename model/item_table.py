@@ -5,8 +5,9 @@ A bundle keeps it in ``tables/``: ``item_table.<storage>.bin`` is the raw row-ma
 array of the storage's dtype, little-endian, no header (rows = num_items + 1, row 0 the padding
 row); a scaled storage (int8) adds ``item_table.<storage>.scales.bin``, float32 [rows], one
 symmetric scale per row (astro_trt/precision.py's ``Storage.encode`` with ``axes=(1,)``). A raw
-file maps with ``np.memmap`` as it is, so a process touches only the rows it looks up and a 10^7-row
-table costs no memory until read; the manifest records and hashes the files like every other.
+file maps with ``np.memmap`` as it is and costs no memory until read; a lookup reads only the rows
+it asks for (through the map for a small table, by positioned reads for a large one: MAP_BYTES).
+The manifest records and hashes the files like every other.
 
 Writing streams float32 row chunks into every requested storage at once (the table is never
 whole in memory); reading checks each file's size against the shape first, so a truncated or
