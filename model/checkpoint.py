@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from astro_trt import __version__
-from astro_trt.artifacts import as_path, copy_regular_file, sha256_file, staged_directory
+from astro_trt.artifacts import as_path, check_free_space, copy_regular_file, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ArtifactError, CheckpointError, ConfigError, one_line
 from astro_trt.model.astro import ASTRO
@@ -98,6 +98,9 @@ def save_checkpoint(
     # Refuse to write what load_checkpoint would refuse to read.
     _check_against_config(_header_of(tensors), cfg, out_dir / WEIGHTS_FILE)
     documents = _json_documents(cfg, metrics, extra)
+    # A 10^7-item table is GBs: a disk that cannot hold it is named before the write, not halfway.
+    check_free_space(out_dir, sum(t.numel() * t.element_size() for t in tensors.values())
+                     + sum(len(text.encode()) for text in documents.values()), "checkpoint", CheckpointError)
 
     with staged_directory(out_dir) as staging:
         # The training config and the list of documents travel inside the weights file: fields

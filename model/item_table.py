@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from astro_trt import precision
+from astro_trt.artifacts import check_free_space
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import AstroError, BundleError, CheckpointError, DataError
 from astro_trt.lazy import lazy_import
@@ -303,6 +304,7 @@ def write_tables(chunks: Iterable[np.ndarray], rows: int, dim: int, out_dir: Pat
     behind. Never holds more than one chunk (and its encodings)."""
     records = [precision.storage(name) for name in dict.fromkeys(storages)]
     table_dir = Path(out_dir)
+    check_free_space(table_dir, sum(r.bytes_for(rows * dim, groups=rows) for r in records), "item table")
     table_dir.mkdir(parents=True, exist_ok=True)
     targets: dict[str, list[tuple[Path, Path]]] = {}
     for record in records:

@@ -262,3 +262,21 @@ def test_a_large_tables_rows_are_read_by_position_and_equal_the_mapped_ones(save
     with pytest.raises(BundleError) as info:
         table.lookup(np.array([3, 20]))
     assert "ends before row 20" in _one_line(info)
+
+
+def test_a_table_or_checkpoint_the_disk_cannot_hold_is_refused_before_a_byte_is_written(
+        saved, tmp_path, monkeypatch) -> None:
+    from collections import namedtuple
+
+    from astro_trt import artifacts
+    from astro_trt.errors import ArtifactError
+
+    _, model, cfg = saved
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(artifacts.shutil, "disk_usage", lambda _path: usage(1 << 40, 1 << 40, 10 << 20))
+    # 64 MiB of margin on top of a few bytes of table: more than the 10 MiB free.
+    with pytest.raises(ArtifactError, match=r"item table .*10\.0 MiB free"):
+        write_tables([np.ones((5, 4), np.float32)], 5, 4, tmp_path / "out" / TABLE_DIR, STORAGES)
+    with pytest.raises(CheckpointError, match=r"checkpoint .*10\.0 MiB free"):
+        save_checkpoint(tmp_path / "ckpt2", model, cfg)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ckpt2").exists()
