@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from astro_trt import arguments, contract
-from astro_trt.artifacts import as_path, check_apart, check_destination, check_replaceable, refuse_existing
+from astro_trt.artifacts import (
+    as_path,
+    check_apart,
+    check_destination,
+    check_free_space,
+    check_replaceable,
+    refuse_existing,
+)
 from astro_trt.choices import comma_list
 from astro_trt.engines.backend import AUTO, PORTABLE, resolve_backend, target_names
 from astro_trt.engines.build import BuildSettings, Profile, attention_candidates, build_engine, check_opt_level
@@ -25,8 +32,8 @@ from astro_trt.exporter.check import check_graphs
 from astro_trt.exporter.export import export_onnx
 from astro_trt.manifest import build_manifest, write_manifest
 from astro_trt.model.checkpoint import load_checkpoint, read_checkpoint_config, table_chunks, write_dense_checkpoint
-from astro_trt.model.item_table import REFERENCE_TABLE, TABLE_DIR, write_tables
-from astro_trt.model.resources import check_fits
+from astro_trt.model.item_table import REFERENCE_TABLE, TABLE_DIR, planned_table_bytes, write_tables
+from astro_trt.model.resources import check_fits, parameter_lower_bound
 from astro_trt.precision import STORAGE
 from astro_trt.settings import EXPORT_PRECISIONS, MAX_BATCH, MAX_CANDIDATES
 
@@ -108,12 +115,17 @@ def export_bundle(
     if cache is not None and chosen is not None and not chosen.timing_cache:
         say(f"note: --timing-cache {cache} is not used: {chosen.name} has no timing cache (a no-op in its API)")
     # Judged from the config before the weights are read (the item table is streamed, never held).
-    check_fits(read_checkpoint_config(checkpoint), users=2, candidates=5, purpose="export")
+    cfg = read_checkpoint_config(checkpoint)
+    check_fits(cfg, users=2, candidates=5, purpose="export")
+    # The bundle's size, before any file is written: the tables, plus an ONNX graph and an engine of
+    # the dense weights per graph and precision (their size does not depend on the vocabulary).
+    dense = 4 * (parameter_lower_bound(cfg) - (cfg.num_items + 1) * cfg.d_model)
+    check_free_space(out, planned_table_bytes(cfg, storages) + 2 * len(contract.GRAPHS) * len(wanted) * dense,
+                     "--out", BundleError)
     ckpt = load_checkpoint(checkpoint)
     check_apart(out, ckpt.directory, "checkpoint", "bundle")
 
     start = time.perf_counter()
-    cfg = ckpt.config
     with staged_bundle(out, force=force) as stage:
         # The item table first, streamed from the checkpoint into every stored form at once: the
         # rows are in no graph or engine, and never all in memory.
