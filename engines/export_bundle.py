@@ -9,10 +9,12 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from astro_trt import arguments, contract
 from astro_trt.artifacts import (
@@ -26,13 +28,20 @@ from astro_trt.artifacts import (
 from astro_trt.choices import comma_list
 from astro_trt.engines.backend import AUTO, PORTABLE, resolve_backend, target_names
 from astro_trt.engines.build import BuildSettings, Profile, attention_candidates, build_engine, check_opt_level
-from astro_trt.engines.bundle import CHECKPOINT_DIR, engine_relpath, onnx_relpath, staged_bundle
+from astro_trt.engines.bundle import CHECKPOINT_DIR, engine_relpath, load_bundle, onnx_relpath, staged_bundle
 from astro_trt.errors import AstroError, BundleError, ConfigError
 from astro_trt.exporter.check import check_graphs
 from astro_trt.exporter.export import export_onnx
-from astro_trt.manifest import build_manifest, write_manifest
-from astro_trt.model.checkpoint import load_checkpoint, read_checkpoint_config, table_chunks, write_dense_checkpoint
-from astro_trt.model.item_table import REFERENCE_TABLE, TABLE_DIR, planned_table_bytes, write_tables
+from astro_trt.manifest import MANIFEST, build_manifest, write_manifest
+from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint, read_checkpoint_config, write_dense_checkpoint
+from astro_trt.model.item_table import (
+    REFERENCE_TABLE,
+    TABLE_DIR,
+    ItemTable,
+    chunk_rows,
+    planned_table_bytes,
+    write_tables,
+)
 from astro_trt.model.resources import check_fits, parameter_lower_bound
 from astro_trt.precision import STORAGE
 from astro_trt.settings import EXPORT_PRECISIONS, MAX_BATCH, MAX_CANDIDATES
@@ -114,33 +123,39 @@ def export_bundle(
     cache = as_path(timing_cache, "timing_cache") if timing_cache is not None else None
     if cache is not None and chosen is not None and not chosen.timing_cache:
         say(f"note: --timing-cache {cache} is not used: {chosen.name} has no timing cache (a no-op in its API)")
+    # A bundle re-exports from its own dense checkpoint and fp32 table (verified as it loads).
+    source = load_bundle(checkpoint) if _is_bundle(checkpoint) else None
     # Judged from the config before the weights are read (the item table is streamed, never held).
-    cfg = read_checkpoint_config(checkpoint)
+    cfg = source.config if source is not None else read_checkpoint_config(checkpoint)
     check_fits(cfg, users=2, candidates=5, purpose="export")
     # The bundle's size, before any file is written: the tables, plus an ONNX graph and an engine of
     # the dense weights per graph and precision (their size does not depend on the vocabulary).
     dense = 4 * (parameter_lower_bound(cfg) - (cfg.num_items + 1) * cfg.d_model)
     check_free_space(out, planned_table_bytes(cfg, storages) + 2 * len(contract.GRAPHS) * len(wanted) * dense,
                      "--out", BundleError)
-    ckpt = load_checkpoint(checkpoint)
-    check_apart(out, ckpt.directory, "checkpoint", "bundle")
+    ckpt = source.checkpoint() if source is not None else load_checkpoint(checkpoint)
+    check_apart(out, source.directory if source is not None else ckpt.directory, "checkpoint", "bundle")
+    rows = source.item_table(REFERENCE_TABLE) if source is not None else ckpt.model.item_table
 
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:
         # The item table first, streamed from the checkpoint into every stored form at once: the
         # rows are in no graph or engine, and never all in memory.
         say(f"item table: {cfg.num_items + 1} rows x {cfg.d_model} -> {', '.join(storages)}")
-        tables = write_tables(table_chunks(ckpt.directory), cfg.num_items + 1, cfg.d_model, stage / TABLE_DIR,
-                              storages)
+        tables = write_tables(_row_chunks(rows), cfg.num_items + 1, cfg.d_model, stage / TABLE_DIR, storages)
         # The dense weights and the documents save_checkpoint wrote (config, metrics, data
         # fingerprint): validate reproduces the trained AUCs from them and the fp32 table.
         (stage / CHECKPOINT_DIR).mkdir()
-        write_dense_checkpoint(ckpt.directory, stage / CHECKPOINT_DIR)
+        if source is not None:  # already dense-only: copied as it is (regular files, bounded sizes)
+            copy_checkpoint(source.checkpoint_dir, stage / CHECKPOINT_DIR)
+        else:
+            write_dense_checkpoint(ckpt.directory, stage / CHECKPOINT_DIR, source_sha256=ckpt.sha256)
         build = BuildSettings(chosen, profile, tuple(target_list), opt_level, cache)
         parts = {p: _export_precision(ckpt.model, stage, p, lowerings[p], build, say) for p in wanted}
         manifest = build_manifest(
             config=ckpt.config.to_dict(),
-            checkpoint={"path": CHECKPOINT_DIR, "sha256": ckpt.sha256, "source": str(ckpt.directory)},
+            checkpoint={"path": CHECKPOINT_DIR, "sha256": ckpt.sha256,
+                        "source": str(source.directory if source is not None else ckpt.directory)},
             item_table={"default": storages[0], "tables": {s: tables[s][0].to_dict() for s in storages}},
             backend=None if chosen is None else {
                 "name": chosen.name, "version": chosen.version, "targets": target_list, "opt_level": opt_level,
@@ -159,6 +174,18 @@ def export_bundle(
         )
         write_manifest(stage, manifest)
     return ExportedBundle(out.resolve(), manifest)
+
+
+def _is_bundle(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def _row_chunks(table: ItemTable) -> Iterator[np.ndarray]:
+    """The fp32 rows of ``table`` (a checkpoint's own, or a bundle's), a bounded chunk at a time:
+    a large file-backed table is read by position, never faulted in whole (model/item_table.py)."""
+    step = chunk_rows(table.dim)
+    for start in range(0, table.rows, step):
+        yield table.stored_rows(start, min(table.rows, start + step))[0]
 
 
 def _refuse_engine_options(backend: object, targets: object, opt_level: int | None, timing_cache: object) -> None:

@@ -97,7 +97,9 @@ def export(
     max_batch: int, max_candidates: int, item_table: str, opt_level: int | None, timing_cache: Path | None,
     no_engines: bool, run_validate: bool,
 ) -> None:
-    """Export CHECKPOINT to a verified bundle: ONNX graphs, TensorRT engines, manifest."""
+    """Export CHECKPOINT (a checkpoint directory, or a bundle to re-export from its own dense
+    checkpoint and fp32 item table) to a verified bundle: ONNX graphs, TensorRT engines, the item
+    table, manifest."""
     with _spinner() as progress:
         result = export_lib.export_bundle(
             checkpoint, out, precisions=precision, backend=backend_name, attention=attention, targets=targets,
