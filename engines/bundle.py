@@ -212,9 +212,9 @@ def _check_consistent(manifest: dict[str, Any], config: ASTROConfig, where: str)
     for storage, entry in manifest["item_table"]["tables"].items():
         shape = [entry["rows"], entry["dim"]]
         if shape != [config.num_items + 1, config.d_model]:
-            raise BundleError(f"{where}: item_table.tables.{storage} is {shape} but config '{config.name}' has "
-                              f"[num_items + 1, d_model] = [{config.num_items + 1}, {config.d_model}]; re-export the "
-                              "bundle")
+            raise BundleError(f"{where}: config.num_items = {config.num_items} and config.d_model = {config.d_model} "
+                              f"need an item table of [{config.num_items + 1}, {config.d_model}] (row 0 is padding), "
+                              f"but item_table.tables.{storage} is {shape}; re-export the bundle")
 
 
 def write_report(bundle_dir: str | Path, name: str, files: Mapping[str, bytes | str | Path]) -> list[Path]:

@@ -71,7 +71,9 @@ class GateModel:
         self.pb = pb
         self.cfg = ASTROConfig.from_dict(json.loads(params["astro_config"]), source="astro_gate config.pbtxt")
         self.profiles = gate_profiles(json.loads(params["profiles"]))
-        repository = Path(args["model_repository"]).parent
+        # The repository this model was written into (a server that loads a subset of the models
+        # links their folders into a repository of its own; the table stays in the written one).
+        repository = Path(args["model_repository"]).resolve().parent
         bundle = load_served_bundle(repository / params["bundle"])
         self.item_table = bundle.item_table(params["item_table"])
         self.outputs = [t["name"][len(CHECKED):] for t in json.loads(args["model_config"])["output"]]
