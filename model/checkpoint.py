@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from astro_trt import __version__
@@ -195,7 +195,7 @@ def load_checkpoint(path: str | Path, item_table: ItemTable | None = None) -> Ch
     if recorded is not None and recorded != content:
         raise CheckpointError(f"{weights}: its tensors or metadata do not match the digest recorded when it was "
                               "saved; the file is corrupt or was edited, re-copy or re-save the checkpoint")
-    dense = _read_dense(weights)
+    dense = _read_dense(weights, header)
     table = item_table if item_table is not None else _mapped_table(weights, header)
     model = ASTRO(cfg, item_table=table)
     model.load_state_dict(dense, strict=True)
@@ -220,15 +220,22 @@ def _check_table_shape(table: ItemTable, cfg: ASTROConfig, weights: Path) -> Non
                               "with this checkpoint (re-export the bundle)")
 
 
-def _read_dense(weights: Path) -> dict[str, torch.Tensor]:
-    """Every tensor but the item table, copied out of the file (safetensors parses the header
-    again and checks the layout; only these tensors' pages are touched)."""
-    try:
-        with safe_open(str(weights), framework="pt") as fh:
-            return {name: fh.get_tensor(name) for name in fh.keys() if name != ITEM_TABLE_TENSOR}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: safetensors could not read it ({one_line(exc)}); "
-                              "re-copy or re-save the checkpoint") from None
+def _read_dense(weights: Path, header: _Header) -> dict[str, torch.Tensor]:
+    """Every tensor but the item table (a few MB), by plain reads at the offsets of the header
+    (checked against the file by _read_header; their dtype, float32, by _check_against_config).
+    The file is not mapped: a 10^7-row table would fill an address-space limit (ulimit -v)."""
+    out: dict[str, torch.Tensor] = {}
+    with weights.open("rb") as fh:
+        for name, entry in header.tensors.items():
+            if name == ITEM_TABLE_TENSOR:
+                continue
+            start, end = entry["data_offsets"]
+            data = bytearray(end - start)
+            fh.seek(header.data_start + start)
+            if fh.readinto(data) != len(data):
+                raise CheckpointError(f"{weights}: ends inside tensor '{name}'; re-copy or re-save the checkpoint")
+            out[name] = torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(entry["shape"]))
+    return out
 
 
 def _mapped_table(weights: Path, header: _Header) -> ItemTable:
@@ -497,8 +504,9 @@ def write_dense_checkpoint(src_dir: str | Path, dest_dir: str | Path, *, source_
     if _is_dense_only(header.metadata, weights):
         raise CheckpointError(f"{weights}: already a dense-only copy (its item table is in a bundle); "
                               "export from the original checkpoint")
+    _check_against_config(header.tensors, read_checkpoint_config(directory), weights)
     names = _documents(directory, weights, header.metadata)
-    dense = _read_dense(weights)
+    dense = _read_dense(weights, header)
     metadata = {k: v for k, v in header.metadata.items() if k != _META_DIGEST}
     metadata[_META_TABLE] = _EXTERNAL
     metadata[_META_SOURCE] = source_sha256 or checkpoint_sha256(weights)

@@ -125,16 +125,16 @@ class ItemTable:
     """The item rows in one storage: mapped from a bundle's file, a view into a checkpoint's
     safetensors file, or in memory. ``lookup`` returns float32 rows (dequantized when scaled)."""
 
-    def __init__(self, record: Storage, stored: np.ndarray, scales: np.ndarray | None = None,
-                 error: type[AstroError] = BundleError) -> None:
-        if stored.ndim != 2 or (scales is None) == record.scaled:
+    def __init__(self, record: Storage, stored: np.ndarray | _RowReader, scales: np.ndarray | _RowReader | None = None
+                 ) -> None:
+        if len(stored.shape) != 2 or (scales is None) == record.scaled:
             raise ValueError("stored must be [rows, dim] and scales given exactly for a scaled storage")
         self.storage = record
         self._stored = stored
         self._scales = scales
-        # A large file-backed table is read row by row (see MAP_BYTES), from the file that was mapped.
-        self._reader = _RowReader(stored, error) if _large(stored) else None
-        self._scale_reader = _RowReader(scales, error) if scales is not None and _large(scales) else None
+        # A large file-backed table is not mapped but read row by row (MAP_BYTES).
+        self._reader = stored if isinstance(stored, _RowReader) else None
+        self._scale_reader = scales if isinstance(scales, _RowReader) else None
 
     @property
     def rows(self) -> int:
@@ -202,12 +202,12 @@ class ItemTable:
         """Map a bundle's table files read-only. A file whose size is not what the shape needs is
         refused before it maps (a truncated table must never be read as a shorter one)."""
         record = precision.storage(files.storage)
-        stored = _map(inside(directory, files.path), _file_dtype(record), (files.rows, files.dim))
+        stored = _open_exact(inside(directory, files.path), _file_dtype(record), (files.rows, files.dim))
         scales = None
         if record.scaled:
             if files.scales is None:
                 raise BundleError(f"{directory}: item table {files.storage} lists no scales file; re-export the bundle")
-            scales = _map(inside(directory, files.scales), _SCALE_DTYPE, (files.rows,))
+            scales = _open_exact(inside(directory, files.scales), _SCALE_DTYPE, (files.rows,))
         return cls(record, stored, scales)
 
     @classmethod
@@ -224,8 +224,9 @@ class ItemTable:
     @classmethod
     def mapped_view(cls, path: Path, offset: int, rows: int, dim: int, dtype: str = "float32") -> ItemTable:
         """The float32 rows stored at ``offset`` of ``path`` (a checkpoint's own table inside its
-        safetensors file), mapped without a copy. The caller has checked the offsets against the
-        file's header; the size is checked again here, as the file may have changed since."""
+        safetensors file), mapped without a copy (read by position when large: MAP_BYTES). The
+        caller has checked the offsets against the file's header; the size is checked again here,
+        as the file may have changed since."""
         record = next((s for s in STORAGE.values() if s.dtype.name == dtype and not s.scaled), None)
         if record is None:
             raise CheckpointError(f"{path}: an item table stored as {dtype} cannot be mapped; "
@@ -235,26 +236,33 @@ class ItemTable:
         if size < need:
             raise CheckpointError(f"{path}: {size} bytes, but its item table needs bytes up to {need}; "
                                   "re-copy or re-save the checkpoint")
-        view = np.memmap(path, dtype=_file_dtype(record), mode="r", offset=offset, shape=(rows, dim))
-        return cls(record, view, error=CheckpointError)
+        return cls(record, _rows_of(Path(path), offset, _file_dtype(record), (rows, dim), CheckpointError))
 
 
-def _large(array: np.ndarray) -> bool:
-    return isinstance(array, np.memmap) and array.nbytes > MAP_BYTES
+def _rows_of(path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...],
+             error: type[AstroError]) -> np.ndarray | _RowReader:
+    """The array stored at ``offset`` of ``path``: mapped when small, else a reader of its rows
+    (not mapped at all: neither its pages nor its address space count against the process)."""
+    if int(np.prod(shape)) * dtype.itemsize > MAP_BYTES:
+        return _RowReader(path, offset, dtype, shape, error)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 class _RowReader:
-    """Positioned reads of whole rows of a mapped table from the same file, opened once (a file
-    replaced at the path later is not read). Runs of consecutive rows are one read."""
+    """Positioned reads of whole rows of an array stored in a file, opened once (a file replaced
+    at the path later is not read). Runs of consecutive rows are one read."""
 
-    def __init__(self, mapped: np.memmap, error: type[AstroError]) -> None:
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...],
+                 error: type[AstroError]) -> None:
         self._error = error
-        self._path = Path(mapped.filename)
-        self._file = open(self._path, "rb", buffering=0)  # lives as long as the table
-        self._offset = int(mapped.offset)
-        self._dtype = mapped.dtype
-        self._dim = int(np.prod(mapped.shape[1:]))  # 1 for the per-row scales
-        self._row_bytes = self._dim * mapped.dtype.itemsize
+        self._path = path
+        self._file = open(path, "rb", buffering=0)  # lives as long as the table
+        self._offset = offset
+        self._dtype = dtype
+        self.shape = shape
+        self._dim = int(np.prod(shape[1:]))  # 1 for the per-row scales
+        self._row_bytes = self._dim * dtype.itemsize
+        self.nbytes = shape[0] * self._row_bytes
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Sorted distinct row numbers -> their stored rows [len(rows), dim]."""
@@ -284,13 +292,14 @@ class _RowReader:
             done += got
 
 
-def _map(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+def _open_exact(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray | _RowReader:
+    """A bundle's table file, refused unless its size is exactly what ``shape`` needs."""
     expected = int(np.prod(shape)) * dtype.itemsize
     size = path.stat().st_size
     if size != expected:
         raise BundleError(f"{path}: {size} bytes, but a {dtype.name} table of shape {list(shape)} is {expected}; "
                           "the file is truncated or altered, re-export the bundle")
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+    return _rows_of(path, 0, dtype, shape, BundleError)
 
 
 # ---------------------------------------------------------------------------- writing

@@ -149,3 +149,14 @@ def test_an_unknown_table_mode_is_refused(saved, tmp_path) -> None:
     weights.write_bytes(raw.replace(b'"external"', b'"internal"'))
     with pytest.raises(CheckpointError, match="item table mode 'internal'"):
         load_checkpoint(bundle / "checkpoint", item_table=tables["fp32"])
+
+
+def test_a_large_checkpoint_table_is_read_by_position_with_the_same_logits(saved, make_history, monkeypatch) -> None:
+    from astro_trt.model import item_table
+
+    path, model, cfg = saved
+    monkeypatch.setattr(item_table, "MAP_BYTES", 0)  # as a 10^7-row table: not mapped at all
+    loaded = load_checkpoint(path)
+    assert loaded.item_table._reader is not None and not isinstance(loaded.item_table._stored, np.ndarray)
+    for got, want in zip(_logits(loaded.model, cfg, make_history), _logits(model, cfg, make_history), strict=True):
+        assert torch.equal(got, want)
