@@ -29,7 +29,7 @@ from astro_trt.choices import comma_list
 from astro_trt.engines.backend import AUTO, PORTABLE, resolve_backend, target_names
 from astro_trt.engines.build import BuildSettings, Profile, attention_candidates, build_engine, check_opt_level
 from astro_trt.engines.bundle import CHECKPOINT_DIR, engine_relpath, load_bundle, onnx_relpath, staged_bundle
-from astro_trt.errors import AstroError, BundleError, ConfigError
+from astro_trt.errors import AstroError, BundleError, CheckpointError, ConfigError
 from astro_trt.exporter.check import check_graphs
 from astro_trt.exporter.export import export_onnx
 from astro_trt.manifest import MANIFEST, build_manifest, write_manifest
@@ -124,6 +124,7 @@ def export_bundle(
     if cache is not None and chosen is not None and not chosen.timing_cache:
         say(f"note: --timing-cache {cache} is not used: {chosen.name} has no timing cache (a no-op in its API)")
     # A bundle re-exports from its own dense checkpoint and fp32 table (verified as it loads).
+    checkpoint = as_path(checkpoint, "checkpoint", CheckpointError)
     source = load_bundle(checkpoint) if _is_bundle(checkpoint) else None
     # Judged from the config before the weights are read (the item table is streamed, never held).
     cfg = source.config if source is not None else read_checkpoint_config(checkpoint)
