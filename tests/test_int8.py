@@ -261,7 +261,7 @@ def test_the_ceiling_times_both_scorers_and_the_bare_matmuls(int8_bundle):
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.runtime.onnxruntime import OrtRunner
     from astro_trt.validate.bench import ceiling_markdown
-    from astro_trt.validate.ceiling import int8_bound, scorer_ceiling, scorer_macs, weight_macs
+    from astro_trt.validate.ceiling import int8_estimate, scorer_ceiling, scorer_macs, weight_macs
 
     bundle = load_bundle(int8_bundle)
     cfg = bundle.config
@@ -279,9 +279,9 @@ def test_the_ceiling_times_both_scorers_and_the_bare_matmuls(int8_bundle):
     assert scorer_macs(cfg, 32) == 32 * per
     assert weight_macs(cfg, 32) == 32 * (per - 2 * nb * 2 * d * (cfg.max_len + 1))
     # Amdahl over the bare rates: 10 ms of which 6 ms weight MatMuls (3e9 multiply-adds at 1000
-    # GOP/s), int8 at 3x: 4 + 2 ms = 1.67x at best; the measured point carries its own.
-    assert int8_bound(10.0, 3_000_000_000, 1000.0, 3000.0) == pytest.approx(10 / 6)
-    bound = int8_bound(point["ms"]["scorer fp32"], weight_macs(cfg, 32), point["gops"]["MatMul fp32"],
+    # GOP/s), int8 at 3x: 4 + 2 ms = 1.67x; the measured point carries its own.
+    assert int8_estimate(10.0, 3_000_000_000, 1000.0, 3000.0) == pytest.approx(10 / 6)
+    bound = int8_estimate(point["ms"]["scorer fp32"], weight_macs(cfg, 32), point["gops"]["MatMul fp32"],
                        point["gops"]["DynamicQuantizeMatMul int8"])
-    assert point["int8_bound"] == pytest.approx(bound) and "at best" in ceiling_markdown(ceiling, 1)
+    assert point["int8_estimate"] == pytest.approx(bound) and "Amdahl estimate" in ceiling_markdown(ceiling, 1)
     assert "DynamicQuantizeMatMul int8" in ceiling_markdown(ceiling, 1)

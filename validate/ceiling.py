@@ -8,10 +8,11 @@ included) over its median time; a bare rate is the MatMuls' multiply-adds over t
 of the bare int8 rate says how much of the scorer's time is int8 arithmetic and how much is the
 operators around it (attention, LayerNorm, GELU, bias adds), which stay float.
 
-The bound (``int8_bound``) is the int8 speed-up this machine allows the scorer at best while its
-float operators stay as they are: the fp32 scorer's time with its weight multiply-adds re-timed
-from the bare fp32 rate to the bare int8 rate, everything else unchanged (Amdahl's law over the
-measured rates). Where it is below a goal, no layout of the int8 MatMuls reaches the goal.
+The estimate (``int8_estimate``) is the int8 speed-up Amdahl's law gives the scorer over the
+measured rates while its float operators stay as they are: the fp32 scorer's time with its weight
+multiply-adds re-timed from the bare fp32 rate to the bare int8 rate, everything else unchanged. It
+assumes the scorer's MatMuls run at the bare rates (cache-resident weights, as the bare calls'
+are); on the climber scorer the per-operator profile agrees with it (docs/precision.md).
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def weight_macs(cfg: ASTROConfig, candidates: int) -> int:
     return scorer_macs(cfg, candidates) - candidates * attention
 
 
-def int8_bound(fp32_ms: float, macs: int, fp32_gops: float, int8_gops: float) -> float:
+def int8_estimate(fp32_ms: float, macs: int, fp32_gops: float, int8_gops: float) -> float:
     """The int8 speed-up over a scorer of ``fp32_ms`` if its ``macs`` weight multiply-adds went from
-    the bare fp32 rate to the bare int8 rate (GOP/s) and the rest of its time stayed."""
+    the bare fp32 rate to the bare int8 rate (GOP/s) and the rest of its time stayed (Amdahl)."""
     weights = 2 * macs / (fp32_gops * 1e9) * 1e3  # ms of the fp32 scorer spent on them, at the bare rate
     rest = max(fp32_ms - weights, 0.0)
     return fp32_ms / (rest + weights * fp32_gops / int8_gops)
@@ -123,11 +124,11 @@ def scorer_ceiling(
             f"{s} of {b}": rate[s] / rate[b] for s in calls if s.startswith("scorer ") for b in bare}}
         if "scorer int8" in ms and "scorer fp32" in ms:
             point["int8_speedup"] = ms["scorer fp32"] / ms["scorer int8"]
-            point["int8_bound"] = int8_bound(ms["scorer fp32"], weight_macs(cfg, m), rate["MatMul fp32"],
-                                             rate["DynamicQuantizeMatMul int8"])
+            point["int8_estimate"] = int8_estimate(ms["scorer fp32"], weight_macs(cfg, m), rate["MatMul fp32"],
+                                                   rate["DynamicQuantizeMatMul int8"])
         out[f"M={m}"] = point
     return out
 
 
-__all__ = ["bare_matmuls", "int8_bound", "matmul_shapes", "scorer_ceiling", "scorer_macs",
+__all__ = ["bare_matmuls", "int8_estimate", "matmul_shapes", "scorer_ceiling", "scorer_macs",
            "weight_macs"]
