@@ -65,6 +65,15 @@ def weight_matmuls(graph: Any) -> list[Any]:
     return [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
+def _replace(graph: Any, nodes: list[Any], dropped: set[str], added: list[Any]) -> None:
+    """Give ``graph`` the nodes ``nodes`` and its initializers less ``dropped`` plus ``added``."""
+    kept = [t for t in graph.initializer if t.name not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + added)
+
+
 def split_block_matmuls(proto: Any) -> Any:
     """Rewrite the weight MatMuls for per-channel int8, in place: each stacked [Nb, d, e] weight
     becomes Nb 2-D [d, e] weights, one MatMul per block, so that the quantizer gives every block
@@ -111,16 +120,12 @@ def split_block_matmuls(proto: Any) -> Any:
                 nodes.append(helper.make_node("MatMul", [marked, n.input[1]], list(n.output), name=n.name))
                 continue
             outs = [f"{n.name}/out{BLOCK_SUFFIX}{i}" for i in range(len(w))]
-            for i, (part, out) in enumerate(zip(parts, outs, strict=False)):
+            for i, (part, out) in enumerate(zip(parts, outs, strict=True)):
                 block = f"{n.input[1]}{BLOCK_SUFFIX}{i}"
                 added.append(numpy_helper.from_array(np.ascontiguousarray(w[i]), block))
                 nodes.append(helper.make_node("MatMul", [part, block], [out], name=f"{n.name}{BLOCK_SUFFIX}{i}"))
             nodes.append(helper.make_node("Concat", outs, list(n.output), name=f"{n.name}/concat", axis=-3))
-    kept = [t for t in graph.initializer if t.name not in dropped]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
+    _replace(graph, nodes, dropped, added)
     return proto
 
 
@@ -200,11 +205,7 @@ def stack_block_matmuls(proto: Any) -> Any:
         nodes.extend(replace.get(node.name, []))
         if node.name not in dropped_nodes:
             nodes.append(node)
-    kept = [t for t in graph.initializer if t.name not in dropped_inits]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    del graph.initializer[:]
-    graph.initializer.extend(kept + added)
+    _replace(graph, nodes, dropped_inits, added)
     return proto
 
 
