@@ -119,6 +119,8 @@ def test_stacking_moves_the_quantizers_blocks_into_one_batched_int8_matmul(model
     quantize_dynamic(proto, tmp_path / "blocks.onnx", weight_type=QuantType.QInt8, per_channel=True,
                      nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"], extra_options={"WeightSymmetric": True})
     blocks = onnx.load(str(tmp_path / "blocks.onnx"))
+    # A graph not in the quantizer's form (here: before quantizing) is left as it is, never half-rewritten.
+    assert stack_block_matmuls(copy.deepcopy(proto)) == proto
     stacked = stack_block_matmuls(copy.deepcopy(blocks))
     onnx.checker.check_model(stacked, full_check=True)
     before = {t.name: onnx.numpy_helper.to_array(t) for t in blocks.graph.initializer}
