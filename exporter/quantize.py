@@ -142,8 +142,7 @@ def _block_chain(concat: Any, producers: Mapping[str, Any], inits: Mapping[str, 
         if (matmul is None or matmul.op_type != "MatMulInteger" or len(matmul.input) != 4 or scales is None
                 or scales.op_type != "Mul" or not {matmul.input[1], matmul.input[3], scales.input[1]} <= set(inits)):
             return None
-        chain.append({"x": matmul.input[0], "x_zp": matmul.input[2], "x_scale": scales.input[0],
-                      "w": matmul.input[1], "w_zp": matmul.input[3], "w_scale": scales.input[1],
+        chain.append({"x": matmul.input[0], "w": matmul.input[1], "w_zp": matmul.input[3], "w_scale": scales.input[1],
                       "nodes": (mul, cast, matmul, scales)})
     return chain
 
@@ -175,8 +174,12 @@ def stack_block_matmuls(proto: Any) -> Any:
                    for c in consumers.get(m.output[0], []) for mul in consumers.get(c.output[0], [])
                    for n in consumers.get(mul.output[0], []) if n.op_type == "Concat"}
         chains = {name: _block_chain(concat, producers, inits) for name, concat in concats.items()}
-        if not chains or any(chain is None for chain in chains.values()):
-            continue
+        if not chains or any(chain is None or [b["x"] for b in chain] != [d.output[0] for d in dqls]
+                             for chain in chains.values()):
+            continue  # not block i of the input in place i of every Concat: left as it is
+        readers = {n.name for d in dqls for t in d.output for n in consumers.get(t, [])}
+        if readers != {n.name for chain in chains.values() for b in chain for n in b["nodes"][2:]}:
+            continue  # a quantized block is read by something else too
         base = split.input[0]
         x_q, x_scale, x_zp = (f"{split.name}/{t}" for t in ("quantized", "scale", "zero_point"))
         new = [helper.make_node("DynamicQuantizeLinear", [base], [x_q, x_scale, x_zp], name=f"{split.name}/quantize")]
