@@ -232,6 +232,32 @@ def check_destination(out: str | Path, what: str = "--out") -> None:
         raise ArtifactError(f"{what} {out}: {ancestor} is not writable by this user; choose a writable folder")
 
 
+# Besides what is planned: the manifest, reports, file-system overhead and estimates that run short.
+FREE_SPACE_MARGIN = 64 << 20
+FREE_SPACE_SHARE = 0.05
+
+
+def check_free_space(path: str | Path, planned_bytes: int, what: str = "--out",
+                     error: type[AstroError] = ArtifactError) -> int:
+    """Refuse (one line, before writing) an output of ``planned_bytes`` whose file system has
+    less free space than that plus a margin (the larger of FREE_SPACE_MARGIN and FREE_SPACE_SHARE
+    of it): a multi-GB table must not fill the disk halfway. ``path`` may not exist yet: the file
+    system is the one of its nearest existing folder. Returns the free bytes found."""
+    ancestor = Path(path).absolute()
+    while not ancestor.is_dir() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    free = shutil.disk_usage(ancestor).free
+    margin = max(FREE_SPACE_MARGIN, int(planned_bytes * FREE_SPACE_SHARE))
+    if planned_bytes + margin > free:
+        raise error(f"{what} {path}: needs about {_size(planned_bytes)} (+ {_size(margin)} margin) but the file "
+                    f"system of {ancestor} has {_size(free)} free; free space there or write to another disk")
+    return free
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def refuse_existing(out: Path, force: bool, error: type[AstroError] = ArtifactError) -> None:
     """The one refusal of an output that exists when ``force`` was not given."""
     if out.exists() and not force:

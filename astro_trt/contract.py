@@ -40,6 +40,17 @@ FULL_MODEL = "full_model"
 GRAPHS = (USER_ENCODER, ITEM_SCORER, FULL_MODEL)
 LOGITS = "logits"
 CAND_ITEMS = "cand_items"
+HIST_ITEMS = "hist_items"
+
+# Sparse and dense are apart: the item embedding table (10^7-10^8 rows in a deployment) is in no
+# graph. A request carries item ids; the runner looks their rows up in the bundle's mapped table
+# (model/item_table.py) once per request, and the graphs take the rows. Each id input and the graph
+# input its rows become; the rows are float32 whatever the precision (an fp16/int8 table is
+# dequantized at lookup, a half-precision graph casts on entry), so one lookup serves every graph.
+HIST_ITEM_EMB = "hist_item_emb"
+CAND_ITEM_EMB = "cand_item_emb"
+ITEM_ROWS = {HIST_ITEMS: HIST_ITEM_EMB, CAND_ITEMS: CAND_ITEM_EMB}
+ITEM_ROWS_DTYPE = "float32"
 
 KV_CACHE = "kv_cache"
 # The KV cache is one tensor, batch-major, so that one user's cache is one contiguous slice and
@@ -110,6 +121,19 @@ def kv_cache_shape(cfg: ASTROConfig) -> tuple[int | str, ...]:
     return (BATCH, cfg.num_layers, cfg.num_blocks, 2, cfg.num_heads, cfg.max_len, cfg.head_dim)
 
 
+def request_name(graph_input: str) -> str:
+    """The request tensor a graph input is made from: an id input for a looked-up rows input, else itself."""
+    return next((ids for ids, rows in ITEM_ROWS.items() if rows == graph_input), graph_input)
+
+
+def request_spec(graph_input: TensorSpec) -> TensorSpec:
+    """The request tensor a graph input is made from: item rows [..., d] come from int64 ids [...]."""
+    name = request_name(graph_input.name)
+    if name == graph_input.name:
+        return graph_input
+    return TensorSpec(name, "int64", graph_input.shape[:-1])
+
+
 def history_inputs(cfg: ASTROConfig) -> tuple[TensorSpec, ...]:
     blk = (BATCH, cfg.num_blocks, cfg.max_len)
     shapes = (blk, blk, blk, (BATCH, cfg.num_blocks), (BATCH,), (BATCH,))
@@ -117,12 +141,14 @@ def history_inputs(cfg: ASTROConfig) -> tuple[TensorSpec, ...]:
 
 
 def graph_io(cfg: ASTROConfig, precision: str) -> dict[str, GraphIO]:
-    """The I/O of the three graphs, in the positional order of their inputs."""
+    """The I/O of the three graphs, in the positional order of their inputs. Item ids never enter a
+    graph: ``hist_items`` and ``cand_items`` arrive as their rows (ITEM_ROWS)."""
     hist = {t.name: t for t in history_inputs(cfg)}
-    cand = TensorSpec(CAND_ITEMS, "int64", (BATCH, CANDIDATES))
+    hist[HIST_ITEMS] = TensorSpec(HIST_ITEM_EMB, ITEM_ROWS_DTYPE, (BATCH, cfg.num_blocks, cfg.max_len, cfg.d_model))
+    cand = TensorSpec(CAND_ITEM_EMB, ITEM_ROWS_DTYPE, (BATCH, CANDIDATES, cfg.d_model))
     logits = TensorSpec(LOGITS, "float32", (BATCH, CANDIDATES, cfg.num_tasks))
     kv = TensorSpec(KV_CACHE, float_dtype(precision), kv_cache_shape(cfg))
-    encoder_names = ["hist_items", "hist_behaviors"]
+    encoder_names = [HIST_ITEMS, "hist_behaviors"]
     if cfg.num_layers > 1:
         # The encoder skips the last layer's history attention (only its K/V are needed), so a
         # one-layer encoder never reads times, lengths or scenario: they are not graph inputs then.

@@ -18,9 +18,11 @@ from typing import Any
 from astro_trt import contract
 from astro_trt.contract import GRAPHS, PRECISIONS
 from astro_trt.errors import BundleError
+from astro_trt.precision import STORAGE
 
 FORMAT = "astro-trt-bundle"
-FORMAT_VERSION = 1
+# 2: the item table left the graphs (graph inputs are item rows; tables/ holds the table once per stored form).
+FORMAT_VERSION = 2
 FIX = "re-export the bundle with `astro-trt export`"
 MAX_DIM = 2**31 - 1  # a profile bound beyond this is no engine's
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -126,6 +128,7 @@ def check_manifest(manifest: Any, where: str) -> dict[str, Any]:
     for rel, size in s.obj(m.get("sizes", {}), "sizes").items():  # optional: bundles before it lack it
         _listed(s, files, rel, f"sizes[{_show(rel)}]")
         s.integer(size, f"sizes.{rel}")
+    _item_table(s, files, s.key(m, "item_table", ""))
     kv_cache = s.obj(s.key(m, "kv_cache", ""), "kv_cache")
     onnx = s.obj(s.key(m, "onnx", ""), "onnx")
     engines = s.obj(m.get("engines", {}), "engines")
@@ -158,6 +161,29 @@ def _listed(s: _Schema, files: dict[str, Any], rel: Any, field: str) -> None:
     # A path the loader follows must be one whose sha256 the manifest records.
     if s.path(rel, field) not in files:
         raise s.fail(field, f"= {_show(rel)} is not listed in 'files', so it could not be verified")
+
+
+def _item_table(s: _Schema, files: dict[str, Any], value: Any) -> None:
+    """item_table: {"default": storage, "tables": {storage: {storage, rows, dim, path, scales}}}."""
+    entry = s.obj(value, "item_table")
+    tables = s.obj(s.key(entry, "tables", "item_table"), "item_table.tables")
+    if not tables:
+        raise s.fail("item_table.tables", "is empty")
+    s.text(s.key(entry, "default", "item_table"), "item_table.default", tuple(tables))
+    for name, table in tables.items():
+        field = f"item_table.tables.{name}"
+        table = s.obj(table, field)
+        s.text(name, f"{field} (storage)", tuple(STORAGE))
+        if s.text(s.key(table, "storage", field), f"{field}.storage") != name:
+            raise s.fail(f"{field}.storage", f"is {_show(table['storage'])}, not {name!r}")
+        s.integer(s.key(table, "rows", field), f"{field}.rows", 1)
+        s.integer(s.key(table, "dim", field), f"{field}.dim", 1)
+        _listed(s, files, s.key(table, "path", field), f"{field}.path")
+        scales = table.get("scales")
+        if STORAGE[name].scaled or scales is not None:
+            if not STORAGE[name].scaled:
+                raise s.fail(f"{field}.scales", f"is given, but {name} tables have no scales")
+            _listed(s, files, s.key(table, "scales", field), f"{field}.scales")
 
 
 def _backend(s: _Schema, value: Any) -> None:

@@ -103,7 +103,9 @@ class Storage:
             return np.asarray(x).astype(self.dtype.numpy()), None
         x = np.asarray(x, dtype=np.float32)
         amax = np.abs(x).max(axis=axes, keepdims=True) if axes else np.abs(x)
-        scale = np.where(amax > 0, amax / self.qmax, 1.0).astype(np.float32)
+        # A scale that underflows to 0 (max |x| below qmax subnormals) would divide by zero: 1 instead.
+        scale = (amax / self.qmax).astype(np.float32)
+        scale = np.where(scale > 0, scale, np.float32(1.0))
         stored = np.clip(np.rint(x / scale), -self.qmax, self.qmax).astype(self.dtype.numpy())
         return stored, scale
 

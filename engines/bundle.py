@@ -4,7 +4,9 @@ verifying it, and adding reports to it.
 Layout::
 
     DIR/manifest.json, DIR/manifest.sha256     (astro_trt.manifest)
-    DIR/checkpoint/{model.safetensors,config.json,metrics.json,...}   (the oracle)
+    DIR/checkpoint/{model.safetensors,config.json,metrics.json,...}   (the oracle's dense weights)
+    DIR/tables/item_table.<storage>.bin[, .scales.bin]   (the item table, once per stored form;
+                                              in no graph or engine; model/item_table.py)
     DIR/onnx/<precision>/<graph>.onnx
     DIR/engines/<precision>/<graph>.plan      (absent with --no-engines)
     DIR/reports/                              (validate/bench; see write_report)
@@ -12,9 +14,10 @@ Layout::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,7 @@ from astro_trt.contract import GraphIO, TensorSpec, float_dtype, graph_io, kv_ca
 from astro_trt.engines.backend import BACKENDS
 from astro_trt.engines.bundle_graphs import check_against_graphs
 from astro_trt.errors import BundleError, ConfigError
+from astro_trt.lazy import lazy_import
 from astro_trt.manifest import (
     MANIFEST,
     MANIFEST_HASH,
@@ -43,8 +47,11 @@ from astro_trt.manifest import (
     verify_files,
     write_manifest,
 )
+from astro_trt.model.item_table import REFERENCE_TABLE, ItemTable, TableFiles
 
 CHECKPOINT_DIR = "checkpoint"
+# The oracle's loader imports torch: light users of bundles (the served models on a CPU) never need it.
+checkpoints = lazy_import("astro_trt.model.checkpoint")
 
 
 def onnx_relpath(graph: str, precision: str) -> str:
@@ -74,6 +81,36 @@ class Bundle:
     checkpoint_dir: Path
     checkpoint_sha256: str
     manifest_sha256: str = ""  # sha256 of manifest.json: what --expect-sha256 pins
+    _tables: dict[str, ItemTable] = field(default_factory=dict, repr=False)  # opened (mapped) once each
+
+    @property
+    def table_storages(self) -> list[str]:
+        """The stored forms of the item table, the served default first."""
+        entry = self.manifest["item_table"]
+        return [entry["default"], *(s for s in entry["tables"] if s != entry["default"])]
+
+    def table_files(self, storage: str | None = None) -> TableFiles:
+        storages = self.table_storages
+        storage = storages[0] if storage is None else storage
+        if storage not in storages:
+            raise BundleError(f"{self.directory}: no {storage!r} item table (it has {storages}); pick one of those or "
+                              f"re-export with --item-table {storage}")
+        return TableFiles.from_dict(self.manifest["item_table"]["tables"][storage], f"{self.directory} item_table")
+
+    def item_table(self, storage: str | None = None) -> ItemTable:
+        """The item table in ``storage`` (None: the bundle's served default), mapped: only the rows a
+        lookup asks for are read. Its file was verified with the bundle (load_bundle)."""
+        files = self.table_files(storage)
+        if files.storage not in self._tables:
+            self._tables[files.storage] = ItemTable.open(self.directory, files)
+        return self._tables[files.storage]
+
+    def checkpoint(self) -> Any:
+        """The oracle: the bundle's dense checkpoint with the fp32 item table (model/checkpoint.py).
+        It answers to the sha256 of the checkpoint the bundle was exported from (manifest
+        ``checkpoint.sha256``): its files are the ones the manifest's hashes vouch for."""
+        loaded = checkpoints.load_checkpoint(self.checkpoint_dir, item_table=self.item_table(REFERENCE_TABLE))
+        return dataclasses.replace(loaded, sha256=self.checkpoint_sha256)
 
     def _precision(self, precision: str) -> str:
         float_dtype(precision)  # ConfigError naming the precisions for an unknown one
@@ -172,6 +209,12 @@ def _check_consistent(manifest: dict[str, Any], config: ASTROConfig, where: str)
         if manifest["kv_cache"][precision] != kv_cache_layout(config, precision).to_dict():
             raise BundleError(f"{where}: kv_cache.{precision} is not the layout of its config '{config.name}'; "
                               "re-export the bundle")
+    for storage, entry in manifest["item_table"]["tables"].items():
+        shape = [entry["rows"], entry["dim"]]
+        if shape != [config.num_items + 1, config.d_model]:
+            raise BundleError(f"{where}: config.num_items = {config.num_items} and config.d_model = {config.d_model} "
+                              f"need an item table of [{config.num_items + 1}, {config.d_model}] (row 0 is padding), "
+                              f"but item_table.tables.{storage} is {shape}; re-export the bundle")
 
 
 def write_report(bundle_dir: str | Path, name: str, files: Mapping[str, bytes | str | Path]) -> list[Path]:

@@ -5,8 +5,9 @@ the table lacks reaches ONNX Runtime as a raw error; a profile of 10^6 users is 
 
 - every ONNX path is an ONNX model of the graph it is listed as (its inputs and outputs are the
   contract's for that graph name), read without its weights (engines/graph_facts.py);
-- ``config.num_items`` / ``num_behaviors`` / ``num_scenarios`` are the row counts of the tables
-  the graphs index with the request's ids;
+- ``config.num_behaviors`` / ``num_scenarios`` are the row counts of the tables the graphs index
+  with the request's ids (the item table is in no graph: load_bundle checks its manifest entry
+  against ``num_items`` and model/item_table.py its file's size);
 - tensors stored outside an ONNX file name a file the manifest lists (so hashed and inside the
   bundle), at offsets within it, before ONNX Runtime or TensorRT opens anything;
 - profiles stay within what an engine profile may ask for (astro_trt/settings.py MAX_PROFILE_DIM, the builder's bound),
@@ -22,23 +23,21 @@ from typing import Any
 from astro_trt import precision as _precision
 from astro_trt.arguments import as_path
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import CAND_ITEMS, GraphIO, graph_io
+from astro_trt.contract import GraphIO, graph_io
 from astro_trt.engines.graph_facts import ELEM_TYPES, GraphFacts, read_graph_facts
 from astro_trt.errors import BundleError
 from astro_trt.manifest import inside
 from astro_trt.manifest_schema import FIX
 from astro_trt.settings import MAX_PROFILE_DIM
 
-# Names the exporter gives the embedding tables (model/astro.py state-dict names); a suffix
-# (a quantized copy) keeps the prefix.
-ITEM_TABLE = "model.item_embedding.weight"
+# Name the exporter gives the behaviour table (model/astro.py state-dict name); a suffix (a
+# quantized copy) keeps the prefix.
 BEHAVIOR_TABLE = "model.behavior_embedding.weight"
 
 
 def _table_sizes(cfg: ASTROConfig) -> dict[str, tuple[str, int]]:
     """Graph input whose ids index a table -> (config field, rows the table must have)."""
-    items = ("num_items", cfg.num_items + 1)  # row 0 is padding
-    return {"hist_items": items, CAND_ITEMS: items, "hist_behaviors": ("num_behaviors", cfg.num_behaviors + 1),
+    return {"hist_behaviors": ("num_behaviors", cfg.num_behaviors + 1),
             "scenario": ("num_scenarios", cfg.num_scenarios)}
 
 
@@ -117,8 +116,7 @@ def _check_tables(facts: GraphFacts, cfg: ASTROConfig, field: str, where: str) -
     config's row count. A graph without such tables (the tests' contract graphs) has nothing to
     contradict."""
     sizes = _table_sizes(cfg)
-    found = [(dims, name, 0) for prefix, name in ((ITEM_TABLE, "hist_items"), (BEHAVIOR_TABLE, "hist_behaviors"))
-             for key, dims in facts.initializers.items() if key.startswith(prefix)]
+    found = [(dims, "hist_behaviors", 0) for key, dims in facts.initializers.items() if key.startswith(BEHAVIOR_TABLE)]
     for dims, by, axis in [*found, *facts.gathers]:
         config_field, rows = sizes.get(by, (None, 0))
         if config_field is None:

@@ -42,6 +42,13 @@ def describe_bundle(directory: str | Path, *, verify: bool = True, expect_sha256
         f"tasks={bundle.config.num_tasks}), checkpoint sha256 {bundle.checkpoint_sha256[:16]}...",
         "profile: " + "; ".join(f"{g} {dict(bundle.profile(g))}" for g in m["profile"]),
     ]
+    for storage in bundle.table_storages:
+        files = bundle.table_files(storage)
+        stored = [files.path] + ([files.scales] if files.scales else [])
+        size = sum((bundle.directory / rel).stat().st_size for rel in stored)
+        lines.append(f"item table {storage}{' (served by default)' if storage == bundle.table_storages[0] else ''}: "
+                     f"{files.rows} rows x {files.dim}, {size_text(size)} in {', '.join(stored)} (in no graph or "
+                     "engine; looked up per request)")
     for precision in bundle.precisions:
         kv = m["kv_cache"][precision]
         lines.append(f"[{precision}] {get_precision(precision).compute}; attention {bundle.attention(precision)}; "

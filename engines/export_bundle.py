@@ -9,23 +9,41 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from astro_trt import arguments, contract
-from astro_trt.artifacts import as_path, check_apart, check_destination, check_replaceable, refuse_existing
+from astro_trt.artifacts import (
+    as_path,
+    check_apart,
+    check_destination,
+    check_free_space,
+    check_replaceable,
+    refuse_existing,
+)
 from astro_trt.choices import comma_list
 from astro_trt.engines.backend import AUTO, PORTABLE, resolve_backend, target_names
 from astro_trt.engines.build import BuildSettings, Profile, attention_candidates, build_engine, check_opt_level
-from astro_trt.engines.bundle import CHECKPOINT_DIR, engine_relpath, onnx_relpath, staged_bundle
-from astro_trt.errors import AstroError, BundleError, ConfigError
+from astro_trt.engines.bundle import CHECKPOINT_DIR, engine_relpath, load_bundle, onnx_relpath, staged_bundle
+from astro_trt.errors import AstroError, BundleError, CheckpointError, ConfigError
 from astro_trt.exporter.check import check_graphs
 from astro_trt.exporter.export import export_onnx
-from astro_trt.manifest import build_manifest, write_manifest
-from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint, read_checkpoint_config
-from astro_trt.model.resources import EXPORT_TABLE_COPIES, check_fits
+from astro_trt.manifest import MANIFEST, build_manifest, write_manifest
+from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint, read_checkpoint_config, write_dense_checkpoint
+from astro_trt.model.item_table import (
+    REFERENCE_TABLE,
+    TABLE_DIR,
+    ItemTable,
+    chunk_rows,
+    planned_table_bytes,
+    write_tables,
+)
+from astro_trt.model.resources import check_fits, parameter_lower_bound
+from astro_trt.precision import STORAGE
 from astro_trt.settings import EXPORT_PRECISIONS, MAX_BATCH, MAX_CANDIDATES
 
 Progress = Callable[[str], None]
@@ -54,6 +72,14 @@ def parse_precisions(value: str | Sequence[str]) -> list[str]:
     return comma_list(value, contract.PRECISIONS, "--precision")
 
 
+def parse_item_tables(value: str | Sequence[str]) -> list[str]:
+    """'int8' or 'fp16,int8' -> the stored forms of the item table, the served default first. The
+    fp32 table is always stored (appended when not named): it is the checkpoint's own rows, which
+    the oracle reads, so quantized tables are judged against it."""
+    storages = comma_list(value, tuple(STORAGE), "--item-table")
+    return storages if REFERENCE_TABLE in storages else [*storages, REFERENCE_TABLE]
+
+
 def export_bundle(
     checkpoint: str | Path,
     out: str | Path,
@@ -64,6 +90,7 @@ def export_bundle(
     targets: str | Sequence[str] = "portable",
     max_batch: int = MAX_BATCH,
     max_candidates: int = MAX_CANDIDATES,
+    item_tables: str | Sequence[str] = REFERENCE_TABLE,
     opt_level: int | None = None,
     timing_cache: str | Path | None = None,
     engines: bool = True,
@@ -71,13 +98,16 @@ def export_bundle(
     progress: Progress | None = None,
 ) -> ExportedBundle:
     """Export ``checkpoint`` to a verified bundle at ``out``: ONNX graphs per precision, TensorRT
-    engines (unless ``engines=False``), the checkpoint copy the validator uses as its oracle, and
-    the manifest. ``progress`` receives one short status line per step. Raises an AstroError
+    engines (unless ``engines=False``), the item table once per stored form of ``item_tables``
+    (the first is the one served; fp32 is always kept), the dense checkpoint copy the validator
+    uses as its oracle with the fp32 table, and the manifest. ``progress`` receives one short
+    status line per step. Raises an AstroError
     subclass (message "problem; fix") for anything refused; ``out`` is then left as it was."""
     say = arguments.callback(progress, "progress") or (lambda _msg: None)
     arguments.flag(engines, "engines (--no-engines)")
     arguments.flag(force, "force (--force)")
     wanted = parse_precisions(precisions)
+    storages = parse_item_tables(item_tables)
     profile = Profile(max_batch=max_batch, max_candidates=max_candidates)
     # Checked here, not only by the builder: an ONNX-only export must not accept what a build would refuse.
     opt_level = check_opt_level(opt_level)
@@ -93,23 +123,41 @@ def export_bundle(
     cache = as_path(timing_cache, "timing_cache") if timing_cache is not None else None
     if cache is not None and chosen is not None and not chosen.timing_cache:
         say(f"note: --timing-cache {cache} is not used: {chosen.name} has no timing cache (a no-op in its API)")
-    # What the export holds of the item table, judged from the config before the weights are read.
-    check_fits(read_checkpoint_config(checkpoint), users=2, candidates=5, purpose="export",
-               table_copies=EXPORT_TABLE_COPIES)
-    ckpt = load_checkpoint(checkpoint)
-    check_apart(out, ckpt.directory, "checkpoint", "bundle")
+    # A bundle re-exports from its own dense checkpoint and fp32 table (verified as it loads).
+    checkpoint = as_path(checkpoint, "checkpoint", CheckpointError)
+    source = load_bundle(checkpoint) if _is_bundle(checkpoint) else None
+    # Judged from the config before the weights are read (the item table is streamed, never held).
+    cfg = source.config if source is not None else read_checkpoint_config(checkpoint)
+    check_fits(cfg, users=2, candidates=5, purpose="export")
+    # The bundle's size, before any file is written: the tables, plus an ONNX graph and an engine of
+    # the dense weights per graph and precision (their size does not depend on the vocabulary).
+    dense = 4 * (parameter_lower_bound(cfg) - (cfg.num_items + 1) * cfg.d_model)
+    check_free_space(out, planned_table_bytes(cfg, storages) + 2 * len(contract.GRAPHS) * len(wanted) * dense,
+                     "--out", BundleError)
+    ckpt = source.checkpoint() if source is not None else load_checkpoint(checkpoint)
+    check_apart(out, source.directory if source is not None else ckpt.directory, "checkpoint", "bundle")
+    rows = source.item_table(REFERENCE_TABLE) if source is not None else ckpt.model.item_table
 
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:
-        # The weights and the documents save_checkpoint wrote (config, metrics, data fingerprint):
-        # validate reproduces the trained AUCs from them. Regular files only, never through a link.
+        # The item table first, streamed from the checkpoint into every stored form at once: the
+        # rows are in no graph or engine, and never all in memory.
+        say(f"item table: {cfg.num_items + 1} rows x {cfg.d_model} -> {', '.join(storages)}")
+        tables = write_tables(_row_chunks(rows), cfg.num_items + 1, cfg.d_model, stage / TABLE_DIR, storages)
+        # The dense weights and the documents save_checkpoint wrote (config, metrics, data
+        # fingerprint): validate reproduces the trained AUCs from them and the fp32 table.
         (stage / CHECKPOINT_DIR).mkdir()
-        copy_checkpoint(ckpt.directory, stage / CHECKPOINT_DIR)
+        if source is not None:  # already dense-only: copied as it is (regular files, bounded sizes)
+            copy_checkpoint(source.checkpoint_dir, stage / CHECKPOINT_DIR)
+        else:
+            write_dense_checkpoint(ckpt.directory, stage / CHECKPOINT_DIR, source_sha256=ckpt.sha256)
         build = BuildSettings(chosen, profile, tuple(target_list), opt_level, cache)
         parts = {p: _export_precision(ckpt.model, stage, p, lowerings[p], build, say) for p in wanted}
         manifest = build_manifest(
             config=ckpt.config.to_dict(),
-            checkpoint={"path": CHECKPOINT_DIR, "sha256": ckpt.sha256, "source": str(ckpt.directory)},
+            checkpoint={"path": CHECKPOINT_DIR, "sha256": ckpt.sha256,
+                        "source": str(source.directory if source is not None else ckpt.directory)},
+            item_table={"default": storages[0], "tables": {s: tables[s][0].to_dict() for s in storages}},
             backend=None if chosen is None else {
                 "name": chosen.name, "version": chosen.version, "targets": target_list, "opt_level": opt_level,
                 "capabilities": chosen.capabilities(),
@@ -127,6 +175,18 @@ def export_bundle(
         )
         write_manifest(stage, manifest)
     return ExportedBundle(out.resolve(), manifest)
+
+
+def _is_bundle(path: str | Path) -> bool:
+    return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
+
+
+def _row_chunks(table: ItemTable) -> Iterator[np.ndarray]:
+    """The fp32 rows of ``table`` (a checkpoint's own, or a bundle's), a bounded chunk at a time:
+    a large file-backed table is read by position, never faulted in whole (model/item_table.py)."""
+    step = chunk_rows(table.dim)
+    for start in range(0, table.rows, step):
+        yield table.stored_rows(start, min(table.rows, start + step))[0]
 
 
 def _refuse_engine_options(backend: object, targets: object, opt_level: int | None, timing_cache: object) -> None:

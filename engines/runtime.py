@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from astro_trt import contract
-from astro_trt.contract import CAND_ITEMS
+from astro_trt.contract import CAND_ITEM_EMB
 from astro_trt.engines.backend import BACKENDS, capturing_logger
 from astro_trt.engines.bundle import Bundle, load_bundle
+from astro_trt.engines.device_table import DeviceItemTable, upload
 from astro_trt.errors import BackendError, BundleError
 from astro_trt.lazy import lazy_import
 from astro_trt.precision import dtype
@@ -64,10 +65,12 @@ class _Engine:
 
 
 class Session:
-    """Engines of one precision of a bundle, ready to run on ``device``."""
+    """Engines of one precision of a bundle, ready to run on ``device``, with the bundle's item table
+    (``item_table``: the stored form to serve, None: the bundle's default) resident there."""
 
     def __init__(self, bundle: Bundle | str | Path, precision: str = "fp16", *, device: str = "cuda",
-                 cuda_graphs: bool = False, graphs: tuple[str, ...] = contract.GRAPHS) -> None:
+                 cuda_graphs: bool = False, graphs: tuple[str, ...] = contract.GRAPHS,
+                 item_table: str | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if self.bundle.backend is None:
             raise BundleError(f"{self.bundle.directory} has no engines (exported with --no-engines); re-export it "
@@ -97,11 +100,16 @@ class Session:
             if path is None:
                 raise BundleError(f"{self.bundle.directory}: no {precision} engine for {graph}; re-export the bundle")
             self.engines[graph] = _Engine(trt, self._runtime, path, cuda_graphs)
+        self.host_table = self.bundle.item_table(item_table)
+        with torch.cuda.stream(self.stream):
+            self.item_rows = DeviceItemTable(self.host_table, self.device)
+        self.stream.synchronize()
 
     def to_device(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Checked host arrays -> device tensors, on this session's stream (the one crossing)."""
+        """Checked host arrays -> device tensors, on this session's stream (the one crossing), with
+        the rows of their item ids gathered there (contract.ITEM_ROWS)."""
         with torch.cuda.stream(self.stream):
-            return {n: torch.from_numpy(a).to(self.device, non_blocking=True) for n, a in arrays.items()}
+            return upload(arrays, self.device, self.item_rows)
 
     def run(self, graph: str, inputs: dict[str, Any]) -> Any:
         """One graph on device tensors (a superset of its inputs, by contract name) -> its one output
@@ -109,8 +117,8 @@ class Session:
         io = self.io[graph]
         feeds = {n: inputs[n] for n in io.input_names}
         dims = {contract.BATCH: int(next(iter(feeds.values())).shape[0])}
-        if CAND_ITEMS in feeds:
-            dims[contract.CANDIDATES] = int(feeds[CAND_ITEMS].shape[1])
+        if CAND_ITEM_EMB in feeds:
+            dims[contract.CANDIDATES] = int(feeds[CAND_ITEM_EMB].shape[1])
         spec = io.tensor(io.output_names[0])
         with torch.cuda.stream(self.stream):
             out = torch.empty(spec.concrete(dims), dtype=dtype(spec.dtype).torch(), device=self.device)

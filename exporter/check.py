@@ -19,7 +19,7 @@ import torch
 from astro_trt import contract
 from astro_trt.contract import GraphIO
 from astro_trt.errors import ExportError
-from astro_trt.exporter.graphs import named_tensors, run
+from astro_trt.exporter.graphs import named_tensors, run, with_item_rows
 from astro_trt.exporter.precision import model_in_precision
 from astro_trt.lazy import lazy_import
 from astro_trt.model.astro import ASTRO, History
@@ -64,9 +64,11 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().numpy()
 
 
-def feeds(io: GraphIO, history: History, cand_items: torch.Tensor, kv_cache: torch.Tensor | None = None):
-    """Inputs of one contract graph from a request (and, for the scorer, a kv_cache)."""
-    by_name = named_tensors(history, cand_items, kv_cache)
+def feeds(io: GraphIO, model: ASTRO, history: History, cand_items: torch.Tensor,
+          kv_cache: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    """Inputs of one contract graph from a request (and, for the scorer, a kv_cache), the item
+    rows looked up in ``model``'s table."""
+    by_name = with_item_rows(model, named_tensors(history, cand_items, kv_cache))
     return {name: to_numpy(by_name[name]) for name in io.input_names}
 
 
@@ -125,6 +127,7 @@ def graph_errors(model: ASTRO, result, history: History, cand_items: torch.Tenso
         limits = {name: max_abs_limit(result.precision, _max_abs(own[name], expected[name])) for name in own}
     out = {}
     for name, path in result.paths.items():
-        got = run_onnx(path, feeds(result.io[name], history, cand_items, kv_in))[result.io[name].output_names[0]]
+        inputs = feeds(result.io[name], oracle, history, cand_items, kv_in)
+        got = run_onnx(path, inputs)[result.io[name].output_names[0]]
         out[name] = (_max_abs(got, expected[name]), limits[name])
     return out

@@ -28,7 +28,7 @@ from astro_trt.exporter import symbolic
 from astro_trt.exporter.check import feeds
 from astro_trt.exporter.cleanup import clean, pin_io
 from astro_trt.exporter.functions import attention_functions
-from astro_trt.exporter.graphs import WRAPPERS, named_tensors, run, wrapper_inputs
+from astro_trt.exporter.graphs import WRAPPERS, named_tensors, run, with_item_rows, wrapper_inputs
 from astro_trt.exporter.limits import check_export_request
 from astro_trt.exporter.native import NATIVE_OPSET, lower_native
 from astro_trt.exporter.pair_chunks import chunk_pairs, full_model_pairs_per_chunk, initializers, walk_nodes
@@ -148,7 +148,7 @@ def _calibration(model: ASTRO, io: GraphIO) -> list[dict[str, Any]]:
         request = synthetic_batch(model.cfg, CALIBRATION_USERS, CALIBRATION_CANDIDATES, seed=1000 + seed)
         with torch.no_grad():
             kv = run(model, contract.USER_ENCODER, named_tensors(request.history, request.cand_items))
-        out.append(feeds(io, request.history, request.cand_items, kv))
+        out.append(feeds(io, model, request.history, request.cand_items, kv))
     return out
 
 
@@ -168,7 +168,8 @@ def example_inputs(model: ASTRO, name: str, batch: int = 2, candidates: int = 3)
     request_time = torch.full((batch,), 1_600_000_000 + length * 3600)
     cand = torch.randint(1, cfg.num_items + 1, (batch, candidates), generator=gen)
 
-    tensors = named_tensors(History(items, behaviors, times, lengths, scenario, request_time), cand)
+    tensors = with_item_rows(model, named_tensors(History(items, behaviors, times, lengths, scenario, request_time),
+                                                  cand))
     wanted = wrapper_inputs(name)
     if contract.KV_CACHE in wanted:
         with torch.no_grad():

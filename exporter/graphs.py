@@ -20,9 +20,9 @@ class UserEncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, hist_items, hist_behaviors, hist_times, hist_lengths, scenario) -> torch.Tensor:
+    def forward(self, hist_item_emb, hist_behaviors, hist_times, hist_lengths, scenario) -> torch.Tensor:
         # encode_user never reads request_time; the History slot only needs a tensor of the right batch.
-        h = History(hist_items, hist_behaviors, hist_times, hist_lengths, scenario, scenario)
+        h = History(hist_item_emb, hist_behaviors, hist_times, hist_lengths, scenario, scenario)
         return self.model.encode_user(h)
 
 
@@ -31,11 +31,11 @@ class ItemScorerGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, kv_cache, hist_lengths, hist_times, scenario, request_time, cand_items) -> torch.Tensor:
+    def forward(self, kv_cache, hist_lengths, hist_times, scenario, request_time, cand_item_emb) -> torch.Tensor:
         # score reads only lengths, times, scenario and request_time of the history (the contract's
         # SCORER_HISTORY_INPUTS); item and behaviour ids live in the cache already.
         h = History(None, None, hist_times, hist_lengths, scenario, request_time)
-        return self.model.score(kv_cache, h, cand_items).float()
+        return self.model.score(kv_cache, h, cand_item_emb).float()
 
 
 class FullModelGraph(nn.Module):
@@ -44,10 +44,10 @@ class FullModelGraph(nn.Module):
         self.model = model
 
     def forward(
-        self, hist_items, hist_behaviors, hist_times, hist_lengths, scenario, request_time, cand_items
+        self, hist_item_emb, hist_behaviors, hist_times, hist_lengths, scenario, request_time, cand_item_emb
     ) -> torch.Tensor:
-        h = History(hist_items, hist_behaviors, hist_times, hist_lengths, scenario, request_time)
-        return self.model.full(h, cand_items).float()
+        h = History(hist_item_emb, hist_behaviors, hist_times, hist_lengths, scenario, request_time)
+        return self.model.full(h, cand_item_emb).float()
 
 
 WRAPPERS: dict[str, type[nn.Module]] = {
@@ -71,6 +71,19 @@ def named_tensors(history: History, cand_items: torch.Tensor | None = None,
     return tensors
 
 
+def with_item_rows(model: ASTRO, tensors: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """``tensors`` plus the rows of their item ids (contract.ITEM_ROWS) from the model's item table,
+    as float32 like every runner's lookup; rows already present are kept."""
+    out = dict(tensors)
+    for ids, rows in contract.ITEM_ROWS.items():
+        if out.get(rows) is None and out.get(ids) is not None:
+            with torch.no_grad():
+                out[rows] = model.item_rows(out[ids]).float()
+    return out
+
+
 def run(model: ASTRO, name: str, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Graph ``name`` computed by the PyTorch ``model`` from contract-named tensors."""
+    """Graph ``name`` computed by the PyTorch ``model`` from contract-named tensors (item ids are
+    looked up in the model's table where their rows are not given)."""
+    tensors = with_item_rows(model, tensors)
     return WRAPPERS[name](model)(*(tensors[n] for n in wrapper_inputs(name)))

@@ -58,7 +58,10 @@ def full_model_pairs_per_chunk(cfg: ASTROConfig) -> int:
 
 LOOP_NAME = "astro_pair_chunks"  # the Loop node that marks a chunked graph
 PREFIX = "pair_chunks/"  # every value and node this module adds, and the body's renamed ones
-_INPUTS = (*contract.HISTORY_INPUTS, contract.CAND_ITEMS)
+# The full model's inputs: the history, items as their looked-up rows (contract.ITEM_ROWS), then the candidates' rows.
+_HISTORY = tuple(contract.ITEM_ROWS.get(n, n) for n in contract.HISTORY_INPUTS)
+_CANDIDATES = contract.CAND_ITEM_EMB
+_INPUTS = (*_HISTORY, _CANDIDATES)
 
 
 def _subgraphs(graph: onnx.GraphProto):
@@ -127,11 +130,11 @@ def chunk_pairs(model: onnx.ModelProto, pairs_per_chunk: int) -> onnx.ModelProto
     # Outside the loop: B, M, the trip count and the (equal) chunk size, all int64 scalars.
     outer = [
         _const("zero", 0), _const("one", 1), _const("pairs", pairs_per_chunk),
-        _const("flat", [-1]), _const("first", [0]), _const("unsqueeze_axis", [1]),
+        _const("flat", [-1]), _const("first", [0]), _const("unsqueeze_axis", [1]), _const("two", [2]),
         _const("tasks_from", [-1]), _const("tasks_to", [2**63 - 1]),
         helper.make_node("Constant", [], [PREFIX + "true"], name=PREFIX + "true",
                          value=helper.make_tensor(PREFIX + "true", TensorProto.BOOL, [], [True])),
-        _node("Shape", [contract.CAND_ITEMS], "shape"),
+        _node("Shape", [_CANDIDATES], "shape"),
         _node("Gather", ["shape", "zero"], "users"),
         _node("Gather", ["shape", "one"], "candidates"),
         _node("Mul", ["users", "candidates"], "total"),
@@ -142,7 +145,7 @@ def chunk_pairs(model: onnx.ModelProto, pairs_per_chunk: int) -> onnx.ModelProto
         _node("Sub", ["trips", "one"], "trips_minus_one"),
         _node("Add", ["total", "trips_minus_one"], "chunk_numerator"),
         _node("Div", ["chunk_numerator", "trips"], "chunk"),  # ceil(B*M / trips) <= pairs
-        _node("Reshape", [contract.CAND_ITEMS, "flat"], "flat_candidates"),
+        _node("Flatten", [_CANDIDATES], "flat_candidates", axis=2),  # [B, M, d] -> [B*M, d]
     ]
 
     # The body: this chunk's pair indices, their users' history rows and their candidates, then
@@ -153,9 +156,9 @@ def chunk_pairs(model: onnx.ModelProto, pairs_per_chunk: int) -> onnx.ModelProto
         _node("Range", ["start", "stop", "one"], "span"),
         _node("Min", ["span", "last"], "pair"),  # the last chunk's padding slots repeat the last pair
         _node("Div", ["pair", "candidates"], "user"),
-        *(_node("Gather", [name, "user"], "chunk/" + name, axis=0) for name in contract.HISTORY_INPUTS),
+        *(_node("Gather", [name, "user"], "chunk/" + name, axis=0) for name in _HISTORY),
         _node("Gather", ["flat_candidates", "pair"], "chunk/flat_candidates", axis=0),
-        _node("Unsqueeze", ["chunk/flat_candidates", "unsqueeze_axis"], "chunk/" + contract.CAND_ITEMS),
+        _node("Unsqueeze", ["chunk/flat_candidates", "unsqueeze_axis"], "chunk/" + _CANDIDATES),
     ]
     renamed = {name: f"{PREFIX}chunk/{name}" for name in _INPUTS}
     renamed[contract.LOGITS] = PREFIX + contract.LOGITS
@@ -184,7 +187,8 @@ def chunk_pairs(model: onnx.ModelProto, pairs_per_chunk: int) -> onnx.ModelProto
         _node("Reshape", ["stacked", "rows_shape"], "rows"),
         _node("Unsqueeze", ["total", "first"], "total_1d"),
         _node("Slice", ["rows", "first", "total_1d", "first"], "pair_rows"),
-        _node("Concat", ["shape", "tasks"], "out_shape", axis=0),
+        _node("Slice", ["shape", "first", "two"], "users_candidates"),  # [B, M] of the rows' [B, M, d]
+        _node("Concat", ["users_candidates", "tasks"], "out_shape", axis=0),
         helper.make_node("Reshape", [PREFIX + "pair_rows", PREFIX + "out_shape"], [contract.LOGITS],
                          name=PREFIX + "logits"),
     ]

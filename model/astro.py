@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from astro_trt.config import ASTROConfig
+from astro_trt.errors import ConfigError
 from astro_trt.plugins.buckets import bucket_thresholds, distance_table
 from astro_trt.plugins.operators import Ops
 
@@ -34,6 +35,26 @@ class AttentionOps(Protocol):
 
 class ReferenceOps(Ops):
     """The PyTorch reference (plugins/operators.py dispatches on Impl.REFERENCE)."""
+
+
+class ItemRows(Protocol):
+    """An item embedding table outside the model (model/item_table.py ItemTable): [rows, dim]."""
+
+    rows: int
+    dim: int
+
+    def lookup_torch(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class _Shared:
+    """Holds an external table so that copying the model (a cast copy for half precision, the
+    oracle's float copy) shares it: a mapped table of 10^7 rows is never duplicated."""
+
+    def __init__(self, table: ItemRows) -> None:
+        self.table = table
+
+    def __deepcopy__(self, memo: dict) -> _Shared:
+        return self
 
 
 @dataclass
@@ -142,17 +163,33 @@ class GatedFusion(nn.Module):
 
 
 class ASTRO(nn.Module):
-    def __init__(self, cfg: ASTROConfig, ops: AttentionOps | None = None) -> None:
+    """``item_table``: the item embedding table kept outside the module (a mapped file of a
+    checkpoint or bundle, only looked-up rows touched); without it the module owns a trainable
+    ``item_embedding``. Either way ``item_rows`` is the lookup, and every entry point takes item
+    ids or, where a graph is traced, their rows (floating tensors): the graphs hold no table."""
+
+    def __init__(self, cfg: ASTROConfig, ops: AttentionOps | None = None, *,
+                 item_table: ItemRows | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.ops: AttentionOps = ops or ReferenceOps()
         d = cfg.d_model
-        self.item_embedding = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
+        self.item_embedding: nn.Embedding | None = None
+        self._item_table: _Shared | None = None
+        if item_table is None:
+            self.item_embedding = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
+            nn.init.normal_(self.item_embedding.weight, std=0.02)
+            with torch.no_grad():
+                self.item_embedding.weight[0].zero_()
+        else:
+            if (int(item_table.rows), int(item_table.dim)) != (cfg.num_items + 1, d):
+                raise ConfigError(f"item table of shape [{item_table.rows}, {item_table.dim}] does not fit config "
+                                  f"'{cfg.name}' (num_items={cfg.num_items} + the padding row, d_model={d}); pass the "
+                                  "table exported with this model")
+            self._item_table = _Shared(item_table)
         self.behavior_embedding = nn.Embedding(cfg.num_behaviors + 1, d, padding_idx=0)
-        nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.behavior_embedding.weight, std=0.02)
         with torch.no_grad():
-            self.item_embedding.weight[0].zero_()
             self.behavior_embedding.weight[0].zero_()
         self.pos_table = nn.Parameter(torch.zeros(cfg.num_blocks, cfg.num_heads, cfg.num_pos_buckets))
         self.time_table = nn.Parameter(torch.zeros(cfg.num_blocks, cfg.num_heads, cfg.num_time_buckets))
@@ -170,13 +207,28 @@ class ASTRO(nn.Module):
         """[Nb, H, L + 1] position bias by distance 0..L."""
         return distance_table(self.pos_table, self.cfg.max_len, self.cfg.num_pos_buckets)
 
+    @property
+    def item_table(self) -> ItemRows | None:
+        """The external item table, or None when the module owns ``item_embedding``."""
+        return None if self._item_table is None else self._item_table.table
+
+    def item_rows(self, items: torch.Tensor) -> torch.Tensor:
+        """Item ids [...] -> their embedding rows [..., d] in the model's dtype. Rows already looked
+        up (a floating tensor, what the traced graphs take) pass through, cast."""
+        dtype = self.behavior_embedding.weight.dtype
+        if items.is_floating_point():
+            return items.to(dtype)
+        if self.item_embedding is not None:
+            return self.item_embedding(items)
+        return self.item_table.lookup_torch(items).to(device=items.device, dtype=dtype)
+
     def embed_history(self, h: History) -> torch.Tensor:
-        x = self.item_embedding(h.items) + self.behavior_embedding(h.behaviors)
+        x = self.item_rows(h.items) + self.behavior_embedding(h.behaviors)
         return self.embed_dropout(x)  # [B, Nb, L, d]
 
     def embed_candidates(self, cand_items: torch.Tensor) -> torch.Tensor:
-        """cand_items [B, M] -> [B, Nb, M, d] (the same token enters every block)."""
-        x = self.item_embedding(cand_items) + self.behavior_embedding.weight[self.cfg.target_behavior]
+        """cand_items [B, M] (or their rows [B, M, d]) -> [B, Nb, M, d] (the same token enters every block)."""
+        x = self.item_rows(cand_items) + self.behavior_embedding.weight[self.cfg.target_behavior]
         x = self.embed_dropout(x)
         return x.unsqueeze(1).expand(-1, self.cfg.num_blocks, -1, -1)
 
@@ -220,10 +272,10 @@ class ASTRO(nn.Module):
     def full(self, h: History, cand_items: torch.Tensor) -> torch.Tensor:
         """The baseline: per (user, candidate) pair one sequence [history_k ; candidate] of
         length L + 1 per block, everything recomputed per pair. -> logits [B, M, T]."""
-        b, m = cand_items.shape
+        b, m = cand_items.shape[:2]
         pairs = h.repeat_per_candidate(m)
         hist = self.embed_history(pairs)  # [B*M, Nb, L, d]
-        cand = self.embed_candidates(cand_items.reshape(b * m, 1))  # [B*M, Nb, 1, d]
+        cand = self.embed_candidates(cand_items.reshape(b * m, 1, *cand_items.shape[2:]))  # [B*M, Nb, 1, d]
         x = torch.cat([hist, cand], dim=2)
         times = torch.cat([pairs.times, pairs.request_time[:, None, None].expand(-1, self.cfg.num_blocks, 1)], dim=2)
         lengths = pairs.lengths + 1  # the candidate is the last, always valid, slot

@@ -15,21 +15,26 @@ import json
 import math
 import re
 import struct
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from astro_trt import __version__
-from astro_trt.artifacts import as_path, copy_regular_file, sha256_file, staged_directory
+from astro_trt.artifacts import as_path, check_free_space, copy_regular_file, sha256_file, staged_directory
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ArtifactError, CheckpointError, ConfigError, one_line
 from astro_trt.model.astro import ASTRO
+from astro_trt.model.item_table import ItemTable
+from astro_trt.model.item_table import chunk_rows as rows_per_chunk
 from astro_trt.model.resources import check_fits
-from astro_trt.precision import by_torch
+from astro_trt.precision import DTYPES, by_torch
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -39,6 +44,13 @@ _LEGACY_DOCUMENTS = (CONFIG_FILE, METRICS_FILE, "data.json")
 _META_CONFIG = "astro_trt_config"
 _META_DOCUMENTS = "astro_trt_documents"
 _META_DIGEST = "astro_trt_sha256"
+# A bundle's dense-only copy: the item table lives in the bundle's tables/ (model/item_table.py).
+_META_TABLE = "astro_trt_item_table"
+_EXTERNAL = "external"
+_META_SOURCE = "astro_trt_source_sha256"  # sha256 of the full checkpoint the dense copy was made from
+ITEM_TABLE_TENSOR = "item_embedding.weight"
+# Bytes per read when hashing or streaming a tensor from the file: bounded, whatever its size.
+_READ_BYTES = 16 << 20
 # A JSON document of a checkpoint (config, metrics with the training history, data fingerprint) is
 # a few KB; anything near this is not one.
 MAX_DOCUMENT_BYTES = 16_000_000
@@ -60,6 +72,8 @@ class Checkpoint:
     model: ASTRO
     sha256: str  # of model.safetensors; bundle manifests record it
     directory: Path
+    # The rows the model looks up: mapped from the checkpoint's own file, or the table it was loaded with.
+    item_table: ItemTable | None = None
 
 
 # ---------------------------------------------------------------------------- saving
@@ -84,6 +98,9 @@ def save_checkpoint(
     # Refuse to write what load_checkpoint would refuse to read.
     _check_against_config(_header_of(tensors), cfg, out_dir / WEIGHTS_FILE)
     documents = _json_documents(cfg, metrics, extra)
+    # A 10^7-item table is GBs: a disk that cannot hold it is named before the write, not halfway.
+    check_free_space(out_dir, sum(t.numel() * t.element_size() for t in tensors.values())
+                     + sum(len(text.encode()) for text in documents.values()), "checkpoint", CheckpointError)
 
     with staged_directory(out_dir) as staging:
         # The training config and the list of documents travel inside the weights file: fields
@@ -92,7 +109,7 @@ def save_checkpoint(
         metadata = {"format": "pt", "astro_trt_version": __version__, "config_name": cfg.name,
                     _META_CONFIG: json.dumps(cfg.to_dict(), sort_keys=True),
                     _META_DOCUMENTS: json.dumps(sorted(documents))}
-        metadata[_META_DIGEST] = _content_digest(tensors, metadata)
+        metadata[_META_DIGEST] = _tensor_digest(tensors, metadata)
         save_file(tensors, str(staging / WEIGHTS_FILE), metadata=metadata)
         for filename, text in documents.items():
             (staging / filename).write_text(text)
@@ -136,54 +153,203 @@ def read_checkpoint_config(path: str | Path) -> ASTROConfig:
         raise ConfigError(message) from None
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
+def load_checkpoint(path: str | Path, item_table: ItemTable | None = None) -> Checkpoint:
     """Load a checkpoint from its directory or its ``model.safetensors`` file.
+
+    The dense weights are read (a few MB); the item table is never read whole: the model looks
+    its rows up in ``item_table`` when given (a bundle's table, whose shape must be the config's),
+    else in a read-only map of the checkpoint's own table inside the weights file. A bundle's
+    dense-only copy of a checkpoint has no table of its own and needs ``item_table``.
 
     Raises CheckpointError (weights) or ConfigError (config.json) with a one-line message.
     """
     cfg = read_checkpoint_config(path)
     directory, weights = _resolve(path)
     config_path = directory / CONFIG_FILE
-    header, metadata, _ = _read_header(weights)
-    _check_against_config(header, cfg, weights)
-    _check_recorded_config(metadata, cfg, config_path, weights)
+    header = _read_header(weights)
+    dense_only = _is_dense_only(header.metadata, weights)
+    _check_against_config(header.tensors, cfg, weights, dense_only=dense_only)
+    _check_recorded_config(header.metadata, cfg, config_path, weights)
     # The smallest work any command does with a checkpoint: the exporter's 2-user, 5-candidate check.
     try:
         check_fits(cfg, users=2, candidates=5, purpose="running one request")
     except ConfigError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
+    if dense_only and item_table is None:
+        raise CheckpointError(f"{weights}: a bundle's dense-only checkpoint (its item table is in the bundle's "
+                              "tables/); load it through its bundle (astro-trt validate BUNDLE), or load the "
+                              "original checkpoint")
+    if item_table is not None:
+        if not isinstance(item_table, ItemTable):
+            raise CheckpointError(f"item_table is a {type(item_table).__name__}, not an ItemTable; open the bundle's "
+                                  "table with astro_trt.model.item_table.ItemTable.open (or from_array)")
+        _check_table_shape(item_table, cfg, weights)
 
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{weights}: safetensors could not read it ({one_line(exc)}); "
-                              "re-copy or re-save the checkpoint") from None
+    metadata = header.metadata
     recorded = metadata.get(_META_DIGEST)
     if recorded is None and (_META_CONFIG in metadata or _META_DOCUMENTS in metadata):
         # Written with a digest (it records the config and documents alongside), which is gone.
         raise CheckpointError(f"{weights}: its metadata lacks the digest recorded when it was saved; the file is "
                               "corrupt or was edited, re-copy or re-save the checkpoint")
-    if recorded is not None and recorded != _content_digest(tensors, metadata):
+    content, sha256 = _file_digests(weights, header)
+    if recorded is not None and recorded != content:
         raise CheckpointError(f"{weights}: its tensors or metadata do not match the digest recorded when it was "
                               "saved; the file is corrupt or was edited, re-copy or re-save the checkpoint")
-    model = ASTRO(cfg)
-    model.load_state_dict(tensors, strict=True)
+    dense = _read_dense(weights, header)
+    table = item_table if item_table is not None else _mapped_table(weights, header)
+    model = ASTRO(cfg, item_table=table)
+    model.load_state_dict(dense, strict=True)
     model.eval()
-    return Checkpoint(config=cfg, model=model, sha256=checkpoint_sha256(weights), directory=directory)
+    return Checkpoint(config=cfg, model=model, sha256=sha256, directory=directory,
+                      item_table=table)
 
 
-def _content_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+def _is_dense_only(metadata: dict[str, str], weights: Path) -> bool:
+    mode = metadata.get(_META_TABLE)
+    if mode not in (None, _EXTERNAL):
+        raise CheckpointError(f"{weights}: its metadata names item table mode {mode!r}, not {_EXTERNAL!r}; "
+                              "re-export the bundle or re-save the checkpoint")
+    return mode == _EXTERNAL
+
+
+def _check_table_shape(table: ItemTable, cfg: ASTROConfig, weights: Path) -> None:
+    want = [cfg.num_items + 1, cfg.d_model]
+    if [table.rows, table.dim] != want:
+        raise CheckpointError(f"{weights}: the item table has shape {[table.rows, table.dim]} but config "
+                              f"'{cfg.name}' implies {want} (num_items + 1, d_model); use the table exported "
+                              "with this checkpoint (re-export the bundle)")
+
+
+def _read_dense(weights: Path, header: _Header) -> dict[str, torch.Tensor]:
+    """Every tensor but the item table (a few MB), by plain reads at the offsets of the header
+    (checked against the file by _read_header; their dtype, float32, by _check_against_config).
+    The file is not mapped: a 10^7-row table would fill an address-space limit (ulimit -v)."""
+    out: dict[str, torch.Tensor] = {}
+    with weights.open("rb") as fh:
+        for name, entry in header.tensors.items():
+            if name == ITEM_TABLE_TENSOR:
+                continue
+            start, end = entry["data_offsets"]
+            data = bytearray(end - start)
+            fh.seek(header.data_start + start)
+            if fh.readinto(data) != len(data):
+                raise CheckpointError(f"{weights}: ends inside tensor '{name}'; re-copy or re-save the checkpoint")
+            out[name] = torch.from_numpy(np.frombuffer(data, dtype="<f4").reshape(entry["shape"]))
+    return out
+
+
+def _mapped_table(weights: Path, header: _Header) -> ItemTable:
+    """The checkpoint's own item table, mapped read-only where it lies in the weights file."""
+    entry = header.tensors[ITEM_TABLE_TENSOR]
+    rows, dim = entry["shape"]
+    return ItemTable.mapped_view(weights, header.data_start + entry["data_offsets"][0], rows, dim)
+
+
+def table_chunks(path: str | Path, chunk_rows: int | None = None) -> Iterator[np.ndarray]:
+    """The checkpoint's item table as float32 row chunks [k, d_model], in order, by plain file
+    reads: memory stays at one chunk whatever the table's size (model/item_table.py write_tables
+    takes them). ``chunk_rows`` defaults to item_table.CHUNK_BYTES worth of rows."""
+    _, weights = _resolve(path)
+    header = _read_header(weights)
+    entry = header.tensors.get(ITEM_TABLE_TENSOR)
+    if entry is None:
+        raise CheckpointError(f"{weights}: holds no item table (a bundle's dense-only copy); export from the "
+                              "original checkpoint")
+    if entry["dtype"] != "F32" or len(entry["shape"]) != 2:
+        raise CheckpointError(f"{weights}: tensor '{ITEM_TABLE_TENSOR}' is {entry['dtype']} {entry['shape']}, "
+                              "not float32 [rows, d_model]; re-save the checkpoint")
+    rows, dim = entry["shape"]
+    step = chunk_rows or rows_per_chunk(dim)
+    with weights.open("rb") as fh:
+        fh.seek(header.data_start + entry["data_offsets"][0])
+        for first in range(0, rows, step):
+            count = min(step, rows - first) * dim
+            chunk = np.fromfile(fh, dtype="<f4", count=count)
+            if chunk.size != count:
+                raise CheckpointError(f"{weights}: ends inside the item table (row {first + chunk.size // dim}); "
+                                      "re-copy or re-save the checkpoint")
+            yield chunk.reshape(-1, dim)
+
+
+def _digest_start(metadata: dict[str, str]) -> Any:
+    digest = hashlib.sha256()
+    digest.update(json.dumps({k: v for k, v in metadata.items() if k != _META_DIGEST}, sort_keys=True).encode())
+    return digest
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     """sha256 over the metadata (but this digest) and every tensor's name, dtype, shape and bytes,
     independent of how safetensors lays the file out. It catches a flipped or truncated byte
     anywhere a reader would use, which the header checks alone cannot (a flipped weight still
-    parses). Checkpoints written before it was recorded carry none and are read without it."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({k: v for k, v in metadata.items() if k != _META_DIGEST}, sort_keys=True).encode())
+    parses). Checkpoints written before it was recorded carry none and are read without it.
+    The bytes are handed to sha256 as a view: a 5 GB table is not copied to be hashed."""
+    digest = _digest_start(metadata)
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         digest.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def _file_digests(weights: Path, header: _Header) -> tuple[str, str]:
+    """(_tensor_digest of the tensors as stored in ``weights``, sha256 of the whole file), in one
+    pass of plain reads of at most _READ_BYTES when the tensors lie in name order, as safetensors
+    writes them (else two passes). Plain reads, not a map of the file: every mapped page read
+    would count in the process's RSS, and a 5 GB table would."""
+    names = sorted(header.tensors)
+    by_offset = sorted(names, key=lambda n: tuple(header.tensors[n]["data_offsets"]))
+    if names != by_offset:
+        return _tensor_digest_of_file(weights, header), sha256_file(weights)
+    content, whole = _digest_start(header.metadata), hashlib.sha256()
+    # sha256 runs at ~0.75 GB/s here and releases the GIL: the two digests of a block run side by side.
+    with weights.open("rb") as fh, ThreadPoolExecutor(1) as pool:
+        _feed(fh, header.data_start, weights, "its header", whole)
+        done = 0  # bytes of data read so far
+        for name in names:
+            entry = header.tensors[name]
+            content.update(_describe(name, entry))
+            start, end = entry["data_offsets"]
+            _feed(fh, start - done, weights, "its data", whole)  # a gap between tensors: the file's only
+            _feed(fh, end - start, weights, f"tensor '{name}'", content, beside=(pool, whole))
+            done = end
+        while block := fh.read(_READ_BYTES):
+            whole.update(block)
+    return content.hexdigest(), whole.hexdigest()
+
+
+def _tensor_digest_of_file(weights: Path, header: _Header) -> str:
+    content = _digest_start(header.metadata)
+    with weights.open("rb") as fh:
+        for name in sorted(header.tensors):
+            entry = header.tensors[name]
+            content.update(_describe(name, entry))
+            start, end = entry["data_offsets"]
+            fh.seek(header.data_start + start)
+            _feed(fh, end - start, weights, f"tensor '{name}'", content)
+    return content.hexdigest()
+
+
+def _describe(name: str, entry: dict) -> bytes:
+    """What _tensor_digest hashes before a tensor's bytes, from its header entry."""
+    known = next((d for d in DTYPES.values() if d.safetensors == entry["dtype"]), None)
+    label = f"torch.{known.name}" if known else entry["dtype"]
+    return json.dumps([name, label, list(entry["shape"])]).encode()
+
+
+def _feed(fh: Any, count: int, weights: Path, where: str, digest: Any,
+          beside: tuple[ThreadPoolExecutor, Any] | None = None) -> None:
+    """Read ``count`` bytes from ``fh`` in blocks into ``digest`` (and the digest of ``beside``,
+    updated on its pool's thread meanwhile)."""
+    while count > 0:
+        block = fh.read(min(count, _READ_BYTES))
+        if not block:
+            raise CheckpointError(f"{weights}: ends inside {where}; re-copy or re-save the checkpoint")
+        other = beside[0].submit(beside[1].update, block) if beside else None
+        digest.update(block)
+        if other is not None:
+            other.result()
+        count -= len(block)
 
 
 def checkpoint_sha256(path: str | Path) -> str:
@@ -219,6 +385,7 @@ class _Header(NamedTuple):
     tensors: dict[str, dict]  # tensor name -> {"dtype", "shape", "data_offsets"}
     metadata: dict[str, str]  # the header's __metadata__
     declared_bytes: int  # the file's size as the header declares it: length, header, then the data
+    data_start: int  # where the data begins: data_offsets count from here
 
 
 def _read_header(weights: Path) -> _Header:
@@ -266,7 +433,7 @@ def _read_header(weights: Path) -> _Header:
             raise CheckpointError(f"{weights}: tensor '{name}' has data offsets that do not match its shape; "
                                   "the file is corrupt, re-save the checkpoint")
     declared = 8 + header_len + max((e["data_offsets"][1] for e in header.values()), default=0)
-    return _Header(header, metadata, declared)
+    return _Header(header, metadata, declared, 8 + header_len)
 
 
 def _check_recorded_config(metadata: dict[str, str], cfg: ASTROConfig, config_path: Path, weights: Path) -> None:
@@ -319,19 +486,53 @@ def copy_checkpoint(path: str | Path, target: str | Path) -> list[str]:
     directory, weights = _resolve(path)
     header = _read_header(weights)  # once: the documents it lists and the weights' size bound
     names = _documents(directory, weights, header.metadata)
-    target = Path(target)
-    for name in names:
-        # The weights copied are the file whose header was read (directory / WEIGHTS_FILE when
-        # ``path`` is the directory), bounded by the size that header declares.
-        if name == WEIGHTS_FILE:
-            source, bound = weights, header.declared_bytes
-        else:
-            source, bound = directory / name, MAX_DOCUMENT_BYTES
-        try:
-            copy_regular_file(source, target / name, max_bytes=bound)
-        except ArtifactError as exc:
-            raise CheckpointError(str(exc)) from None
+    # The weights copied are the file whose header was read (directory / WEIGHTS_FILE when
+    # ``path`` is the directory), bounded by the size that header declares.
+    _copy_bounded(weights, Path(target) / WEIGHTS_FILE, header.declared_bytes)
+    _copy_documents(directory, names, Path(target))
     return names
+
+
+def write_dense_checkpoint(src_dir: str | Path, dest_dir: str | Path, *, source_sha256: str | None = None) -> list[str]:
+    """A bundle's copy of a checkpoint without its item table: ``dest_dir/model.safetensors``
+    holds the dense tensors (a few MB) and records that the table is external (the bundle's
+    tables/ holds its rows once), the source's sha256 (``source_sha256`` when the caller has it,
+    else computed) and its own digest; the documents are copied as ``copy_checkpoint`` does.
+    Returns the names written. load_checkpoint reads it back with the bundle's table."""
+    directory, weights = _resolve(src_dir)
+    header = _read_header(weights)
+    if _is_dense_only(header.metadata, weights):
+        raise CheckpointError(f"{weights}: already a dense-only copy (its item table is in a bundle); "
+                              "export from the original checkpoint")
+    _check_against_config(header.tensors, read_checkpoint_config(directory), weights)
+    names = _documents(directory, weights, header.metadata)
+    dense = _read_dense(weights, header)
+    metadata = {k: v for k, v in header.metadata.items() if k != _META_DIGEST}
+    metadata[_META_TABLE] = _EXTERNAL
+    metadata[_META_SOURCE] = source_sha256 or checkpoint_sha256(weights)
+    metadata[_META_DIGEST] = _tensor_digest(dense, metadata)
+    target = Path(dest_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        save_file(dense, str(target / WEIGHTS_FILE), metadata=metadata)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{target}: the dense checkpoint could not be written ({one_line(exc)}); "
+                              "check the output folder") from None
+    _copy_documents(directory, names, target)
+    return names
+
+
+def _copy_documents(directory: Path, names: list[str], target: Path) -> None:
+    for name in names:
+        if name != WEIGHTS_FILE:
+            _copy_bounded(directory / name, target / name, MAX_DOCUMENT_BYTES)
+
+
+def _copy_bounded(source: Path, target: Path, bound: int) -> None:
+    try:
+        copy_regular_file(source, target, max_bytes=bound)
+    except ArtifactError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def _sniff(prefix: bytes) -> str:
@@ -358,8 +559,11 @@ def _expected_shapes(cfg: ASTROConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _check_against_config(header: dict[str, dict], cfg: ASTROConfig, weights: Path) -> None:
+def _check_against_config(header: dict[str, dict], cfg: ASTROConfig, weights: Path, *,
+                          dense_only: bool = False) -> None:
     expected = _expected_shapes(cfg)
+    if dense_only:
+        del expected[ITEM_TABLE_TENSOR]
     missing = sorted(set(expected) - set(header))
     unexpected = sorted(set(header) - set(expected))
     if missing or unexpected:
@@ -418,6 +622,7 @@ def _likely_field(cfg: ASTROConfig, got: tuple[int, ...], want: tuple[int, ...])
 
 
 __all__ = [
-    "CONFIG_FILE", "WEIGHTS_FILE", "Checkpoint", "checkpoint_documents", "checkpoint_sha256", "copy_checkpoint",
-    "load_checkpoint", "read_checkpoint_config", "save_checkpoint",
+    "CONFIG_FILE", "ITEM_TABLE_TENSOR", "WEIGHTS_FILE", "Checkpoint", "checkpoint_documents", "checkpoint_sha256",
+    "copy_checkpoint", "load_checkpoint", "read_checkpoint_config", "save_checkpoint", "table_chunks",
+    "write_dense_checkpoint",
 ]

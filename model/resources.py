@@ -8,7 +8,8 @@ figure fitted to the reference model (growth of peak RSS over ``full`` on 2 user
 and ``encode_user`` on 2 users, ml100k preset: 412 and 1487 MB measured against 378 and 1505 MB
 estimated at L = 200 and 400; 82 and 298 MB against 75 and 300 MB for the encoder); commands
 compare it with the machine's memory and refuse, naming the figure and what to lower, instead of
-dying in the allocator.
+dying in the allocator. The item table counts only where a process holds it: training (with
+Adam's copies); everything else maps it and reads the rows it looks up (EXPORT_STREAM_BYTES).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ConfigError, DataError
 from astro_trt.lazy import lazy_import
+from astro_trt.model.item_table import CHUNK_BYTES
 
 # The memory estimates are read by light modules (the serving bounds): the model itself loads
 # only when its weights are counted.
@@ -66,19 +68,25 @@ def attention_bytes(cfg: ASTROConfig, sequences: int, length: int) -> int:
     return sequences * cfg.num_blocks * length * length * _pair_bytes(cfg)
 
 
-# Peak memory of `astro-trt export` grows by about 10 bytes per byte of the fp32 item table: the
-# TorchScript exporter, the ONNX protos of the three graphs, the checker and the parity sessions
-# each hold copies. Measured (2026-12-03, /usr/bin/time -v, climber dims, --no-engines
-# --precision fp32, this project's 2-core CPU machines): 100k items (51 MB table) 1.01 GiB peak
-# RSS, 400k items (205 MB) 2.44 GiB, i.e. +9.8 bytes per table byte; 1M items with both precisions
-# 5.56 GB (FINDINGS.md). A 10M-item climber asks ~48 GiB: refused on a 24 GB machine instead of
-# ending in std::bad_alloc.
-EXPORT_TABLE_COPIES = 10
+# The item table is not held by any process but training: a loaded checkpoint or bundle maps it
+# (model/item_table.py) and reads only the rows a request looks up, which are part of the request's
+# activations (B x (Nb x L + M) rows of d floats, small beside its attention). The export streams it
+# through bounded buffers: one float32 chunk (item_table.CHUNK_BYTES) and the encodings of it the
+# writer and numpy make (a few chunk-sized temporaries), and the checkpoint reader's blocks: streaming
+# a 10M-item climber table into fp32, fp16 and int8 files raised peak RSS 227 MiB (3.5 chunks) over
+# the imports (2026-12-03, /usr/bin/time -v, 2-core CPU machine); 6 chunks is the upper side. Until
+# 2026-12-03 the export held ~10 bytes per byte of the table (it was baked into every graph:
+# 1.01 GiB peak RSS at 100k climber items, 2.44 GiB at 400k, std::bad_alloc at 10M).
+EXPORT_STREAM_BYTES = 6 * CHUNK_BYTES
 
 
 def item_table_bytes(cfg: ASTROConfig) -> int:
     """fp32 bytes of the item embedding table (row 0 is padding)."""
-    return 4 * (cfg.num_items + 1) * cfg.d_model
+    return 4 * item_table_elements(cfg)
+
+
+def item_table_elements(cfg: ASTROConfig) -> int:
+    return (cfg.num_items + 1) * cfg.d_model
 
 
 def _pair_bytes(cfg: ASTROConfig) -> int:
@@ -87,18 +95,22 @@ def _pair_bytes(cfg: ASTROConfig) -> int:
 
 
 def estimate_bytes(cfg: ASTROConfig, *, users: int, candidates: int, full: bool = True,
-                   training: bool = False, table_copies: int = 1) -> int:
-    """Upper-side peak memory of running ``users`` x ``candidates`` through the model: weights
-    (and Adam's copies when training) plus the largest attention. ``full`` includes the naive
-    path (one sequence of L + 1 per user and candidate); training keeps every layer's activations;
-    ``table_copies`` counts the item table that many times (EXPORT_TABLE_COPIES for an export)."""
+                   training: bool = False, streaming: bool = False) -> int:
+    """Upper-side peak memory of running ``users`` x ``candidates`` through the model: the dense
+    weights (the item table is mapped: only looked-up rows are read), or every weight with Adam's
+    copies when training (the table trains with the rest), plus the largest attention. ``full``
+    includes the naive path (one sequence of L + 1 per user and candidate); training keeps every
+    layer's activations; ``streaming`` adds the export's bounded table-streaming buffers."""
     return _estimate(cfg, parameter_count(cfg), users=users, candidates=candidates, full=full, training=training,
-                     table_copies=table_copies)
+                     streaming=streaming)
 
 
 def _estimate(cfg: ASTROConfig, parameters: int, *, users: int, candidates: int, full: bool, training: bool,
-              table_copies: int = 1) -> int:
-    weights = 4 * parameters * (_TRAINING_COPIES if training else 1) + (table_copies - 1) * item_table_bytes(cfg)
+              streaming: bool = False) -> int:
+    if training:
+        weights = 4 * parameters * _TRAINING_COPIES
+    else:
+        weights = 4 * (parameters - item_table_elements(cfg)) + (EXPORT_STREAM_BYTES if streaming else 0)
     layers = cfg.num_layers if training else 1
     encoder = attention_bytes(cfg, users, cfg.max_len) * layers
     scorer = users * candidates * cfg.num_blocks * (cfg.max_len + 1) * _pair_bytes(cfg)
@@ -108,16 +120,16 @@ def _estimate(cfg: ASTROConfig, parameters: int, *, users: int, candidates: int,
 
 def check_fits(cfg: ASTROConfig, *, users: int, candidates: int, purpose: str, full: bool = True,
                training: bool = False, error: type[ConfigError] | type[DataError] = ConfigError,
-               table_copies: int = 1) -> None:
+               streaming: bool = False) -> None:
     """Refuse (one line, before any work) a config and request shape whose estimated memory exceeds
     MEMORY_SHARE of this machine's memory."""
     have = int(machine_memory() * MEMORY_SHARE)
     # The arithmetic lower bound first: a config far too big is refused without building its model.
     need = _estimate(cfg, parameter_lower_bound(cfg), users=users, candidates=candidates, full=full, training=training,
-                     table_copies=table_copies)
+                     streaming=streaming)
     if need <= have:
         need = estimate_bytes(cfg, users=users, candidates=candidates, full=full, training=training,
-                              table_copies=table_copies)
+                              streaming=streaming)
     if need > have:
         raise error(
             f"config '{cfg.name}': {purpose} ({users} user(s) x {candidates} candidate(s), max_len={cfg.max_len}, "
@@ -133,6 +145,6 @@ def _gb(n: int) -> str:
 
 
 __all__ = [
-    "EXPORT_TABLE_COPIES", "MEMORY_SHARE", "attention_bytes", "check_fits",
-    "estimate_bytes", "item_table_bytes", "machine_memory", "parameter_count", "parameter_lower_bound",
+    "EXPORT_STREAM_BYTES", "MEMORY_SHARE", "attention_bytes", "check_fits", "estimate_bytes", "item_table_bytes",
+    "item_table_elements", "machine_memory", "parameter_count", "parameter_lower_bound",
 ]

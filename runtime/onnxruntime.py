@@ -46,7 +46,8 @@ def ort_session(path: Path, threads: int | None = ORT_THREADS, profile_prefix: s
 
 
 class OrtRunner(Runner):
-    """ONNX Runtime over the graphs ``graphs`` (graph -> .onnx path; a subset runs only those).
+    """ONNX Runtime over the graphs ``graphs`` (graph -> .onnx path; a subset runs only those) with
+    ``item_table`` (an ItemTable: ``bundle.item_table()``) for the rows of the request's item ids.
     ``profiles`` (graph -> {axis: (min, opt, max)}, e.g. a bundle's) bounds B and M as the engines
     are bounded; without it ONNX Runtime takes any batch (validation runs larger batches than the
     engines serve)."""
@@ -56,7 +57,7 @@ class OrtRunner(Runner):
     def __init__(self, graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str,
                  threads: int | None = ORT_THREADS, profile_dir: Path | None = None, *,
                  profiles: Mapping[str, Ranges] | None = None, unchunked_full: bool = False,
-                 only: tuple[str, ...] = GRAPHS) -> None:
+                 only: tuple[str, ...] = GRAPHS, item_table: Any = None) -> None:
         if threads is not None:
             threads_argument(threads, "OrtRunner threads", zero_means_all=True)
         instance(cfg, "OrtRunner cfg", ASTROConfig, "the model's ASTROConfig (load_bundle(DIR).config)")
@@ -66,7 +67,7 @@ class OrtRunner(Runner):
         if missing:
             raise BundleError(f"no ONNX graph for {missing} ({precision}); re-export the bundle with every graph")
         check_graph_files({g: graphs[g] for g in only}, cfg, precision)  # before ONNX Runtime opens any
-        super().__init__(cfg, precision, profiles)
+        super().__init__(cfg, precision, profiles, item_table=item_table)
         self.unchunked_full = unchunked_full
         self.threads = threads
         full_form = "onnxruntime-plain" if unchunked_full else "onnxruntime"
@@ -85,13 +86,15 @@ class OrtRunner(Runner):
 
     @classmethod
     def from_bundle(cls, bundle: Any, precision: str = "fp32", threads: int | None = ORT_THREADS, *,
-                    only: tuple[str, ...] = GRAPHS, profiles: bool = False) -> OrtRunner:
+                    only: tuple[str, ...] = GRAPHS, profiles: bool = False, item_table: str | None = None) -> OrtRunner:
         """The bundle's ONNX graphs of ``precision`` (a loaded engines.bundle.Bundle, or its
-        directory); ``profiles`` bounds B and M by the bundle's engine profiles."""
+        directory); ``profiles`` bounds B and M by the bundle's engine profiles; ``item_table``: the
+        stored table to look rows up in (fp32, fp16, int8; None: the bundle's default)."""
         if not hasattr(bundle, "onnx_path"):
             bundle = load_bundle(bundle)  # a path, or a one-line BundleError for anything else
         return cls({g: bundle.onnx_path(g, precision) for g in only}, bundle.config, precision, threads,
-                   profiles={g: bundle.profile(g) for g in only} if profiles else None, only=only)
+                   profiles={g: bundle.profile(g) for g in only} if profiles else None, only=only,
+                   item_table=bundle.item_table(item_table))
 
     def end_profiling(self) -> dict[str, Path]:
         """graph -> the profile file its session wrote (sessions made with ``profile_dir``)."""
@@ -101,7 +104,7 @@ class OrtRunner(Runner):
         if CAND_ITEMS in feeds and self.profiles.get(graph) is None:
             # Without a profile nothing else bounds B x M: refuse what the memory estimate says
             # this machine cannot hold (the chunked full model holds one chunk of pairs).
-            users, candidates = feeds[CAND_ITEMS].shape
+            users, candidates = feeds[CAND_ITEMS].shape[:2]
             check_fits(self.cfg, users=users, candidates=candidates, purpose=f"ONNX Runtime {graph}",
                        full=graph == FULL_MODEL and self.unchunked_full, error=DataError)
         return self.sessions[graph].run(None, {n: feeds[n] for n in self.io[graph].input_names})[0]

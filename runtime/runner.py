@@ -13,6 +13,11 @@ free of checks, so a request is gated exactly once whichever back end runs it.
 
 A caller that gated a request itself (a served model, which also caches users) passes the checked
 arrays through ``put`` once and runs ``encode_checked``/``score_checked`` on them.
+
+Item ids never reach a graph (contract.ITEM_ROWS): ``put`` looks the gated ids up in the runner's
+item table (model/item_table.py, a mapped file of which only the requested rows are read) and
+hands the graphs the rows; the TensorRT back end gathers them on the device instead, from its
+device-resident copy, so the lookup joins the request's one host-to-device crossing.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ from typing import Any
 import numpy as np
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import CAND_ITEMS, FULL_MODEL, GRAPH_SPECS, ITEM_SCORER, KV_CACHE, USER_ENCODER, graph_io
+from astro_trt.contract import (
+    CAND_ITEMS,
+    FULL_MODEL,
+    GRAPH_SPECS,
+    ITEM_ROWS,
+    ITEM_SCORER,
+    KV_CACHE,
+    USER_ENCODER,
+    graph_io,
+)
 from astro_trt.errors import DataError
 from astro_trt.runtime import gate
 from astro_trt.runtime.gate import Ranges
@@ -61,6 +75,16 @@ def to_float32(array: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(array, dtype=np.float32))
 
 
+def with_item_rows(table: Any, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Gated host arrays plus the float32 rows of their item ids (contract.ITEM_ROWS) from ``table``
+    (an ItemTable: only the requested rows of a mapped file are read). The ids stay in the result."""
+    out = dict(arrays)
+    for ids, rows in ITEM_ROWS.items():
+        if ids in out:
+            out[rows] = table.lookup(out[ids])
+    return out
+
+
 def scored(logits: Any) -> np.ndarray:
     """Scorer logits as float32, refused when not finite: a finite but absurd kv_cache (one no
     encoder produced, e.g. 3e38 everywhere) passes the input gate and turns into NaN here."""
@@ -79,7 +103,15 @@ class Runner:
 
     runtime: str = ""  # torch | ort | trt
 
-    def __init__(self, cfg: ASTROConfig, precision: str, profiles: Mapping[str, Ranges] | None = None) -> None:
+    def __init__(self, cfg: ASTROConfig, precision: str, profiles: Mapping[str, Ranges] | None = None, *,
+                 item_table: Any = None) -> None:
+        rows = (int(getattr(item_table, "rows", -1)), int(getattr(item_table, "dim", -1)))
+        if not hasattr(item_table, "lookup") or rows != (cfg.num_items + 1, cfg.d_model):
+            raise DataError(f"{type(self).__name__} item_table: expected the model's item table ([num_items + 1, "
+                            f"d_model] = [{cfg.num_items + 1}, {cfg.d_model}]), got {type(item_table).__name__} "
+                            f"{list(rows) if hasattr(item_table, 'lookup') else ''}".rstrip()
+                            + "; pass bundle.item_table() or the checkpoint model's table")
+        self.item_table = item_table
         self.cfg = cfg
         self.precision = precision
         self.name = f"{self.runtime}-{precision}"
@@ -143,7 +175,7 @@ class Runner:
                 and all(np.array_equal(state.host[n], host[n]) for n in state.host))
 
     def _put(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        return arrays
+        return with_item_rows(self.item_table, arrays)
 
     def _put_kv(self, kv_cache: Any) -> Any:
         return kv_cache
@@ -152,4 +184,4 @@ class Runner:
         raise NotImplementedError
 
 
-__all__ = ["Encoded", "Runner", "scored", "to_float32"]
+__all__ = ["Encoded", "Runner", "scored", "to_float32", "with_item_rows"]

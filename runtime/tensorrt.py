@@ -38,12 +38,14 @@ class TrtRunner(Runner):
     host_kv = False  # a cache from another runner is moved to the device by _put_kv
 
     def __init__(self, bundle: Any, precision: str = "fp16", *, device: str = "cuda",
-                 graphs: tuple[str, ...] = GRAPHS, cuda_graphs: bool = False) -> None:
-        self.session = Session(bundle, precision, device=device, cuda_graphs=cuda_graphs, graphs=graphs)
-        super().__init__(self.session.cfg, precision, {g: self.session.bundle.profile(g) for g in graphs})
+                 graphs: tuple[str, ...] = GRAPHS, cuda_graphs: bool = False, item_table: str | None = None) -> None:
+        self.session = Session(bundle, precision, device=device, cuda_graphs=cuda_graphs, graphs=graphs,
+                               item_table=item_table)
+        super().__init__(self.session.cfg, precision, {g: self.session.bundle.profile(g) for g in graphs},
+                         item_table=self.session.host_table)
 
     def _put(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        return self.session.to_device(arrays)
+        return self.session.to_device(arrays)  # the item rows are gathered on the device
 
     def _put_kv(self, kv_cache: Any) -> Any:
         if isinstance(kv_cache, np.ndarray):

@@ -13,8 +13,16 @@ from astro_trt.config import ASTROConfig
 from astro_trt.errors import DataError
 from astro_trt.exporter.graphs import run
 from astro_trt.exporter.precision import model_in_precision
+from astro_trt.model.item_table import ItemTable
 from astro_trt.precision import get, is_reference
-from astro_trt.runtime.runner import Runner
+from astro_trt.runtime.runner import Runner, with_item_rows
+
+
+def model_item_table(model: torch.nn.Module) -> Any:
+    """The model's item table: its external (mapped) one, or a view of the weights it owns."""
+    if model.item_table is not None:
+        return model.item_table
+    return ItemTable.from_array(model.item_embedding.weight.detach().float().numpy())
 
 
 class TorchRunner(Runner):
@@ -32,10 +40,10 @@ class TorchRunner(Runner):
         self.model = model if is_reference(precision) else model_in_precision(model, precision, export_ops=False)
         self.model.eval()
         cfg: ASTROConfig = self.model.cfg
-        super().__init__(cfg, precision)
+        super().__init__(cfg, precision, item_table=model_item_table(model))
 
     def _put(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {n: torch.from_numpy(a) for n, a in arrays.items()}  # no copy
+        return {n: torch.from_numpy(a) for n, a in with_item_rows(self.item_table, arrays).items()}  # no copy
 
     def _put_kv(self, kv_cache: Any) -> torch.Tensor:
         return kv_cache if isinstance(kv_cache, torch.Tensor) else torch.from_numpy(kv_cache)

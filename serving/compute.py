@@ -23,14 +23,16 @@ def _gpu_visible() -> bool:
     return any(os.path.exists(p) for p in ("/dev/nvidiactl", "/dev/dxg"))
 
 
-def make_compute(bundle: Bundle, precision: str, kind: str = "auto", threads: int | None = None) -> Runner:
+def make_compute(bundle: Bundle, precision: str, kind: str = "auto", threads: int | None = None,
+                 item_table: str | None = None) -> Runner:
     """The split graphs' runner. ``auto``: the TensorRT engines when the bundle has them and a GPU
-    is visible, else ONNX Runtime on the CPU (``threads`` intra-op threads, None: one per core)."""
+    is visible, else ONNX Runtime on the CPU (``threads`` intra-op threads, None: one per core);
+    ``item_table``: the stored form of the item table to look rows up in (None: the bundle's default)."""
     if kind not in COMPUTES:
         raise BackendError(f"compute '{kind}' is unknown; choose one of {list(COMPUTES)}")
     if kind == "trt" or (kind == "auto" and bundle.backend is not None and _gpu_visible()):
-        return TrtRunner(bundle, precision, graphs=SPLIT_GRAPHS)
-    return OrtRunner.from_bundle(bundle, precision, threads, only=SPLIT_GRAPHS, profiles=True)
+        return TrtRunner(bundle, precision, graphs=SPLIT_GRAPHS, item_table=item_table)
+    return OrtRunner.from_bundle(bundle, precision, threads, only=SPLIT_GRAPHS, profiles=True, item_table=item_table)
 
 
 __all__ = ["COMPUTES", "make_compute"]

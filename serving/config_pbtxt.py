@@ -21,7 +21,19 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from astro_trt.contract import BATCH, CANDIDATES, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER, GraphIO, TensorSpec
+from astro_trt.contract import (
+    BATCH,
+    CAND_ITEM_EMB,
+    CAND_ITEMS,
+    CANDIDATES,
+    ITEM_SCORER,
+    KV_CACHE,
+    SPLIT_GRAPHS,
+    USER_ENCODER,
+    GraphIO,
+    TensorSpec,
+    request_spec,
+)
 from astro_trt.precision import dtype as dtype_record
 
 # Model names in the repository.
@@ -120,29 +132,38 @@ def graph_config(io: GraphIO, profiles: Mapping[str, Any], *, name: str, platfor
     }) + "\n"
 
 
-def request_tensors(io: Mapping[str, GraphIO]) -> list[TensorSpec]:
-    """What one scoring request carries: every history input either graph reads, then the
-    candidates (the kv_cache is never a request tensor)."""
+def graph_inputs(io: Mapping[str, GraphIO]) -> list[TensorSpec]:
+    """Every input either split graph reads but the kv_cache (which stays inside a served model):
+    history tensors and the rows of the item ids (contract.ITEM_ROWS), candidates' rows last."""
     seen: dict[str, TensorSpec] = {}
     for graph in SPLIT_GRAPHS:
         for t in io[graph].inputs:
-            if t.name != KV_CACHE and t.name != "cand_items":
+            if t.name not in (KV_CACHE, CAND_ITEM_EMB):
                 seen.setdefault(t.name, t)
-    return [*seen.values(), io[ITEM_SCORER].tensor("cand_items")]
+    return [*seen.values(), io[ITEM_SCORER].tensor(CAND_ITEM_EMB)]
 
 
-def gate_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any]) -> str:
-    """The Python gate model: checks a request with the project's input gate and passes the
-    tensors on as ``checked_<name>``; a bad request ends there with a 400."""
-    request = request_tensors(io)
+def request_tensors(io: Mapping[str, GraphIO]) -> list[TensorSpec]:
+    """What one scoring request carries: every history input either graph reads, then the
+    candidates; item ids, never their rows (a served model looks them up), and never the kv_cache."""
+    return [request_spec(t) for t in graph_inputs(io)]
+
+
+def gate_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any], *,
+                bundle: str, item_table: str) -> str:
+    """The Python gate model: checks a request with the project's input gate, looks the item ids up
+    in the repository's one copy of the item table (``bundle``: that copy's folder, relative to the
+    repository; ``item_table``: its stored form) and passes the graphs' inputs on as
+    ``checked_<name>``; a bad request ends there with a 400."""
     return render({
         "name": GATE,
         "backend": "python",
         "max_batch_size": max_batch(profiles, *SPLIT_GRAPHS),
-        "input": [tensor(t) for t in request],
-        "output": [tensor(t, CHECKED + t.name) for t in request],
+        "input": [tensor(t) for t in request_tensors(io)],
+        "output": [tensor(t, CHECKED + t.name) for t in graph_inputs(io)],
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
-        "parameters": _parameters({"astro_config": dict(config), "profiles": dict(profiles)}),
+        "parameters": _parameters({"astro_config": dict(config), "profiles": dict(profiles), "bundle": bundle,
+                                   "item_table": item_table}),
     }) + "\n"
 
 
@@ -152,7 +173,7 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
     request = request_tensors(io)
     encoder, scorer = io[USER_ENCODER], io[ITEM_SCORER]
     scorer_inputs = [t.name for t in scorer.inputs if t.name != KV_CACHE]
-    consumed = list(dict.fromkeys(encoder.input_names + scorer_inputs))
+    consumed = [t.name for t in graph_inputs(io)]
     steps = [
         {"model_name": GATE, "model_version": -1,
          "input_map": [{"key": t.name, "value": t.name} for t in request],
@@ -177,7 +198,7 @@ def ensemble_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], *, s
 
 def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], config: Mapping[str, Any], *,
                      precision: str, cache_bytes: int, ort_threads: int | None, cache_dtype: str = "fp32",
-                     bundle_sha256: str = "", batching: bool = True) -> str:
+                     bundle_sha256: str = "", batching: bool = True, item_table: str = "fp32") -> str:
     """The Python model that keeps a per-user cache of encoded state across requests;
     ``bundle_sha256`` (the manifest digest) lets a client tell which bundle is served. With
     ``batching`` Triton queues concurrent requests for at most QUEUE_DELAY_US and hands them over
@@ -187,7 +208,7 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
     inputs = [tensor(key), *(tensor(t) for t in request)]
     if batching:
         for entry in inputs:
-            if entry["name"] == "cand_items":
+            if entry["name"] == CAND_ITEMS:
                 entry["allow_ragged_batch"] = True
     message: dict[str, Any] = {
         "name": RECOMMEND,
@@ -201,7 +222,8 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
     if batching:
         message["dynamic_batching"] = {"max_queue_delay_microseconds": QUEUE_DELAY_US}
     message["parameters"] = _parameters({
-        "bundle": "bundle", "precision": precision, "cache_bytes": str(cache_bytes), "cache_dtype": cache_dtype,
+        "bundle": "bundle", "precision": precision, "item_table": item_table, "cache_bytes": str(cache_bytes),
+        "cache_dtype": cache_dtype,
         "compute": "auto", "ort_threads": "" if ort_threads is None else str(ort_threads),
         "astro_config": dict(config), "bundle_sha256": bundle_sha256})
     return render(message) + "\n"
@@ -209,6 +231,7 @@ def recommend_config(io: Mapping[str, GraphIO], profiles: Mapping[str, Any], con
 
 __all__ = [
     "CHECKED", "ENCODED", "ENSEMBLE", "GATE", "PLAN_SUFFIX", "QUEUE_DELAY_US", "RECOMMEND", "USER_KEY",
-    "ensemble_config", "gate_config", "graph_config", "max_batch", "recommend_config", "render", "request_tensors",
+    "ensemble_config", "gate_config", "graph_config", "graph_inputs", "max_batch", "recommend_config", "render",
+    "request_tensors",
     "tensor", "triton_dtype",
 ]

@@ -120,6 +120,8 @@ GPU_ENTRY_POINTS: dict[str, tuple[str, ...]] = {
     "plugins/kernels/blocks.py: the block configuration chosen for the device's target": ("pytest-gpu", "kernels"),
     "validate/kernel_bench.py + kernel_impls.py: bench-kernels timed (Triton, reference, SDPA)": ("kernels",),
     "engines/runtime.py: Session (plans deserialized, engines run on the device)": ("trt-plans", "pytest-gpu"),
+    "engines/device_table.py: the item table resident on the device, a request's rows gathered there": (
+        "trt-plans", "pytest-gpu", "served-trt"),
     "runtime/tensorrt.py: TrtRunner (validate / bench --runtime trt)": ("trt-plans", "bench-trt", "pytest-gpu"),
     "serving/compute.py: make_compute -> TrtRunner (astro_recommend with compute=trt)": ("served-trt",),
     "plugins/tensorrt/plugin.py: the TensorRT plugins (full TensorRT only)": (),

@@ -14,15 +14,16 @@ from typing import Any
 import numpy as np
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import HISTORY_INPUTS
+from astro_trt.contract import CAND_ITEMS, HISTORY_INPUTS
 from astro_trt.errors import AstroError, DataError
+from astro_trt.runtime.runner import with_item_rows
 from astro_trt.serving.cache import DEFAULT_CACHE_DTYPE, check_cache_dtype
 from astro_trt.serving.config_pbtxt import CHECKED, ENCODED, USER_KEY
 from astro_trt.serving.defaults import check_cache_bytes, check_ort_threads
 from astro_trt.serving.service import Recommender, check_request, gate_profiles
 from astro_trt.serving.source import load_served_bundle
 
-REQUEST_INPUTS = (*HISTORY_INPUTS, "cand_items")
+REQUEST_INPUTS = (*HISTORY_INPUTS, CAND_ITEMS)
 
 
 def parameters(args: dict[str, Any]) -> dict[str, str]:
@@ -61,21 +62,29 @@ def error_response(pb: Any, exc: BaseException) -> Any:
 
 class GateModel:
     """astro_gate: the project's input gate in front of the ONNX Runtime / TensorRT models of the
-    ensemble, which would otherwise read whatever ids they are sent."""
+    ensemble, which would otherwise read whatever ids they are sent, and the lookup of the item
+    ids' rows in the repository's one item table (the copy astro_recommend serves from, mapped:
+    only the rows requested are read; verified with that copy's manifest when the model loads)."""
 
     def __init__(self, args: dict[str, Any], pb: Any) -> None:
         params = parameters(args)
         self.pb = pb
         self.cfg = ASTROConfig.from_dict(json.loads(params["astro_config"]), source="astro_gate config.pbtxt")
         self.profiles = gate_profiles(json.loads(params["profiles"]))
+        # The repository this model was written into (a server that loads a subset of the models
+        # links their folders into a repository of its own; the table stays in the written one).
+        repository = Path(args["model_repository"]).resolve().parent
+        bundle = load_served_bundle(repository / params["bundle"])
+        self.item_table = bundle.item_table(params["item_table"])
+        self.outputs = [t["name"][len(CHECKED):] for t in json.loads(args["model_config"])["output"]]
 
     def respond(self, request: Any) -> Any:
         try:
             arrays, cand = check_request(self.cfg, read_inputs(self.pb, request, REQUEST_INPUTS), self.profiles)
+            arrays = with_item_rows(self.item_table, {**arrays, CAND_ITEMS: cand})
         except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error, not the server's
             return error_response(self.pb, exc)
-        arrays["cand_items"] = cand
-        return self.pb.InferenceResponse([self.pb.Tensor(CHECKED + n, a) for n, a in arrays.items()])
+        return self.pb.InferenceResponse([self.pb.Tensor(CHECKED + n, arrays[n]) for n in self.outputs])
 
 
 class RecommendModel:
@@ -90,6 +99,7 @@ class RecommendModel:
         threads = check_ort_threads(_int_parameter(params, "ort_threads") if params.get("ort_threads") else None)
         cache_bytes = check_cache_bytes(_int_parameter(params, "cache_bytes"))
         self.recommender = Recommender(bundle, params["precision"], cache_bytes=cache_bytes,
+                                       item_table=params.get("item_table") or None,
                                        compute=params.get("compute", "auto"), threads=threads,
                                        cache_dtype=check_cache_dtype(params.get("cache_dtype") or DEFAULT_CACHE_DTYPE))
         self.metrics = _Metrics(pb, args["model_name"])

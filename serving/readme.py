@@ -32,7 +32,8 @@ def repository_readme(bundle: Bundle, precision: str, io: Mapping[str, GraphIO],
         (USER_ENCODER, "onnxruntime", _tensors(list(io[USER_ENCODER].inputs)),
          _tensors(list(io[USER_ENCODER].outputs))),
         (ITEM_SCORER, "onnxruntime", _tensors(list(io[ITEM_SCORER].inputs)), _tensors(list(logits))),
-        (pbtxt.GATE, "python", _tensors(request), "the same tensors, named `checked_<name>`"),
+        (pbtxt.GATE, "python", _tensors(request),
+         "the encoder's and scorer's inputs, named `checked_<name>` (item ids become their rows)"),
         (pbtxt.ENSEMBLE, "ensemble", _tensors(request), _tensors(list(logits))),
         (pbtxt.RECOMMEND, "python", _tensors([key, *request]), _tensors([*logits, encoded])),
     ]
@@ -57,6 +58,11 @@ request batch (at most {batch} users per request), `candidates` the page size ({
 Ids: items 1..{cfg.num_items} (0 = padding in histories), behaviours 0..{cfg.num_behaviors - 1},
 scenarios 0..{cfg.num_scenarios - 1}; times are unix seconds; logits are one per task
 ({", ".join(cfg.task_names)}).
+
+The item table ({cfg.num_items + 1} rows x {cfg.d_model}) is in no model: it is stored once, in
+`astro_recommend/1/bundle/tables/`, the verified bundle copy `astro_recommend` serves from, and
+`astro_gate` maps the same file to hand the encoder and scorer the rows of a request's item ids.
+Keep that folder in any deployment, `astro_score` alone included. Requests send item ids.
 
 ## Start it
 

@@ -47,11 +47,14 @@ def _model_source(name: str) -> bytes:
 
 def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None = None, force: bool = False,
                      cache_bytes: int = DEFAULT_CACHE_BYTES, ort_threads: int | None = DEFAULT_ORT_THREADS,
-                     cache_dtype: str = DEFAULT_CACHE_DTYPE, batching: bool = True) -> Path:
+                     cache_dtype: str = DEFAULT_CACHE_DTYPE, batching: bool = True,
+                     item_table: str | None = None) -> Path:
     """Write the repository for ``precision`` of ``bundle`` at ``out`` (atomically: a failure
     leaves nothing there). ``ort_threads``: ONNX Runtime's intra-op threads in astro_recommend
     (None: one per core); ``batching``: astro_recommend merges concurrent requests (dynamic
-    batching). Returns its absolute path."""
+    batching); ``item_table``: the stored form of the item table served (None: the bundle's default).
+    The repository holds the item table once, in astro_recommend's copy of the bundle, which the
+    gate maps too. Returns its absolute path."""
     instance(bundle, "bundle", Bundle, "a loaded bundle (load_bundle(DIR))")
     out = as_path(out, "out (--out)").resolve()
     flag(force, "force (--force)")
@@ -63,6 +66,7 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
     refuse_existing(out, force, BundleError)
     check_apart(out, bundle.directory, "bundle", "repository")
     precision = served_precision(bundle, precision)
+    item_table = bundle.table_files(item_table).storage  # one the bundle lacks: a BundleError naming its tables
     io = bundle.io(precision)
     profiles = {g: {k: list(v) for k, v in bundle.profile(g).items()} for g in SPLIT_GRAPHS}
     config = bundle.manifest["config"]
@@ -85,7 +89,9 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
                 _write(stage / name / "config.pbtxt", pbtxt.graph_config(io[graph], profiles, name=name,
                                                                          platform="tensorrt_plan"))
                 _write(stage / name / VERSION / "model.plan", copied(bundle.engine_path(graph, precision)))
-        _write(stage / pbtxt.GATE / "config.pbtxt", pbtxt.gate_config(io, profiles, config))
+        _write(stage / pbtxt.GATE / "config.pbtxt",
+               pbtxt.gate_config(io, profiles, config, item_table=item_table,
+                                 bundle=served.relative_to(stage).as_posix()))
         _write(stage / pbtxt.GATE / VERSION / "model.py", _model_source("gate"))
         for suffix in ("", pbtxt.PLAN_SUFFIX) if plans else ("",):
             name = pbtxt.ENSEMBLE + suffix
@@ -94,6 +100,7 @@ def write_repository(bundle: Bundle, out: str | Path, *, precision: str | None =
         _write(stage / pbtxt.RECOMMEND / "config.pbtxt",
                pbtxt.recommend_config(io, profiles, config, precision=precision, cache_bytes=cache_bytes,
                                       ort_threads=ort_threads, cache_dtype=cache_dtype, batching=batching,
+                                      item_table=item_table,
                                       bundle_sha256=bundle.manifest_sha256))
         _write(stage / pbtxt.RECOMMEND / VERSION / "model.py", _model_source("recommend"))
         _write(stage / "README.md", repository_readme(bundle, precision, io, profiles, plans=plans,

@@ -465,7 +465,7 @@ def _serve_replicas(repo: Path, tmp: Path, *, replicas: int, ports: tuple[int, i
 def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
                  precision: str | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  ort_threads: int | None = DEFAULT_ORT_THREADS, cache_dtype: str = "fp32", batching: bool = True,
-                 replicas: int = 1,
+                 replicas: int = 1, item_table: str | None = None,
                  expect_sha256: str | None = None, show: Callable[[str], None] = print,
                  progress: Callable[[str], None] = lambda _: None) -> None:
     """``astro-trt serve``: a model repository of ``bundle_dir`` in a temporary folder, served by
@@ -494,7 +494,8 @@ def serve_bundle(bundle_dir: Path, *, http_port: int = 8000, grpc_port: int = 80
     try:
         with tempfile.TemporaryDirectory(prefix=f"{REPO_PREFIX}{os.getpid()}-") as tmp:
             repo = write_repository(bundle, Path(tmp) / "models", precision=precision, cache_bytes=cache_bytes,
-                                    ort_threads=ort_threads, cache_dtype=cache_dtype, batching=batching)
+                                    ort_threads=ort_threads, cache_dtype=cache_dtype, batching=batching,
+                                    item_table=item_table)
             memory_limit = default_memory_limit(cache_bytes)
             if replicas > 1:
                 _serve_replicas(repo, Path(tmp), replicas=replicas, ports=(http_port, grpc_port, metrics_port),

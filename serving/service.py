@@ -11,7 +11,16 @@ from typing import Any
 import numpy as np
 
 from astro_trt.config import ASTROConfig
-from astro_trt.contract import BATCH, CAND_ITEMS, HISTORY_INPUTS, ITEM_SCORER, KV_CACHE, SPLIT_GRAPHS, USER_ENCODER
+from astro_trt.contract import (
+    BATCH,
+    CAND_ITEMS,
+    HISTORY_INPUTS,
+    ITEM_SCORER,
+    KV_CACHE,
+    SPLIT_GRAPHS,
+    USER_ENCODER,
+    request_name,
+)
 from astro_trt.engines.bundle import Bundle
 from astro_trt.errors import BackendError, DataError
 from astro_trt.runtime import gate
@@ -56,11 +65,11 @@ class Recommender:
 
     def __init__(self, bundle: Bundle, precision: str, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  compute: str = "auto", threads: int | None = None, engine: Runner | None = None,
-                 cache_dtype: str = DEFAULT_CACHE_DTYPE) -> None:
+                 cache_dtype: str = DEFAULT_CACHE_DTYPE, item_table: str | None = None) -> None:
         self.cfg = bundle.config
         self.profiles = {g: bundle.profile(g) for g in SPLIT_GRAPHS}  # tuples already, as gate_profiles gives
         self.codec = StateCodec(cache_dtype)
-        self.compute = engine or make_compute(bundle, precision, compute, threads)
+        self.compute = engine or make_compute(bundle, precision, compute, threads, item_table)
         if not self.codec.identity and not isinstance(self.compute, OrtRunner):
             raise BackendError(f"--cache-dtype {cache_dtype} packs states on the host, but {self.compute.name} keeps "
                                "them on the device; serve with ONNX Runtime or --cache-dtype fp32")
@@ -124,7 +133,10 @@ class Recommender:
                                                           for n in group[0].arrays}
         cand = group[0].cand if len(group) == 1 else np.concatenate([c.cand for c in group])
         io = self.compute.io
-        names = {*io[ITEM_SCORER].input_names, *(io[USER_ENCODER].input_names if misses else ())} - {KV_CACHE}
+        # The request tensors the graphs' inputs come from: put() looks the ids up (a cache hit never
+        # looks its history's items up).
+        names = {request_name(n) for n in (*io[ITEM_SCORER].input_names,
+                                           *(io[USER_ENCODER].input_names if misses else ()))} - {KV_CACHE}
         feeds = self.compute.put({n: cand if n == CAND_ITEMS else arrays[n] for n in names})
         encoded = np.zeros(len(rows), dtype=bool)
         if misses:

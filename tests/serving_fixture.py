@@ -30,7 +30,8 @@ def request(cfg, *, users: int = 1, candidates: int = 16, seed: int = 0) -> dict
 def reference_logits(bundle, arrays: dict[str, np.ndarray]) -> np.ndarray:
     from astro_trt.runtime.onnxruntime import OrtRunner
 
-    runner = OrtRunner({g: bundle.onnx_path(g, "fp32") for g in GRAPHS}, bundle.config, "fp32")
+    runner = OrtRunner({g: bundle.onnx_path(g, "fp32") for g in GRAPHS}, bundle.config, "fp32",
+                       item_table=bundle.item_table())
     history = History(*(torch.from_numpy(arrays[n]) for n in HISTORY_INPUTS))
     cand = torch.from_numpy(arrays["cand_items"])
     return runner.score(runner.encode(history), history, cand)

@@ -109,11 +109,14 @@ def test_operator_profile_of_an_exported_scorer(tmp_path):
     """--profile's breakdown on real ONNX Runtime profiles of a tiny export: every graph reports
     its nodes, and the per-type times add up to the total."""
     from astro_trt.exporter.export import export_onnx
+    from astro_trt.runtime.torch_runner import model_item_table
     from astro_trt.validate.bench import profile_ort
 
     torch.manual_seed(0)
-    result = export_onnx(ASTRO(TINY).eval(), tmp_path, precision="fp32", attention="plugin")
-    profile = profile_ort(result.paths, TINY, "fp32", [4], threads=1, runs=2)
+    model = ASTRO(TINY).eval()
+    result = export_onnx(model, tmp_path, precision="fp32", attention="plugin")
+    profile = profile_ort(result.paths, TINY, "fp32", [4], threads=1, runs=2,
+                          item_table=model_item_table(model))
     graphs = profile["M=4"]
     assert set(graphs) == {"user_encoder", "item_scorer", "full_model"}
     for prof in graphs.values():

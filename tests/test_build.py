@@ -21,7 +21,8 @@ def test_profile_ranges_and_opt_points():
     assert set(Profile().for_graph(io[USER_ENCODER])) == {BATCH}
     assert set(Profile().for_graph(io[FULL_MODEL])) == {BATCH, CANDIDATES}
     shapes = Profile(max_batch=4, max_candidates=64).shapes(io[ITEM_SCORER])
-    assert shapes["cand_items"] == ((1, 1), (1, 64), (4, 64))
+    d = TINY.d_model  # the candidates' looked-up rows: the table is in no engine
+    assert shapes["cand_item_emb"] == ((1, 1, d), (1, 64, d), (4, 64, d))
     with pytest.raises(ConfigError, match="max-batch"):
         Profile(max_batch=0)
 
@@ -51,7 +52,7 @@ def test_built_engine_io_matches_the_contract(tmp_path, precision):
     assert compare_io(built.io, io, profile.shapes(io)) == []
     by_name = {r["name"]: r for r in built.io}
     assert by_name["kv_cache"]["dtype"] == ("float16" if precision == "fp16" else "float32")
-    assert by_name["kv_cache"]["max"][0] == 4 and by_name["cand_items"]["opt"] == [1, 64]
+    assert by_name["kv_cache"]["max"][0] == 4 and by_name["cand_item_emb"]["opt"] == [1, 64, TINY.d_model]
     assert by_name["logits"] == {"name": "logits", "mode": "output", "dtype": "float32",
                                  "shape": [-1, -1, TINY.num_tasks]}
     assert "Building engine" in phases

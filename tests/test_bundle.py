@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from contract_graphs import TINY, write_contract_graph
 
@@ -15,6 +16,7 @@ from astro_trt.engines.build import Profile, build_engine
 from astro_trt.engines.bundle import engine_relpath, load_bundle, onnx_relpath, staged_bundle, write_report
 from astro_trt.errors import BundleError
 from astro_trt.manifest import MANIFEST, MANIFEST_HASH, build_manifest, write_manifest
+from astro_trt.model.item_table import TABLE_DIR, write_tables
 
 PROFILE = Profile(max_batch=2, max_candidates=16)
 
@@ -25,6 +27,8 @@ def _write_bundle(out, *, engines: bool):
         (stage / "checkpoint").mkdir()
         (stage / "checkpoint" / "config.json").write_text(TINY.to_json())
         (stage / "checkpoint" / "model.safetensors").write_bytes(b"weights")
+        rows = np.random.default_rng(0).standard_normal((TINY.num_items + 1, TINY.d_model)).astype(np.float32)
+        tables = write_tables([rows[:7], rows[7:]], TINY.num_items + 1, TINY.d_model, stage / TABLE_DIR, ["fp32"])
         onnx, built = {}, {}
         for graph in GRAPHS:
             write_contract_graph(io[graph], stage / onnx_relpath(graph, "fp32"))
@@ -43,6 +47,7 @@ def _write_bundle(out, *, engines: bool):
             profile={g: {d: list(r) for d, r in PROFILE.for_graph(io[g]).items()} for g in GRAPHS},
             kv_cache={"fp32": kv_cache_layout(TINY, "fp32").to_dict()}, onnx={"fp32": onnx},
             engines={"fp32": built} if built else {}, parity={"fp32": dict.fromkeys(GRAPHS, 0.0)},
+            item_table={"default": "fp32", "tables": {"fp32": tables["fp32"][0].to_dict()}},
         )
         write_manifest(stage, manifest)
     return out

@@ -93,12 +93,12 @@ def test_engine_io_apart_from_the_profile_is_refused(tmp_path):
     bundle = test_bundle._write_bundle(tmp_path / "b", engines=True)
     load_bundle(bundle)
     manifest = json.loads((bundle / MANIFEST).read_text())
-    record = next(r for r in manifest["engines"]["fp32"]["item_scorer"]["io"] if r["name"] == "cand_items")
-    record["max"] = [record["max"][0], 10**6]
+    record = next(r for r in manifest["engines"]["fp32"]["item_scorer"]["io"] if r["name"] == "cand_item_emb")
+    record["max"] = [record["max"][0], 10**6, record["max"][2]]
     body = (json.dumps(manifest) + "\n").encode()
     (bundle / MANIFEST).write_bytes(body)
     (bundle / MANIFEST_HASH).write_text(f"{hashlib.sha256(body).hexdigest()}  {MANIFEST}\n")
-    with pytest.raises(BundleError, match=r"engines\.fp32\.item_scorer\.io cand_items max shape"):
+    with pytest.raises(BundleError, match=r"engines\.fp32\.item_scorer\.io cand_item_emb max shape"):
         load_bundle(bundle)
 
 
@@ -115,7 +115,7 @@ def test_loose_graphs_keep_external_data_beside_them(tmp_path):
     (tmp_path / "g" / "link.data").symlink_to(tmp_path / "secret")
     for location in ("../secret", str(tmp_path / "secret"), "link.data"):
         model = onnx.load(bundle.onnx_path("user_encoder", "fp32"))
-        table = next(t for t in model.graph.initializer if t.name == "model.item_embedding.weight")
+        table = next(t for t in model.graph.initializer if t.name == "model.behavior_embedding.weight")
         table.ClearField("raw_data")
         table.data_location = TensorProto.EXTERNAL
         table.external_data.add(key="location", value=location)
@@ -123,4 +123,4 @@ def test_loose_graphs_keep_external_data_beside_them(tmp_path):
         graphs = {g: bundle.onnx_path(g, "fp32") for g in ("item_scorer", "full_model")}
         with pytest.raises(BundleError, match="not a file beside the graph"):
             astro_trt.OrtRunner({"user_encoder": tmp_path / "g" / "user_encoder.onnx", **graphs}, bundle.config,
-                                "fp32")
+                                "fp32", item_table=bundle.item_table())

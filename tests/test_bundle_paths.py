@@ -149,7 +149,7 @@ def _delete(m, *keys):
          r"profile.item_scorer has axes \['batch'\], but the graph needs \['batch', 'candidates'\]"),
         (lambda m: {**m, "profile": {**m["profile"], "user_encoder": {"users": [1, 4, 8]}}},
          r"'profile.user_encoder' has axes \['users'\], expected some of"),
-        (lambda m: {**m, "format_version": 2}, r"bundle format version 2, this astro-trt reads version 1"),
+        (lambda m: {**m, "format_version": 1}, r"bundle format version 1, this astro-trt reads version 2"),
         (lambda m: {**m, "format_version": "1"}, r"bundle format version '1'"),
         (lambda m: {**m, "format_version": True}, r"bundle format version True"),
         (lambda m: {**m, "config": {**m["config"], "max_len": 9}}, r"I/O of onnx.fp32.\w+ is not the contract"),
@@ -163,7 +163,7 @@ def _delete(m, *keys):
     ],
     ids=["top-list", "precisions-str", "files-list", "no-profile", "no-path", "no-sha", "attention-int",
          "profile-order", "profile-missing-axis", "profile-unknown-axis",
-         "version-2", "version-str", "version-bool", "config-vs-io", "config-type", "backend",
+         "version-1", "version-str", "version-bool", "config-vs-io", "config-type", "backend",
          "chunk-zero", "chunk-str"],
 )
 def test_structurally_wrong_manifests_with_recomputed_hash_are_bundle_errors(bundle, tmp_path, edit, message):

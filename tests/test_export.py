@@ -74,9 +74,10 @@ def test_split_equals_full_in_onnxruntime(model, exported, attention):
     batch = synthetic_batch(model.cfg, 3, 5, seed=4, empty_block_prob=0.3)
     h, cand = batch.history, batch.cand_items
     io = result.io
-    kv = run_onnx(result.paths["user_encoder"], feeds(io["user_encoder"], h, cand))[contract.KV_CACHE]
-    split = run_onnx(result.paths["item_scorer"], feeds(io["item_scorer"], h, cand, torch.from_numpy(kv)))["logits"]
-    full = run_onnx(result.paths["full_model"], feeds(io["full_model"], h, cand))["logits"]
+    kv = run_onnx(result.paths["user_encoder"], feeds(io["user_encoder"], model, h, cand))[contract.KV_CACHE]
+    scorer_feeds = feeds(io["item_scorer"], model, h, cand, torch.from_numpy(kv))
+    split = run_onnx(result.paths["item_scorer"], scorer_feeds)["logits"]
+    full = run_onnx(result.paths["full_model"], feeds(io["full_model"], model, h, cand))["logits"]
     assert split.shape == full.shape == (3, 5, model.cfg.num_tasks)
     np.testing.assert_allclose(split, full, rtol=0, atol=FP32_TOL)
 
@@ -87,7 +88,7 @@ def test_lowerings_agree(model, exported, precision):
     h, cand = batch.history, batch.cand_items
     plugin, native = exported[precision, "plugin"], exported[precision, "native"]
     got = {
-        name: run_onnx(r.paths["full_model"], feeds(r.io["full_model"], h, cand))["logits"]
+        name: run_onnx(r.paths["full_model"], feeds(r.io["full_model"], model, h, cand))["logits"]
         for name, r in (("plugin", plugin), ("native", native))
     }
     # fp32: same arithmetic reordered. Half: native keeps q/k/v and the mask in half precision

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import cli_status, small_config
@@ -15,7 +16,7 @@ from astro_trt.engines.backend import TENSORRT_RTX
 from astro_trt.engines.build import Profile, compare_io
 from astro_trt.engines.bundle import load_bundle
 from astro_trt.model.astro import ASTRO
-from astro_trt.model.checkpoint import save_checkpoint
+from astro_trt.model.checkpoint import load_checkpoint, save_checkpoint
 
 needs_rtx = pytest.mark.skipif(not TENSORRT_RTX.is_available(), reason="tensorrt_rtx is not installed")
 SMALL = ["--max-batch", "2", "--max-candidates", "8", "--opt-level", "0"]
@@ -51,7 +52,14 @@ def test_export_writes_a_complete_verified_bundle(bundle_dir, checkpoint):
             assert bundle.engine_path(graph, precision).stat().st_size > 1000
             # ONNX Runtime agrees with PyTorch on every graph; fp16 graphs carry fp16 rounding.
             assert bundle.manifest["parity"][precision][graph] < (1e-4 if precision == "fp32" else 5e-2)
-    assert (bundle.checkpoint_dir / "model.safetensors").read_bytes() == (checkpoint / "model.safetensors").read_bytes()
+    # The rows are stored once: the fp32 table file holds the checkpoint's table, the checkpoint copy the rest.
+    source = load_checkpoint(checkpoint)
+    table = source.model.item_table
+    assert np.array_equal(bundle.item_table("fp32").stored_rows(0, table.rows)[0], table.stored_rows(0, table.rows)[0])
+    oracle = bundle.checkpoint()
+    assert oracle.sha256 == source.sha256
+    for name, weight in source.model.state_dict().items():
+        assert torch.equal(oracle.model.state_dict()[name], weight), name
 
 
 def test_engine_io_matches_the_manifest_contract(bundle_dir):

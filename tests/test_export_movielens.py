@@ -57,11 +57,12 @@ def test_graphs_match_pytorch_on_movielens(model, exported, request_batch, preci
         assert error <= (FP32_TOL if precision == "fp32" else limit), (name, error, limit)
 
 
-def test_split_equals_full_on_movielens(exported, request_batch):
+def test_split_equals_full_on_movielens(model, exported, request_batch):
     result = exported["fp32", "plugin"]
     h, cand, io = request_batch.history, request_batch.cand_items, result.io
-    kv = run_onnx(result.paths[contract.USER_ENCODER], feeds(io[contract.USER_ENCODER], h, cand))[contract.KV_CACHE]
-    scorer_feeds = feeds(io[contract.ITEM_SCORER], h, cand, torch.from_numpy(kv))
+    encoder_feeds = feeds(io[contract.USER_ENCODER], model, h, cand)
+    kv = run_onnx(result.paths[contract.USER_ENCODER], encoder_feeds)[contract.KV_CACHE]
+    scorer_feeds = feeds(io[contract.ITEM_SCORER], model, h, cand, torch.from_numpy(kv))
     split = run_onnx(result.paths[contract.ITEM_SCORER], scorer_feeds)["logits"]
-    full = run_onnx(result.paths[contract.FULL_MODEL], feeds(io[contract.FULL_MODEL], h, cand))["logits"]
+    full = run_onnx(result.paths[contract.FULL_MODEL], feeds(io[contract.FULL_MODEL], model, h, cand))["logits"]
     np.testing.assert_allclose(split, full, rtol=0, atol=FP32_TOL)

@@ -84,7 +84,8 @@ def bundle(tmp_path_factory):
     except Exception as exc:  # the back end is what this module tests; without one there is nothing to run
         pytest.skip(f"no TensorRT back end importable here ({exc})")
     out = tmp_path_factory.mktemp("gpu") / "bundle"
-    proc = subprocess.run([sys.executable, "-m", "astro_trt.cli", "export", str(EXAMPLE), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "astro_trt.cli", "export", str(EXAMPLE), "--out", str(out),
+                           "--item-table", "fp32,int8"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
@@ -100,13 +101,12 @@ def test_engines_pass_the_parity_gates(bundle):
 
 def test_one_encoded_user_serves_many_candidate_batches(bundle):
     from astro_trt.engines.bundle import load_bundle
-    from astro_trt.model.checkpoint import load_checkpoint
     from astro_trt.model.synthetic import synthetic_batch
     from astro_trt.runtime.tensorrt import TrtRunner
     from astro_trt.tolerances import FP32_MAX_ABS
 
     loaded = load_bundle(bundle)
-    model = load_checkpoint(loaded.checkpoint_dir).model
+    model = loaded.checkpoint().model
     batch = synthetic_batch(loaded.config, batch=1, candidates=512, seed=3)
     runner = TrtRunner(loaded, "fp32")
     state = runner.encode(batch.history)
@@ -121,3 +121,28 @@ def test_one_encoded_user_serves_many_candidate_batches(bundle):
         baseline = torch.from_numpy(runner.full(batch.history, batch.cand_items))
     for got in (whole, chunks, baseline):
         assert (got - expected).abs().max().item() <= FP32_MAX_ABS
+
+
+@pytest.mark.parametrize("storage", ["fp32", "int8"])
+def test_item_rows_are_gathered_on_the_device_as_the_host_looks_them_up(bundle, storage):
+    """The engines take item rows (the table is in no engine): the session keeps the table on the
+    device in its stored form and gathers a request's rows there, in the request's one crossing.
+    The rows must be the host lookup's (the mapped file), bit for bit for fp32 and to float32
+    rounding of stored * scale for int8."""
+    from astro_trt.contract import CAND_ITEM_EMB, HIST_ITEM_EMB
+    from astro_trt.engines.bundle import load_bundle
+    from astro_trt.model.synthetic import synthetic_batch
+    from astro_trt.runtime.gate import gate
+    from astro_trt.runtime.tensorrt import TrtRunner
+
+    loaded = load_bundle(bundle)
+    runner = TrtRunner(loaded, "fp32", item_table=storage)
+    assert runner.session.item_rows.values.is_cuda and runner.session.item_rows.storage.name == storage
+    batch = synthetic_batch(loaded.config, batch=3, candidates=40, seed=5)
+    arrays = gate(loaded.config, batch.history, batch.cand_items)
+    on_device = runner.put(arrays)
+    host = loaded.item_table(storage)
+    for ids, rows in (("hist_items", HIST_ITEM_EMB), ("cand_items", CAND_ITEM_EMB)):
+        assert on_device[rows].is_cuda
+        expected = torch.from_numpy(host.lookup(arrays[ids]))
+        torch.testing.assert_close(on_device[rows].cpu(), expected, rtol=1e-7, atol=0)

@@ -78,9 +78,9 @@ def test_block_split_is_the_same_fp32_arithmetic(model, fp32, tmp_path):
     path = tmp_path / "split.onnx"
     onnx.save_model(proto, str(path))
     batch = synthetic_batch(model.cfg, 3, 5, seed=1)
-    kv = run_onnx(fp32.paths[contract.USER_ENCODER], feeds(fp32.io[contract.USER_ENCODER], batch.history,
-                                                            batch.cand_items))[contract.KV_CACHE]
-    inputs = feeds(fp32.io[contract.ITEM_SCORER], batch.history, batch.cand_items, torch.from_numpy(kv))
+    kv = run_onnx(fp32.paths[contract.USER_ENCODER], feeds(fp32.io[contract.USER_ENCODER], model, batch.history,
+                                                           batch.cand_items))[contract.KV_CACHE]
+    inputs = feeds(fp32.io[contract.ITEM_SCORER], model, batch.history, batch.cand_items, torch.from_numpy(kv))
     before = run_onnx(fp32.paths[contract.ITEM_SCORER], inputs)["logits"]
     after = run_onnx(path, inputs)["logits"]
     np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)  # float32 reordering only
@@ -164,9 +164,9 @@ def test_int8_sits_within_its_limit_and_ranks_like_the_oracle(model, int8):
     with torch.no_grad():
         oracle = copy.deepcopy(model).eval()(batch.history, batch.cand_items).numpy()
     io = int8.io
-    kv = run_onnx(int8.paths[contract.USER_ENCODER], feeds(io[contract.USER_ENCODER], batch.history,
-                                                            batch.cand_items))[contract.KV_CACHE]
-    got = run_onnx(int8.paths[contract.ITEM_SCORER], feeds(io[contract.ITEM_SCORER], batch.history,
+    kv = run_onnx(int8.paths[contract.USER_ENCODER], feeds(io[contract.USER_ENCODER], model, batch.history,
+                                                           batch.cand_items))[contract.KV_CACHE]
+    got = run_onnx(int8.paths[contract.ITEM_SCORER], feeds(io[contract.ITEM_SCORER], model, batch.history,
                                                            batch.cand_items, torch.from_numpy(kv)))["logits"]
     mask = np.ones(got.shape[:2], dtype=bool)
     assert mean_kendall_tau(got[..., 0], oracle[..., 0], mask) > 0.9
@@ -204,7 +204,7 @@ def test_ml100k_int8_changes_no_task_auc_by_more_than_the_gate(tmp_path):
 
     ckpt = load_checkpoint(EXAMPLE)
     result = export_onnx(ckpt.model, tmp_path, precision="int8", attention="plugin")
-    runner = OrtRunner(result.paths, ckpt.config, "int8", threads=1)
+    runner = OrtRunner(result.paths, ckpt.config, "int8", threads=1, item_table=ckpt.model.item_table)
     oracle = TorchRunner(ckpt.model)
     batches = load_batches("ml-100k", ckpt.config, EXAMPLE)
     tasks = list(ckpt.config.task_names)
@@ -267,7 +267,8 @@ def test_the_ceiling_times_both_scorers_and_the_bare_matmuls(int8_bundle):
 
     bundle = load_bundle(int8_bundle)
     cfg = bundle.config
-    runners = {p: OrtRunner({g: bundle.onnx_path(g, p) for g in contract.GRAPHS}, cfg, p, threads=1)
+    runners = {p: OrtRunner({g: bundle.onnx_path(g, p) for g in contract.GRAPHS}, cfg, p, threads=1,
+                                 item_table=bundle.item_table())
                for p in ("int8", "fp32")}
     ceiling = scorer_ceiling(runners, cfg, [32], threads=1, warmup=0, repetitions=1)
     point = ceiling["M=32"]

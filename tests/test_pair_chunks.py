@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from astro_trt import contract
 from astro_trt.exporter.export import export_onnx
+from astro_trt.exporter.graphs import named_tensors, with_item_rows
 from astro_trt.exporter.pair_chunks import (
     chunk_pairs,
     for_onnxruntime,
@@ -40,12 +41,14 @@ def exported(tmp_path_factory):
     return model, result, onnx.load(str(result.paths[contract.FULL_MODEL]))
 
 
-def _inputs(cfg, users: int, candidates: int, seed: int):
+def _inputs(model, users: int, candidates: int, seed: int):
+    """A request and the full model's feeds for it (the item ids' rows looked up in the model)."""
+    cfg = model.cfg
     history = random_history(cfg, users, torch.Generator().manual_seed(seed))
     cand = torch.randint(1, cfg.num_items + 1, (users, candidates), generator=torch.Generator().manual_seed(seed + 1))
-    feeds = dict(zip(contract.HISTORY_INPUTS, (t.numpy() for t in history.astuple()), strict=True))
-    feeds[contract.CAND_ITEMS] = cand.numpy()
-    return history, cand, feeds
+    tensors = with_item_rows(model, named_tensors(history, cand))
+    inputs = contract.graph_io(cfg, "fp32")[contract.FULL_MODEL].input_names
+    return history, cand, {name: tensors[name].numpy() for name in inputs}
 
 
 def _logits(model: onnx.ModelProto, feeds) -> np.ndarray:
@@ -66,7 +69,7 @@ def test_the_exported_full_model_is_chunked_and_recorded(exported):
 
 
 def test_unchunk_gives_back_the_traced_graph(exported):
-    _, _, proto = exported
+    model, _, proto = exported
     plain = unchunk(proto)
     assert not is_chunked(plain) and unchunk(plain) is plain
     again = unchunk(chunk_pairs(plain, 3))
@@ -76,7 +79,7 @@ def test_unchunk_gives_back_the_traced_graph(exported):
 
     assert signature(again) == signature(plain)
     assert {t.name for t in again.graph.initializer} == {t.name for t in plain.graph.initializer}
-    assert [v.name for v in plain.graph.input] == [*contract.HISTORY_INPUTS, contract.CAND_ITEMS]
+    assert [v.name for v in plain.graph.input] == contract.graph_io(model.cfg, "fp32")[contract.FULL_MODEL].input_names
     onnx.checker.check_model(plain, full_check=True)
 
 
@@ -86,7 +89,7 @@ def test_logits_do_not_depend_on_the_chunking(exported, users, candidates, pairs
     """Chunks smaller than, equal to and larger than B x M, B larger than a chunk, a last chunk
     with padding slots: every pair's logits are the PyTorch full model's."""
     model, _, proto = exported
-    history, cand, feeds = _inputs(model.cfg, users, candidates, seed)
+    history, cand, feeds = _inputs(model, users, candidates, seed)
     with torch.no_grad():
         want = model.full(history, cand).numpy()
     got = _logits(chunk_pairs(unchunk(proto), pairs), feeds)
@@ -97,7 +100,7 @@ def test_logits_do_not_depend_on_the_chunking(exported, users, candidates, pairs
 def test_plain_and_chunked_graphs_agree_beyond_one_chunk(exported):
     model, result, proto = exported
     users, candidates = 3, 2 * result.pairs_per_chunk // 3 + 5  # B x M spans several chunks
-    _, _, feeds = _inputs(model.cfg, users, candidates, seed=11)
+    _, _, feeds = _inputs(model, users, candidates, seed=11)
     np.testing.assert_allclose(_logits(proto, feeds), _logits(unchunk(proto), feeds), rtol=0, atol=FP32_TOL)
 
 
@@ -144,5 +147,5 @@ def test_the_onnxruntime_form_merges_the_layers_duplicates_and_keeps_the_logits(
     # Two layers, one shared bucket chain of a dozen-plus nodes: the merge removes at least that many.
     assert len(unchunk(prepared).graph.node) <= len(inlined_only.graph.node) - 12
     assert for_onnxruntime(unchunk(proto)) is not None and not is_chunked(for_onnxruntime(unchunk(proto)))
-    _, _, feeds = _inputs(model.cfg, 2, result.pairs_per_chunk, seed=5)  # two chunks
+    _, _, feeds = _inputs(model, 2, result.pairs_per_chunk, seed=5)  # two chunks
     np.testing.assert_allclose(_logits(prepared, feeds), _logits(proto, feeds), rtol=0, atol=FP32_TOL)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from validate_bundle_fixture import make_bundle, random_checkpoint
 
-from astro_trt.contract import FULL_MODEL, GRAPHS, ITEM_SCORER
+from astro_trt.contract import FULL_MODEL, GRAPHS, USER_ENCODER
 from astro_trt.engines.bundle import load_bundle
 from astro_trt.errors import DataError
-from astro_trt.model.checkpoint import load_checkpoint
 from astro_trt.model.synthetic import synthetic_batch
+from astro_trt.runtime.gate import gate
 from astro_trt.runtime.onnxruntime import OrtRunner
 from astro_trt.runtime.torch_runner import TorchRunner
 
@@ -27,8 +27,8 @@ def bundle(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runners(bundle):
     ort = OrtRunner({g: bundle.onnx_path(g, "fp32") for g in GRAPHS}, bundle.config, "fp32",
-                    profiles={g: bundle.profile(g) for g in GRAPHS})
-    return {"torch": TorchRunner(load_checkpoint(bundle.checkpoint_dir).model), "ort": ort}
+                    item_table=bundle.item_table(), profiles={g: bundle.profile(g) for g in GRAPHS})
+    return {"torch": TorchRunner(bundle.checkpoint().model), "ort": ort}
 
 
 @pytest.fixture(scope="module")
@@ -66,17 +66,20 @@ def test_valid_requests_agree_across_runners(runners, request_):
 
 
 def test_onnx_runtime_alone_wraps_a_negative_id_silently(runners, request_, bundle):
-    # Why the gate must stand before the graph: ORT's Gather reads row num_items+1-3 for id -3.
+    # Why the gate must stand before the graph: ORT's Gather reads row num_behaviors+1-3 of the
+    # behaviour table for id -3 (item ids never reach a graph: the runner's table lookup refuses them).
     ort = runners["ort"]
-    kv = ort.encode(request_.history).kv_cache
-    feeds = {n: t.numpy() for n, t in zip(("hist_items", "hist_behaviors", "hist_times", "hist_lengths",
-                                             "scenario", "request_time"), request_.history.astuple(), strict=True)}
-    cand = request_.cand_items.numpy().copy()
-    cand[0, 1] = -3
-    raw = ort._run(ITEM_SCORER, {**feeds, "kv_cache": kv, "cand_items": cand})
-    cand[0, 1] = bundle.config.num_items + 1 - 3
-    wrapped = ort._run(ITEM_SCORER, {**feeds, "kv_cache": kv, "cand_items": cand})
-    np.testing.assert_array_equal(raw[0, 1], wrapped[0, 1])
+    arrays = gate(bundle.config, request_.history)
+    slot = (0, int(np.argmax(arrays["hist_lengths"][0])), bundle.config.max_len - 1)  # an event slot
+    feeds = ort.put(arrays)
+    feeds["hist_behaviors"] = arrays["hist_behaviors"].copy()
+    feeds["hist_behaviors"][slot] = -3
+    raw = ort._run(USER_ENCODER, feeds)
+    feeds["hist_behaviors"][slot] = bundle.config.num_behaviors + 1 - 3
+    wrapped = ort._run(USER_ENCODER, feeds)
+    np.testing.assert_array_equal(raw, wrapped)
+    with pytest.raises(DataError, match="item ids span -3"):
+        ort.item_table.lookup(np.array([-3]))
 
 
 @pytest.mark.parametrize("runtime", ["torch", "ort"])

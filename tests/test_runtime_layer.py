@@ -15,6 +15,7 @@ from serving_fixture import reference_logits, request, tiny_bundle
 
 from astro_trt.contract import GRAPH_SPECS, GRAPHS, HISTORY_INPUTS, SPLIT_GRAPHS
 from astro_trt.engines.bundle import load_bundle
+from astro_trt.engines.device_table import DeviceItemTable, upload
 from astro_trt.model.astro import History
 from astro_trt.runtime import gate
 from astro_trt.runtime.onnxruntime import OrtRunner
@@ -46,7 +47,8 @@ def calls(monkeypatch) -> Counter:
 
 
 class _CpuSession:
-    """engines/runtime.py Session's two methods, on the CPU: ``to_device`` makes torch tensors (and
+    """engines/runtime.py Session's two methods, on the CPU: ``to_device`` is the session's own
+    upload with the item table "on the device" (the real DeviceItemTable, here in CPU memory; it
     counts the crossings), ``run`` runs the graph on ONNX Runtime. Enough to drive the real
     TrtRunner, whose every line runs here, without a GPU."""
 
@@ -54,11 +56,13 @@ class _CpuSession:
 
     def __init__(self, bundle) -> None:
         self.ort = OrtRunner.from_bundle(bundle, "fp32", 1, only=SPLIT_GRAPHS)
+        self.host_table = bundle.item_table()
+        self.item_rows = DeviceItemTable(self.host_table, self.device)
         self.crossings = 0
 
     def to_device(self, arrays):
         self.crossings += 1
-        return {n: torch.from_numpy(a) for n, a in arrays.items()}
+        return upload(arrays, self.device, self.item_rows)
 
     def run(self, graph, feeds):
         return torch.from_numpy(self.ort._run(graph, {n: t.numpy() for n, t in feeds.items()}))
@@ -67,7 +71,8 @@ class _CpuSession:
 def _trt_runner_on_cpu(bundle) -> TrtRunner:
     runner = TrtRunner.__new__(TrtRunner)
     runner.session = _CpuSession(bundle)
-    super(TrtRunner, runner).__init__(bundle.config, "fp32", {g: bundle.profile(g) for g in SPLIT_GRAPHS})
+    super(TrtRunner, runner).__init__(bundle.config, "fp32", {g: bundle.profile(g) for g in SPLIT_GRAPHS},
+                                      item_table=runner.session.host_table)
     return runner
 
 

@@ -40,11 +40,11 @@ class Counting:
         self.scores: list[int] = []
 
     def encode_checked(self, feeds):
-        self.encodes.append(len(feeds["hist_items"]))
+        self.encodes.append(len(feeds["hist_item_emb"]))
         return self.inner.encode_checked(feeds)
 
     def score_checked(self, kv_cache, feeds):
-        self.scores.append(len(feeds["cand_items"]))
+        self.scores.append(len(feeds["cand_item_emb"]))
         return self.inner.score_checked(kv_cache, feeds)
 
     def __getattr__(self, name):

@@ -4,7 +4,6 @@ manifest sections `astro-trt export --no-engines` writes)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -33,11 +32,15 @@ def make_bundle(out: Path, checkpoint: Path, precisions: tuple[str, ...] = ("fp3
     from astro_trt.engines.bundle import CHECKPOINT_DIR, onnx_relpath
     from astro_trt.exporter.export import export_onnx
     from astro_trt.manifest import build_manifest, write_manifest
-    from astro_trt.model.checkpoint import load_checkpoint
+    from astro_trt.model.checkpoint import load_checkpoint, table_chunks, write_dense_checkpoint
+    from astro_trt.model.item_table import TABLE_DIR, write_tables
 
     ckpt = load_checkpoint(checkpoint)
     out.mkdir(parents=True)
-    shutil.copytree(ckpt.directory, out / CHECKPOINT_DIR)
+    (out / CHECKPOINT_DIR).mkdir()
+    write_dense_checkpoint(ckpt.directory, out / CHECKPOINT_DIR)
+    rows = ckpt.config.num_items + 1
+    tables = write_tables(table_chunks(ckpt.directory), rows, ckpt.config.d_model, out / TABLE_DIR, ["fp32"])
     onnx = {}
     for p in precisions:
         result = export_onnx(ckpt.model, out / "onnx" / p, precision=p, attention="plugin")
@@ -51,6 +54,7 @@ def make_bundle(out: Path, checkpoint: Path, precisions: tuple[str, ...] = ("fp3
         profile={g: {"batch": [1, 4, 8], "candidates": [1, 16, 64]} for g in contract.GRAPHS},
         kv_cache={p: contract.kv_cache_layout(ckpt.config, p).to_dict() for p in precisions},
         onnx=onnx, engines={},
+        item_table={"default": "fp32", "tables": {"fp32": tables["fp32"][0].to_dict()}},
     )
     write_manifest(out, manifest)
     return out

@@ -453,17 +453,18 @@ def operator_profile(trace: Path, graph_runs: int) -> dict[str, Any]:
 
 def profile_ort(
     graphs: Mapping[str, Path], cfg: ASTROConfig, precision: str, candidates: Sequence[int], *,
-    threads: int | None = None, naive_pairs: int | None = None, runs: int = 3, seed: int = 0,
+    threads: int | None = None, naive_pairs: int | None = None, runs: int = 3, seed: int = 0, item_table: Any = None,
 ) -> dict[str, Any]:
     """Per-operator breakdown of the encoder, scorer and full model at each M (one user), from
-    separate profiling sessions so that the timed sessions run without the profiler."""
+    separate profiling sessions so that the timed sessions run without the profiler; ``item_table``
+    looks the requests' item ids up (the runner's own)."""
     limit = naive_pairs or naive_pairs_limit(cfg)
     out: dict[str, Any] = {}
     for m in candidates:
         batch = synthetic_batch(cfg, 1, m, seed=seed + m, empty_block_prob=0.0)
         with tempfile.TemporaryDirectory(prefix="astro-profile-") as tmp:
             runner = OrtRunner(graphs, cfg, precision, threads or ORT_THREADS, profile_dir=Path(tmp),
-                               unchunked_full=True)
+                               unchunked_full=True, item_table=item_table)
             naive_cand = batch.cand_items[:, :min(m, limit)]
             for _ in range(runs):
                 kv = runner.encode(batch.history)

@@ -22,12 +22,11 @@ from astro_trt.engines.bundle import load_bundle
 from astro_trt.errors import DataError
 from astro_trt.exporter.export import export_onnx
 from astro_trt.model.astro import ASTRO
-from astro_trt.model.checkpoint import load_checkpoint
 from astro_trt.precision import REFERENCE, is_quantized
 from astro_trt.runtime.gate import check_profile
 from astro_trt.runtime.onnxruntime import OrtRunner
 from astro_trt.runtime.tensorrt import make_trt_runner
-from astro_trt.runtime.torch_runner import TorchRunner
+from astro_trt.runtime.torch_runner import TorchRunner, model_item_table
 from astro_trt.settings import BENCH_THREADS
 from astro_trt.validate.bench import (
     DEFAULT_USERS,
@@ -108,7 +107,8 @@ def bench_bundle(
             if graphs is None:
                 raise DataError("--profile breaks down ONNX Runtime graphs; use --runtime ort")
             say("profiling the graphs per operator (one user per request)")
-            result.profile = profile_ort(graphs, cfg, runner.precision, counts, threads=threads)
+            result.profile = profile_ort(graphs, cfg, runner.precision, counts, threads=threads,
+                                         item_table=runner.item_table)
     paths = write_bench_to_bundle(result, bundle.directory) if out is None else write_bench_reports(result, Path(out))
     return BenchRun(result, paths)
 
@@ -218,7 +218,7 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
     a preset exports ``model`` when given (another precision of the same weights)."""
     if config == "bundle":
         precision = precision or bundle.precisions[0]
-        model = load_checkpoint(bundle.checkpoint_dir).model
+        model = bundle.checkpoint().model
         if runtime == "trt":
             runner, why = make_trt_runner(bundle, precision)
             if runner is None:
@@ -226,7 +226,7 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
             return runner, bundle.config, f"bundle {bundle.directory} (engines)", model, None
         graphs = {g: bundle.onnx_path(g, precision) for g in GRAPHS}
         return (OrtRunner(graphs, bundle.config, precision, threads, profiles=_bench_profiles(bundle),
-                          unchunked_full=True),
+                          unchunked_full=True, item_table=bundle.item_table()),
                 bundle.config, f"bundle {bundle.directory}", model, graphs)
     if runtime == "trt":
         raise DataError("--runtime trt times the bundle's engines; use --config bundle (presets are exported to "
@@ -240,7 +240,8 @@ def _runner(bundle: Any, runtime: str, config: str, precision: str | None, atten
     result = export_onnx(model, tmp, precision=precision, attention=attention)
     # A preset has no engines: its graphs take as many users per request as asked.
     profiles = dict.fromkeys(GRAPHS, Profile(max_batch=max(max_users, Profile().max_batch)).ranges())
-    runner = OrtRunner(result.paths, cfg, precision, threads, profiles=profiles, unchunked_full=True)
+    runner = OrtRunner(result.paths, cfg, precision, threads, profiles=profiles, unchunked_full=True,
+                       item_table=model_item_table(model))
     return runner, cfg, f"random {config} ({attention} lowering)", model, dict(result.paths)
 
 

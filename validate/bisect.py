@@ -49,12 +49,14 @@ from astro_trt.errors import BundleError, DataError
 from astro_trt.exporter.precision import model_in_precision
 from astro_trt.exporter.quantize import INPUT_MARK
 from astro_trt.model.checkpoint import load_checkpoint
+from astro_trt.model.item_table import REFERENCE_TABLE
 from astro_trt.model.resources import check_fits
 from astro_trt.model.synthetic import synthetic_batch
 from astro_trt.precision import REFERENCE, REGISTRY, get, is_reference
 from astro_trt.reports import by_kind, figure, json_bytes, markdown_table, png_bytes, write_files
 from astro_trt.runtime.gate import check_profile, gate
 from astro_trt.runtime.onnxruntime import ort_session
+from astro_trt.runtime.runner import with_item_rows
 from astro_trt.validate.parity import library_arguments, load_batches, parse_runtimes
 
 BISECT_REPORT = "bisect"
@@ -330,7 +332,7 @@ def bisect_bundle(
         if not get(p).ort_cpu:
             runnable = " or ".join(q.name for q in REGISTRY.values() if q.ort_cpu)
             raise DataError(f"--bisect: ONNX Runtime has no {get(p).dtype.name} CPU kernels; bisect {runnable}")
-    ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)
+    ckpt = load_checkpoint(checkpoint) if checkpoint else bundle.checkpoint()
     if ckpt.sha256 != bundle.checkpoint_sha256:
         raise DataError(f"checkpoint {ckpt.directory} is not the one the bundle was exported from (sha256 "
                         f"{ckpt.sha256[:16]}... vs {bundle.checkpoint_sha256[:16]}...); bisect against the "
@@ -351,7 +353,8 @@ def bisect_bundle(
         say(f"ort-{precision}: marking {len(plan)} stage boundaries")
         with tempfile.TemporaryDirectory(prefix="astro-bisect-") as tmp:
             got, where = {}, {}
-            feeds = gate(cfg, batch.history, batch.cand_items)  # the same input gate as every runner
+            # The same input gate as every runner, and the rows of the fp32 table (the graphs judged alone).
+            feeds = with_item_rows(bundle.item_table(REFERENCE_TABLE), gate(cfg, batch.history, batch.cand_items))
             for graph in SPLIT_GRAPHS:
                 stages_here = [s for s in plan if s.graph == graph]
                 marked = Path(tmp) / f"{graph}.onnx"

@@ -30,6 +30,8 @@ class Gates:
     auc_delta_half: float = 5e-3
     auc_delta_int8: float = tolerances.INT8_AUC_DELTA
     kendall_tau_int8: float = tolerances.INT8_KENDALL_TAU
+    # A stored fp16 or row-wise int8 item table against the fp32 rows, per task (ARCHITECTURE.md 8).
+    auc_delta_table: float = tolerances.TABLE_AUC_DELTA
     # Split (encoder + scorer) against the full model in the same runtime, fp32. Half
     # precision uses twice its logits limit: each side may sit that far from the oracle.
     split_full_max_abs: float = 1e-4

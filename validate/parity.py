@@ -16,10 +16,12 @@ import numpy as np
 from astro_trt.arguments import as_path, callback, choice, instance
 from astro_trt.artifacts import read_regular_file
 from astro_trt.choices import comma_list
+from astro_trt.contract import SPLIT_GRAPHS
 from astro_trt.engines.bundle import load_bundle
 from astro_trt.errors import ArtifactError, DataError
 from astro_trt.model import movielens
 from astro_trt.model.checkpoint import MAX_DOCUMENT_BYTES, METRICS_FILE, load_checkpoint
+from astro_trt.model.item_table import REFERENCE_TABLE
 from astro_trt.model.metrics import evaluate
 from astro_trt.model.requests import batches
 from astro_trt.model.synthetic import synthetic_batch
@@ -193,7 +195,7 @@ def validate_bundle(
     choice(data, "data (--data)", DATA_CHOICES)
     runtimes = parse_runtimes(runtimes)
     bundle = load_bundle(bundle_dir, verify=True, expect_sha256=expect_sha256)
-    ckpt = load_checkpoint(checkpoint or bundle.checkpoint_dir)
+    ckpt = load_checkpoint(checkpoint) if checkpoint else bundle.checkpoint()
     results: dict[str, Any] = {}
     gate_results: list[GateResult] = []
 
@@ -242,8 +244,8 @@ def validate_bundle(
         elif "torch" in runtimes:
             runners.append(None)  # torch-fp32 is the oracle itself: its split-vs-full is gated below
         if "ort" in runtimes:
-            runners.append(OrtRunner({g: bundle.onnx_path(g, precision) for g in bundle.io(precision)},
-                                     cfg, precision))
+            # The graphs judged alone: the rows they get are the fp32 table's, the oracle's own.
+            runners.append(OrtRunner.from_bundle(bundle, precision, item_table=REFERENCE_TABLE))
         if "trt" in runtimes:
             trt_runner, why = make_trt_runner(bundle, precision)
             if trt_runner is None:
@@ -281,10 +283,47 @@ def validate_bundle(
             if runner is not None:
                 errors_for_plot[name] = abs_errors(split, oracle_split)
             gate_results += _gates_for(name, rt, precision, entry, torch_error, gates, trained, tasks)
+    if "ort" in runtimes:
+        for storage in bundle.table_storages:
+            if storage == REFERENCE_TABLE:
+                continue
+            runner = OrtRunner.from_bundle(bundle, REFERENCE, only=SPLIT_GRAPHS, item_table=storage)
+            name = f"{runner.name}+{storage}-table"
+            say(f"running {name}")
+            outputs = collect(runner, batches, full=False)
+            entry = _table_entry(outputs, oracle, oracle_metrics, batches, masks, gates, tasks)
+            results.setdefault("item_tables", {})[storage] = {name: entry}
+            errors_for_plot[name] = abs_errors(outputs.masked("split", masks), oracle_split)
+            gate_results += _table_gates(name, storage, entry, gates, tasks)
     report = ParityReport(Path(bundle.directory), data, results, gate_results, skipped)
 
     report.paths = write_parity_reports(report, gates, errors_for_plot, checkpoint=ckpt, bundle=bundle)
     return report
+
+
+def _table_entry(outputs: Outputs, oracle: Outputs, oracle_metrics: dict, batches: Sequence[Any],
+                 masks: Sequence[np.ndarray], gates: Gates, tasks: Sequence[str]) -> dict[str, Any]:
+    """What a stored item table (fp16, int8) does to the fp32 graphs' results against the oracle."""
+    metrics = _metrics_of(outputs, batches, tasks)
+    return {"logits": error_stats(outputs.masked("split", masks), oracle.masked("split", masks),
+                                  name="logits").to_dict(),
+            "metrics": metrics, "ranking": _ranking(outputs, oracle, masks, gates.topk, tasks),
+            "auc_delta_vs_oracle": {t: abs(metrics[t]["auc"] - oracle_metrics[t]["auc"]) for t in tasks}}
+
+
+def _table_gates(name: str, storage: str, entry: dict, gates: Gates, tasks: Sequence[str]) -> list[GateResult]:
+    """A quantized table is judged by task quality, as int8 graphs are (docs/tolerances.md): the AUC
+    change per task, the top-k overlap and Kendall tau of the rankings; its logits error is reported."""
+    out = [GateResult("auc_delta_vs_oracle", f"{name} {task}", entry["auc_delta_vs_oracle"][task],
+                      gates.auc_delta_table, detail=f"{storage} item table against the fp32 rows")
+           for task in tasks]
+    low_task = min(tasks, key=lambda t: entry["ranking"][t]["topk_overlap"])
+    out.append(GateResult(f"top{gates.topk}_overlap", f"{name} {low_task}",
+                          entry["ranking"][low_task]["topk_overlap"], gates.topk_overlap, higher_is_better=True))
+    low_tau = min(tasks, key=lambda t: entry["ranking"][t]["kendall_tau"])
+    out.append(GateResult("kendall_tau", f"{name} {low_tau}", entry["ranking"][low_tau]["kendall_tau"],
+                          gates.kendall_tau_int8, higher_is_better=True))
+    return out
 
 
 def _gates_for(name: str, runtime: str, precision: str, entry: dict, torch_error: float | None, gates: Gates,

@@ -40,6 +40,7 @@ torch = lazy_import("torch")
 astro = lazy_import("astro_trt.model.astro")
 synthetic = lazy_import("astro_trt.model.synthetic")
 export = lazy_import("astro_trt.exporter.export")
+graphs_module = lazy_import("astro_trt.exporter.graphs")
 pair_chunks = lazy_import("astro_trt.exporter.pair_chunks")
 bench = lazy_import("astro_trt.validate.bench")
 resources = lazy_import("astro_trt.model.resources")
@@ -97,8 +98,10 @@ def full_model_memory(cfg: ASTROConfig, *, users: int, candidates: int, runs: in
             graphs["plain"] = Path(tmp) / "plain.onnx"
             graphs["plain"].write_bytes(pair_chunks.runtime_form(path, "onnxruntime-plain"))
         feeds = Path(tmp) / "feeds.npz"
-        arrays = dict(zip(contract.HISTORY_INPUTS, (t.numpy() for t in batch.history.astuple()), strict=True))
-        np.savez(feeds, reference=reference, **arrays, **{contract.CAND_ITEMS: batch.cand_items.numpy()})
+        # The graph's own inputs: the item rows looked up as every runner looks them up.
+        tensors = graphs_module.with_item_rows(model, graphs_module.named_tensors(batch.history, batch.cand_items))
+        arrays = {t.name: tensors[t.name].numpy() for t in contract.graph_io(cfg, "fp32")[contract.FULL_MODEL].inputs}
+        np.savez(feeds, reference=reference, **arrays)
         points = []
         for name, graph in graphs.items():
             for pattern in (True, False):

@@ -83,6 +83,9 @@ def _summary(out: Path, manifest: dict[str, Any]) -> None:
 @click.option("--max-batch", default=MAX_BATCH, show_default=True, type=int, help="Largest batch of users per call.")
 @click.option("--max-candidates", default=MAX_CANDIDATES, show_default=True, type=int,
               help="Largest candidates per user.")
+@click.option("--item-table", "item_table", default="fp32", show_default=True,
+              help="Stored forms of the item table, comma list of fp32, fp16, int8 (row-wise scales); the first "
+                   "is the one served, fp32 is always kept (the oracle's rows).")
 @click.option("--opt-level", default=None, type=click.IntRange(OPT_LEVELS[0], OPT_LEVELS[-1]),
               help=f"Builder optimization level ({OPT_LEVELS[0]}-{OPT_LEVELS[-1]}).")
 @click.option("--timing-cache", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -91,14 +94,17 @@ def _summary(out: Path, manifest: dict[str, Any]) -> None:
 @click.option("--validate", "run_validate", is_flag=True, help="Run the parity report on the bundle afterwards.")
 def export(
     checkpoint: Path, out: Path, force: bool, precision: str, backend_name: str, attention: str, targets: str,
-    max_batch: int, max_candidates: int, opt_level: int | None, timing_cache: Path | None, no_engines: bool,
-    run_validate: bool,
+    max_batch: int, max_candidates: int, item_table: str, opt_level: int | None, timing_cache: Path | None,
+    no_engines: bool, run_validate: bool,
 ) -> None:
-    """Export CHECKPOINT to a verified bundle: ONNX graphs, TensorRT engines, manifest."""
+    """Export CHECKPOINT (a checkpoint directory, or a bundle to re-export from its own dense
+    checkpoint and fp32 item table) to a verified bundle: ONNX graphs, TensorRT engines, the item
+    table, manifest."""
     with _spinner() as progress:
         result = export_lib.export_bundle(
             checkpoint, out, precisions=precision, backend=backend_name, attention=attention, targets=targets,
-            max_batch=max_batch, max_candidates=max_candidates, opt_level=opt_level, timing_cache=timing_cache,
+            max_batch=max_batch, max_candidates=max_candidates, item_tables=item_table, opt_level=opt_level,
+            timing_cache=timing_cache,
             engines=not no_engines, force=force, progress=progress,
         )
     _summary(result.directory, result.manifest)

@@ -9,6 +9,7 @@ import click
 
 from astro_trt.errors import DataError, GateError
 from astro_trt.lazy import lazy_import
+from astro_trt.precision import STORAGE
 from astro_trt.serving import defaults as lim
 from astro_trt.serving.cache import CACHE_DTYPES, DEFAULT_CACHE_DTYPE, cache_capacity
 from astro_trt.serving.defaults import DEFAULT_CACHE_BYTES, DEFAULT_ORT_THREADS
@@ -37,6 +38,11 @@ _CACHE_DTYPE = click.option("--cache-dtype", default=DEFAULT_CACHE_DTYPE, show_d
                                  "or fp16, or int8 with a scale per head and block (ONNX Runtime compute).")
 
 
+_ITEM_TABLE = click.option("--item-table", "item_table", default=None, type=click.Choice(tuple(STORAGE)),
+                           help="Stored form of the item table to serve (one the bundle has; default: the "
+                                "bundle's first, --item-table of export).")
+
+
 @click.command("triton")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Model repository to write.")
@@ -46,6 +52,7 @@ _CACHE_DTYPE = click.option("--cache-dtype", default=DEFAULT_CACHE_DTYPE, show_d
 @_CACHE_DTYPE
 @_THREADS
 @_BATCHING
+@_ITEM_TABLE
 @click.option("--k8s", "k8s_dir", type=click.Path(path_type=Path), default=None,
               help="Also write Kubernetes manifests here (official Triton container, HAProxy, autoscaler).")
 @click.option("--k8s-replicas", default=3, show_default=True, type=click.IntRange(1, lim.MAX_REPLICAS),
@@ -57,8 +64,8 @@ _CACHE_DTYPE = click.option("--cache-dtype", default=DEFAULT_CACHE_DTYPE, show_d
               help="GPUs per Triton pod (0: CPU pods).")
 @_SHA
 def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cache_mib: int, cache_dtype: str,
-           ort_threads: int, batching: bool, k8s_dir: Path | None, k8s_replicas: int, k8s_max_replicas: int,
-           k8s_namespace: str, gpus: int, expect_sha256: str | None) -> None:
+           ort_threads: int, batching: bool, item_table: str | None, k8s_dir: Path | None, k8s_replicas: int,
+           k8s_max_replicas: int, k8s_namespace: str, gpus: int, expect_sha256: str | None) -> None:
     """Write a Triton Inference Server model repository (ONNX Runtime models, gate, ensemble,
     per-user cache model) from BUNDLE_DIR; with --k8s, Kubernetes manifests that serve it."""
     if k8s_dir is not None:  # its arguments checked before the repository is written
@@ -67,7 +74,8 @@ def triton(bundle_dir: Path, out: Path, force: bool, precision: str | None, cach
                   cache_bytes=cache_mib << 20, gpus=gpus, repository_bytes=0)
     bundle = load_served_bundle(bundle_dir, expect_sha256=expect_sha256)
     repo = write_repository(bundle, out, precision=precision, force=force, cache_bytes=cache_mib << 20,
-                            ort_threads=ort_threads or None, cache_dtype=cache_dtype, batching=batching)
+                            ort_threads=ort_threads or None, cache_dtype=cache_dtype, batching=batching,
+                            item_table=item_table)
     models = sorted(p.name for p in repo.iterdir() if (p / "config.pbtxt").is_file())
     click.echo(f"model repository {repo}: {', '.join(models)} (see {repo / 'README.md'})")
     click.echo(_capacity_line(bundle, precision, cache_dtype, cache_mib))
@@ -100,11 +108,12 @@ def _capacity_line(bundle: object, precision: str | None, cache_dtype: str, cach
 @_CACHE_DTYPE
 @_THREADS
 @_BATCHING
+@_ITEM_TABLE
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(1, lim.MAX_REPLICAS),
               help="Tritonservers behind HAProxy (Debian package haproxy), users routed by their X-User-Key header.")
 @_SHA
 def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, precision: str | None,
-          cache_mib: int, cache_dtype: str, ort_threads: int, batching: bool, replicas: int,
+          cache_mib: int, cache_dtype: str, ort_threads: int, batching: bool, item_table: str | None, replicas: int,
           expect_sha256: str | None) -> None:
     """Serve BUNDLE_DIR with tritonserver on 127.0.0.1 (astro_recommend and astro_gate, ONNX
     Runtime on the CPU) until Ctrl-C or SIGTERM: inference, health, metadata and metrics open,
@@ -113,7 +122,8 @@ def serve(bundle_dir: Path, http_port: int, grpc_port: int, metrics_port: int, p
     HAProxy on the HTTP and gRPC ports."""
     serve_bundle(bundle_dir, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                  precision=precision, cache_bytes=cache_mib << 20, ort_threads=ort_threads or None,
-                 cache_dtype=cache_dtype, batching=batching, replicas=replicas, expect_sha256=expect_sha256,
+                 cache_dtype=cache_dtype, batching=batching, replicas=replicas, item_table=item_table,
+                 expect_sha256=expect_sha256,
                  show=click.echo,
                  progress=lambda msg: click.echo(msg, err=True))
 

@@ -47,6 +47,8 @@ rich_table = lazy_import("rich.table")
 @click.option("--auc-delta-int8", type=float, default=None, help="Max |AUC delta| per task for int8 [1e-3].")
 @click.option("--kendall-tau-int8", type=float, default=None,
               help="int8: min mean Kendall tau of each user's ranking vs the oracle's [0.98].")
+@click.option("--auc-delta-table", type=float, default=None,
+              help="fp16/int8 stored item table: max |AUC delta| per task vs the fp32 rows [1e-3].")
 @click.option("--split-full-max-abs", type=float, default=None, help="fp32 max |split - full| logits [1e-4].")
 @click.option("--topk", type=int, default=None, help="k of the top-k overlap gate [10].")
 @click.option("--topk-overlap", type=float, default=None, help="Min mean top-k overlap per user [0.9].")

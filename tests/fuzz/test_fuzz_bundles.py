@@ -118,7 +118,8 @@ def mutate(bundle: Path, sandbox: Path, rng: np.random.Generator) -> tuple[str, 
         _rewrite(bundle, None, raw)
         return f"manifest bytes {raw[:20]!r}", False
     if kind == "version":
-        value = [2, 0, -1, "1", 1.0, True, None, "astro"][rng.integers(8)]
+        current = m["format_version"]
+        value = [current + 1, current - 1, 0, -1, str(current), float(current), True, None, "astro"][rng.integers(9)]
         if rng.random() < 0.2:
             m["format"] = "other-bundle"
         else:

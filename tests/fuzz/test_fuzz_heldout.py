@@ -27,7 +27,7 @@ pytestmark = pytest.mark.fuzz
 def api():
     bundle = astro_trt.load_bundle(pristine_bundle())
     ort = astro_trt.OrtRunner.from_bundle(bundle, "fp32")
-    torch_runner = astro_trt.TorchRunner(astro_trt.load_checkpoint(bundle.checkpoint_dir).model)
+    torch_runner = astro_trt.TorchRunner(bundle.checkpoint().model)
     batch = astro_trt.synthetic_batch(bundle.config, 2, 5, seed=3)
     history = {n: t.numpy().copy() for n, t in zip(HISTORY_INPUTS, batch.history.astuple(), strict=True)}
     return bundle, {"ort": ort, "torch": torch_runner}, history, batch.cand_items.numpy().copy()

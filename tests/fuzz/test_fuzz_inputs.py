@@ -20,7 +20,6 @@ from tiny_bundle import pristine_bundle  # noqa: E402
 
 from astro_trt.contract import BATCH, CANDIDATES, FULL_MODEL, GRAPHS, HISTORY_INPUTS  # noqa: E402
 from astro_trt.engines.bundle import load_bundle  # noqa: E402
-from astro_trt.model.checkpoint import load_checkpoint  # noqa: E402
 from astro_trt.model.synthetic import synthetic_batch  # noqa: E402
 from astro_trt.runtime.gate import validate_candidates, validate_history, validate_kv_cache  # noqa: E402
 from astro_trt.runtime.onnxruntime import OrtRunner  # noqa: E402
@@ -34,8 +33,9 @@ B, M = 2, 5
 def setup():
     bundle = load_bundle(pristine_bundle())
     profiles = {g: bundle.profile(g) for g in GRAPHS}
-    ort = OrtRunner({g: bundle.onnx_path(g, "fp32") for g in GRAPHS}, bundle.config, "fp32", profiles=profiles)
-    torch_runner = TorchRunner(load_checkpoint(bundle.checkpoint_dir).model)
+    ort = OrtRunner({g: bundle.onnx_path(g, "fp32") for g in GRAPHS}, bundle.config, "fp32", profiles=profiles,
+                    item_table=bundle.item_table())
+    torch_runner = TorchRunner(bundle.checkpoint().model)
     return bundle.config, profiles, {"torch": torch_runner, "ort": ort}
 
 

@@ -158,7 +158,7 @@ def test_every_public_function_refuses_bad_types_and_sizes(tmp_path):
                        "full(2x10^7 candidates)": lambda: runner.full(batch.history, huge)}.items():
         assert "profile" in tally.python(name, call).detail
     # Without profiles (validation's runner), the memory estimate bounds B x M.
-    bare = astro_trt.OrtRunner(graphs, loaded.config, "fp32")
+    bare = astro_trt.OrtRunner(graphs, loaded.config, "fp32", item_table=loaded.item_table())
     for name, call in {"bare score(2x10^7)": lambda: bare.score(state, batch.history, huge),
                        "bare full(2x10^7)": lambda: bare.full(batch.history, huge)}.items():
         assert "memory" in tally.python(name, call).detail

@@ -30,7 +30,7 @@ from astro_trt.validate.parity import validate_bundle
 
 pytestmark = pytest.mark.fuzz
 ENCODER = "onnx/fp32/user_encoder.onnx"
-ITEM_TABLE = "model.item_embedding.weight"
+ITEM_TABLE = "model.behavior_embedding.weight"  # a table the encoder graph holds (the item table is in none)
 
 
 def _rewrite(bundle: Path, manifest: dict) -> None:
