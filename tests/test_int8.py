@@ -142,9 +142,9 @@ def test_stacking_moves_the_quantizers_blocks_into_one_batched_int8_matmul(model
     assert ops.count("DynamicQuantizeLinear") == 3 * model.cfg.num_layers + 3 + 4
     # the same arithmetic up to the activation's int8 step: one scale per input now, not per block
     batch = synthetic_batch(model.cfg, 3, 5, seed=1)
-    kv = run_onnx(fp32.paths[contract.USER_ENCODER], feeds(fp32.io[contract.USER_ENCODER], batch.history,
-                                                            batch.cand_items))[contract.KV_CACHE]
-    inputs = feeds(fp32.io[contract.ITEM_SCORER], batch.history, batch.cand_items, torch.from_numpy(kv))
+    kv = run_onnx(fp32.paths[contract.USER_ENCODER], feeds(fp32.io[contract.USER_ENCODER], model, batch.history,
+                                                           batch.cand_items))[contract.KV_CACHE]
+    inputs = feeds(fp32.io[contract.ITEM_SCORER], model, batch.history, batch.cand_items, torch.from_numpy(kv))
     onnx.save_model(stacked, str(tmp_path / "stacked.onnx"))
     reference = run_onnx(fp32.paths[contract.ITEM_SCORER], inputs)["logits"]
     errors = [np.abs(run_onnx(tmp_path / f, inputs)["logits"] - reference).max()
