@@ -110,6 +110,10 @@ class Bundle:
         It answers to the sha256 of the checkpoint the bundle was exported from (manifest
         ``checkpoint.sha256``): its files are the ones the manifest's hashes vouch for."""
         loaded = checkpoints.load_checkpoint(self.checkpoint_dir, item_table=self.item_table(REFERENCE_TABLE))
+        if loaded.source_sha256 not in (None, self.checkpoint_sha256):
+            raise BundleError(f"{self.checkpoint_dir}: the dense checkpoint was made from a checkpoint with sha256 "
+                              f"{loaded.source_sha256[:16]}..., but the manifest records "
+                              f"{self.checkpoint_sha256[:16]}...; re-export the bundle from its checkpoint")
         return dataclasses.replace(loaded, sha256=self.checkpoint_sha256)
 
     def _precision(self, precision: str) -> str:

@@ -128,7 +128,7 @@ def export_bundle(
     source = load_bundle(checkpoint) if _is_bundle(checkpoint) else None
     # Judged from the config before the weights are read (the item table is streamed, never held).
     cfg = source.config if source is not None else read_checkpoint_config(checkpoint)
-    check_fits(cfg, users=2, candidates=5, purpose="export")
+    check_fits(cfg, users=2, candidates=5, purpose="export", streaming=True)
     # The bundle's size, before any file is written: the tables, plus an ONNX graph and an engine of
     # the dense weights per graph and precision (their size does not depend on the vocabulary).
     dense = 4 * (parameter_lower_bound(cfg) - (cfg.num_items + 1) * cfg.d_model)

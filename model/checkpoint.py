@@ -74,6 +74,8 @@ class Checkpoint:
     directory: Path
     # The rows the model looks up: mapped from the checkpoint's own file, or the table it was loaded with.
     item_table: ItemTable | None = None
+    # A bundle's dense-only copy: the sha256 of the full checkpoint it was made from (its metadata's record).
+    source_sha256: str | None = None
 
 
 # ---------------------------------------------------------------------------- saving
@@ -201,7 +203,7 @@ def load_checkpoint(path: str | Path, item_table: ItemTable | None = None) -> Ch
     model.load_state_dict(dense, strict=True)
     model.eval()
     return Checkpoint(config=cfg, model=model, sha256=sha256, directory=directory,
-                      item_table=table)
+                      item_table=table, source_sha256=metadata.get(_META_SOURCE))
 
 
 def _is_dense_only(metadata: dict[str, str], weights: Path) -> bool:

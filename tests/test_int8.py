@@ -19,7 +19,14 @@ from astro_trt import contract
 from astro_trt.exporter.check import feeds, run_onnx
 from astro_trt.exporter.export import export_onnx
 from astro_trt.exporter.pair_chunks import initializers, walk_nodes
-from astro_trt.exporter.quantize import INPUT_MARK, split_block_matmuls, weight_matmuls
+from astro_trt.exporter.quantize import (
+    BLOCK_SUFFIX,
+    BLOCKS,
+    INPUT_MARK,
+    split_block_matmuls,
+    stack_block_matmuls,
+    weight_matmuls,
+)
 from astro_trt.model.synthetic import synthetic_batch
 from astro_trt.precision import STORAGE, get
 
@@ -87,7 +94,8 @@ def test_int8_graphs_quantize_weight_matmuls_and_nothing_else(int8):
         assert "MatMul" not in {n.op_type for n in weight_matmuls(proto.graph)}  # no float weight MatMul left
         tensors = {t.name: t for t in initializers(proto.graph)}  # the full model's Loop body included
         # The embedding tables, biases and LayerNorm stay float32; the weights are int8, symmetric
-        # (zero point 0, what TensorRT requires) with a scale per output column.
+        # (zero point 0, what TensorRT requires) with a scale per output column (and per block of a
+        # stacked weight: [Nb, 1, e]).
         tables = [n.input[0] for n in walk_nodes(proto.graph) if n.op_type == "Gather" and n.input[0] in tensors]
         assert tables and all(tensors[t].data_type == onnx.TensorProto.FLOAT for t in tables), name
         weights = [t for n, t in tensors.items() if n.endswith("_quantized")]
@@ -95,8 +103,53 @@ def test_int8_graphs_quantize_weight_matmuls_and_nothing_else(int8):
         for t in weights:
             zero = onnx.numpy_helper.to_array(tensors[t.name.replace("_quantized", "_zero_point")])
             scale = onnx.numpy_helper.to_array(tensors[t.name.replace("_quantized", "_scale")])
-            assert not zero.any() and scale.shape == (t.dims[-1],), t.name
+            per_column = (t.dims[-1],) if len(t.dims) == 2 else (t.dims[0], 1, t.dims[-1])
+            assert not zero.any() and scale.shape == zero.shape == per_column, t.name
         assert {f.name for f in proto.functions}  # attention stays the float reference body
+
+
+def test_stacking_moves_the_quantizers_blocks_into_one_batched_int8_matmul(model, fp32, tmp_path):
+    """The runtime form (stack_block_matmuls) holds the quantizer's own per-block int8 weights and
+    scales, stacked: bit for bit the same numbers, one batched MatMulInteger per weight, one
+    activation quantization per input (q, k and v share it), no Split/Concat of blocks."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    proto = split_block_matmuls(onnx.load(str(fp32.paths[contract.ITEM_SCORER])))
+    nodes = [n.name for n in weight_matmuls(proto.graph)]
+    quantize_dynamic(proto, tmp_path / "blocks.onnx", weight_type=QuantType.QInt8, per_channel=True,
+                     nodes_to_quantize=nodes, op_types_to_quantize=["MatMul"], extra_options={"WeightSymmetric": True})
+    blocks = onnx.load(str(tmp_path / "blocks.onnx"))
+    # A graph not in the quantizer's form (here: before quantizing) is left as it is, never half-rewritten.
+    assert stack_block_matmuls(copy.deepcopy(proto)) == proto
+    stacked = stack_block_matmuls(copy.deepcopy(blocks))
+    onnx.checker.check_model(stacked, full_check=True)
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in blocks.graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in stacked.graph.initializer}
+    nb = model.cfg.num_blocks
+    for layer in range(model.cfg.num_layers):
+        for w in STACKED:
+            name = f"model.layers.{layer}.{w}"
+            for kind, shape in (("quantized", None), ("scale", (1, -1)), ("zero_point", (1, -1))):
+                parts = [before[f"{name}.block{i}_{kind}"] for i in range(nb)]
+                want = np.stack([p if shape is None else p.reshape(shape) for p in parts])
+                assert np.array_equal(after[f"{name}_{kind}"], want), (name, kind)
+    ops = [n.op_type for n in stacked.graph.node]
+    assert not any(n.name.endswith(BLOCKS) for n in stacked.graph.node)
+    weights = len(weight_matmuls(onnx.load(str(fp32.paths[contract.ITEM_SCORER])).graph))
+    assert ops.count("MatMulInteger") == weights and not any(BLOCK_SUFFIX in k for k in after)
+    # one activation quantization per input: a layer's (q, k, v) and its FFN's two, the fusion
+    # layer's likewise, and each of the head's four Linear layers
+    assert ops.count("DynamicQuantizeLinear") == 3 * model.cfg.num_layers + 3 + 4
+    # the same arithmetic up to the activation's int8 step: one scale per input now, not per block
+    batch = synthetic_batch(model.cfg, 3, 5, seed=1)
+    kv = run_onnx(fp32.paths[contract.USER_ENCODER], feeds(fp32.io[contract.USER_ENCODER], model, batch.history,
+                                                           batch.cand_items))[contract.KV_CACHE]
+    inputs = feeds(fp32.io[contract.ITEM_SCORER], model, batch.history, batch.cand_items, torch.from_numpy(kv))
+    onnx.save_model(stacked, str(tmp_path / "stacked.onnx"))
+    reference = run_onnx(fp32.paths[contract.ITEM_SCORER], inputs)["logits"]
+    errors = [np.abs(run_onnx(tmp_path / f, inputs)["logits"] - reference).max()
+              for f in ("blocks.onnx", "stacked.onnx")]
+    assert 0 < errors[1] < 3 * errors[0], errors
 
 
 def test_int8_sits_within_its_limit_and_ranks_like_the_oracle(model, int8):
@@ -210,7 +263,7 @@ def test_the_ceiling_times_both_scorers_and_the_bare_matmuls(int8_bundle):
     from astro_trt.engines.bundle import load_bundle
     from astro_trt.runtime.onnxruntime import OrtRunner
     from astro_trt.validate.bench import ceiling_markdown
-    from astro_trt.validate.ceiling import scorer_ceiling, scorer_macs
+    from astro_trt.validate.ceiling import int8_estimate, scorer_ceiling, scorer_macs, weight_macs
 
     bundle = load_bundle(int8_bundle)
     cfg = bundle.config
@@ -227,4 +280,11 @@ def test_the_ceiling_times_both_scorers_and_the_bare_matmuls(int8_bundle):
     per = 2 * nb * (3 * d * d + 2 * d * f + 2 * d * (cfg.max_len + 1)) + nb * (3 * d * d + 2 * d * f) \
         + 2 * nb * d * fh + nb * d * d + d * cfg.num_tasks
     assert scorer_macs(cfg, 32) == 32 * per
+    assert weight_macs(cfg, 32) == 32 * (per - 2 * nb * 2 * d * (cfg.max_len + 1))
+    # Amdahl over the bare rates: 10 ms of which 6 ms weight MatMuls (3e9 multiply-adds at 1000
+    # GOP/s), int8 at 3x: 4 + 2 ms = 1.67x; the measured point carries its own.
+    assert int8_estimate(10.0, 3_000_000_000, 1000.0, 3000.0) == pytest.approx(10 / 6)
+    bound = int8_estimate(point["ms"]["scorer fp32"], weight_macs(cfg, 32), point["gops"]["MatMul fp32"],
+                       point["gops"]["DynamicQuantizeMatMul int8"])
+    assert point["int8_estimate"] == pytest.approx(bound) and "Amdahl estimate" in ceiling_markdown(ceiling, 1)
     assert "DynamicQuantizeMatMul int8" in ceiling_markdown(ceiling, 1)

@@ -103,3 +103,19 @@ def test_a_bundle_re_exports_from_its_own_checkpoint_and_table(bundles, tmp_path
     assert again.table_storages == ["fp16", "fp32"]
     fp32 = "tables/item_table.fp32.bin"
     assert (again.directory / fp32).read_bytes() == (first.directory / fp32).read_bytes()
+
+
+def test_a_bundle_whose_checkpoint_copy_came_from_another_checkpoint_is_refused(bundles, tmp_path):
+    """The dense copy records the full checkpoint it was made from; the manifest must name the same."""
+    import json
+    import shutil
+
+    from astro_trt.manifest import MANIFEST, write_manifest
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundles[40], copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["checkpoint"]["sha256"] = "0" * 64
+    write_manifest(copy, manifest)  # re-hashed: only the contradiction is left
+    with pytest.raises(BundleError, match=r"made from a checkpoint with sha256 .* but the manifest records 0000"):
+        load_bundle(copy).checkpoint()

@@ -327,12 +327,15 @@ def ceiling_markdown(ceiling: Mapping[str, Any], threads: int | None) -> str:
             shares = [f"{v * 100:.0f}% of {k.split(' of ')[1]}" for k, v in figures["share"].items()
                       if k.startswith(f"{name} of ")]
             rows.append((point, name, f"{ms:.2f}", f"{figures['gops'][name]:.1f}", "; ".join(shares)))
-    speedups = "; ".join(f"{p}: {f['int8_speedup']:.2f}x" for p, f in ceiling.items() if "int8_speedup" in f)
+    speedups = "; ".join(f"{p}: {f['int8_speedup']:.2f}x (Amdahl estimate from the bare rates: "
+                         f"{f['int8_estimate']:.2f}x)" for p, f in ceiling.items() if "int8_speedup" in f)
     return ("## The int8 scorer against its ceiling (one user, same run)\n\n"
             f"Scorers and bare MatMuls timed in turn, {threads or 'default'} ONNX Runtime thread(s); GOP/s "
             "counts two operations per multiply-add (the scorer's by the arithmetic above, with the head). "
-            "The bare MatMuls are the scorer's per-token weight products at its shapes: q/k/v side by side, "
-            "the FFN's two, called until they do the scorer's multiply-adds (ms is for all the calls).\n\n"
+            "The bare MatMuls are the scorer's per-token weight products at its shapes: q, k, v, "
+            "the FFN's two, called until they do the scorer's multiply-adds (ms is for all the calls). "
+            "The Amdahl estimate: the fp32 scorer with its weight multiply-adds at the bare int8 instead of "
+            "the bare fp32 rate and everything else unchanged (validate/ceiling.py).\n\n"
             + markdown_table(["point", "timed", "ms", "GOP/s", "share of the bare rate"], rows)
             + (f"\n\nint8 scorer over the fp32 scorer: {speedups}.\n\n" if speedups else "\n\n"))
 

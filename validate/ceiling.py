@@ -6,7 +6,13 @@ and ONNX Runtime's int8 ``DynamicQuantizeMatMul``, at the scorer's own shapes, a
 The scorer's rate is its multiply-adds by the bench's arithmetic (docs/model.md §6, fusion head
 included) over its median time; a bare rate is the MatMuls' multiply-adds over theirs. The share
 of the bare int8 rate says how much of the scorer's time is int8 arithmetic and how much is the
-operators around it (attention, LayerNorm, GELU, the per-block Split/Concat), which stay float.
+operators around it (attention, LayerNorm, GELU, bias adds), which stay float.
+
+The estimate (``int8_estimate``) is the int8 speed-up Amdahl's law gives the scorer over the
+measured rates while its float operators stay as they are: the fp32 scorer's time with its weight
+multiply-adds re-timed from the bare fp32 rate to the bare int8 rate, everything else unchanged. It
+assumes the scorer's MatMuls run at the bare rates (cache-resident weights, as the bare calls'
+are); on the climber scorer the per-operator profile agrees with it (docs/precision.md).
 """
 
 from __future__ import annotations
@@ -38,10 +44,26 @@ def scorer_macs(cfg: ASTROConfig, candidates: int) -> int:
     return candidates * (cfg.num_layers * nb * (token + (cfg.max_len + 1) * 2 * d) + fusion)
 
 
+def weight_macs(cfg: ASTROConfig, candidates: int) -> int:
+    """The part of ``scorer_macs`` done by MatMuls by a weight (what int8 makes cheaper): all of it
+    but the attention over L+1 keys."""
+    attention = cfg.num_layers * cfg.num_blocks * (cfg.max_len + 1) * 2 * cfg.d_model
+    return scorer_macs(cfg, candidates) - candidates * attention
+
+
+def int8_estimate(fp32_ms: float, macs: int, fp32_gops: float, int8_gops: float) -> float:
+    """The int8 speed-up over a scorer of ``fp32_ms`` if its ``macs`` weight multiply-adds went from
+    the bare fp32 rate to the bare int8 rate (GOP/s) and the rest of its time stayed (Amdahl)."""
+    weights = 2 * macs / (fp32_gops * 1e9) * 1e3  # ms of the fp32 scorer spent on them, at the bare rate
+    rest = max(fp32_ms - weights, 0.0)
+    return fp32_ms / (rest + weights * fp32_gops / int8_gops)
+
+
 def matmul_shapes(cfg: ASTROConfig) -> list[tuple[int, int]]:
-    """(K, N) of the weight MatMuls one scorer token goes through in a block: q, k, v side by side
-    (exporter/quantize.py fuses them), the FFN's two."""
-    return [(cfg.d_model, 3 * cfg.d_model), (cfg.d_model, cfg.ffn_dim), (cfg.ffn_dim, cfg.d_model)]
+    """(K, N) of the weight MatMuls one scorer token goes through in a block: q, k, v (one
+    quantized input for the three, exporter/quantize.py) and the FFN's two."""
+    d = cfg.d_model
+    return [(d, d), (d, d), (d, d), (d, cfg.ffn_dim), (cfg.ffn_dim, d)]
 
 
 def _matmul_graph(rows: int, shapes: Sequence[tuple[int, int]], seed: int = 0) -> Any:
@@ -102,8 +124,11 @@ def scorer_ceiling(
             f"{s} of {b}": rate[s] / rate[b] for s in calls if s.startswith("scorer ") for b in bare}}
         if "scorer int8" in ms and "scorer fp32" in ms:
             point["int8_speedup"] = ms["scorer fp32"] / ms["scorer int8"]
+            point["int8_estimate"] = int8_estimate(ms["scorer fp32"], weight_macs(cfg, m), rate["MatMul fp32"],
+                                                   rate["DynamicQuantizeMatMul int8"])
         out[f"M={m}"] = point
     return out
 
 
-__all__ = ["bare_matmuls", "matmul_shapes", "scorer_ceiling", "scorer_macs"]
+__all__ = ["bare_matmuls", "int8_estimate", "matmul_shapes", "scorer_ceiling", "scorer_macs",
+           "weight_macs"]
