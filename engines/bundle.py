@@ -47,7 +47,7 @@ from astro_trt.manifest import (
     verify_files,
     write_manifest,
 )
-from astro_trt.model.item_table import REFERENCE_TABLE, ItemTable, TableFiles
+from astro_trt.model.item_table import REFERENCE_TABLE, ItemTable, TableFiles, table_shape
 
 CHECKPOINT_DIR = "checkpoint"
 # The oracle's loader imports torch: light users of bundles (the served models on a CPU) never need it.
@@ -215,7 +215,7 @@ def _check_consistent(manifest: dict[str, Any], config: ASTROConfig, where: str)
                               "re-export the bundle")
     for storage, entry in manifest["item_table"]["tables"].items():
         shape = [entry["rows"], entry["dim"]]
-        if shape != [config.num_items + 1, config.d_model]:
+        if shape != list(table_shape(config)):
             raise BundleError(f"{where}: config.num_items = {config.num_items} and config.d_model = {config.d_model} "
                               f"need an item table of [{config.num_items + 1}, {config.d_model}] (row 0 is padding), "
                               f"but item_table.tables.{storage} is {shape}; re-export the bundle")

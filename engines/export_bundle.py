@@ -9,12 +9,10 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from astro_trt import arguments, contract
 from astro_trt.artifacts import (
@@ -37,9 +35,8 @@ from astro_trt.model.checkpoint import copy_checkpoint, load_checkpoint, read_ch
 from astro_trt.model.item_table import (
     REFERENCE_TABLE,
     TABLE_DIR,
-    ItemTable,
-    chunk_rows,
     planned_table_bytes,
+    table_shape,
     write_tables,
 )
 from astro_trt.model.resources import check_fits, parameter_lower_bound
@@ -131,19 +128,20 @@ def export_bundle(
     check_fits(cfg, users=2, candidates=5, purpose="export", streaming=True)
     # The bundle's size, before any file is written: the tables, plus an ONNX graph and an engine of
     # the dense weights per graph and precision (their size does not depend on the vocabulary).
-    dense = 4 * (parameter_lower_bound(cfg) - (cfg.num_items + 1) * cfg.d_model)
+    rows, dim = table_shape(cfg)
+    dense = 4 * (parameter_lower_bound(cfg) - rows * dim)
     check_free_space(out, planned_table_bytes(cfg, storages) + 2 * len(contract.GRAPHS) * len(wanted) * dense,
                      "--out", BundleError)
     ckpt = source.checkpoint() if source is not None else load_checkpoint(checkpoint)
     check_apart(out, source.directory if source is not None else ckpt.directory, "checkpoint", "bundle")
-    rows = source.item_table(REFERENCE_TABLE) if source is not None else ckpt.model.item_table
+    table = source.item_table(REFERENCE_TABLE) if source is not None else ckpt.model.item_table
 
     start = time.perf_counter()
     with staged_bundle(out, force=force) as stage:
         # The item table first, streamed from the checkpoint into every stored form at once: the
         # rows are in no graph or engine, and never all in memory.
-        say(f"item table: {cfg.num_items + 1} rows x {cfg.d_model} -> {', '.join(storages)}")
-        tables = write_tables(_row_chunks(rows), cfg.num_items + 1, cfg.d_model, stage / TABLE_DIR, storages)
+        say(f"item table: {rows} rows x {dim} -> {', '.join(storages)}")
+        tables = write_tables(table.float_chunks(), rows, dim, stage / TABLE_DIR, storages)
         # The dense weights and the documents save_checkpoint wrote (config, metrics, data
         # fingerprint): validate reproduces the trained AUCs from them and the fp32 table.
         (stage / CHECKPOINT_DIR).mkdir()
@@ -179,14 +177,6 @@ def export_bundle(
 
 def _is_bundle(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / MANIFEST).is_file()
-
-
-def _row_chunks(table: ItemTable) -> Iterator[np.ndarray]:
-    """The fp32 rows of ``table`` (a checkpoint's own, or a bundle's), a bounded chunk at a time:
-    a large file-backed table is read by position, never faulted in whole (model/item_table.py)."""
-    step = chunk_rows(table.dim)
-    for start in range(0, table.rows, step):
-        yield table.stored_rows(start, min(table.rows, start + step))[0]
 
 
 def _refuse_engine_options(backend: object, targets: object, opt_level: int | None, timing_cache: object) -> None:

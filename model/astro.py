@@ -21,6 +21,7 @@ from torch import nn
 
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ConfigError
+from astro_trt.model.item_table import table_shape
 from astro_trt.plugins.buckets import bucket_thresholds, distance_table
 from astro_trt.plugins.operators import Ops
 
@@ -177,12 +178,12 @@ class ASTRO(nn.Module):
         self.item_embedding: nn.Embedding | None = None
         self._item_table: _Shared | None = None
         if item_table is None:
-            self.item_embedding = nn.Embedding(cfg.num_items + 1, d, padding_idx=0)
+            self.item_embedding = nn.Embedding(*table_shape(cfg), padding_idx=0)
             nn.init.normal_(self.item_embedding.weight, std=0.02)
             with torch.no_grad():
                 self.item_embedding.weight[0].zero_()
         else:
-            if (int(item_table.rows), int(item_table.dim)) != (cfg.num_items + 1, d):
+            if (int(item_table.rows), int(item_table.dim)) != table_shape(cfg):
                 raise ConfigError(f"item table of shape [{item_table.rows}, {item_table.dim}] does not fit config "
                                   f"'{cfg.name}' (num_items={cfg.num_items} + the padding row, d_model={d}); pass the "
                                   "table exported with this model")

@@ -15,7 +15,6 @@ import json
 import math
 import re
 import struct
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,7 @@ from astro_trt.artifacts import as_path, check_free_space, copy_regular_file, sh
 from astro_trt.config import ASTROConfig
 from astro_trt.errors import ArtifactError, CheckpointError, ConfigError, one_line
 from astro_trt.model.astro import ASTRO
-from astro_trt.model.item_table import ItemTable
-from astro_trt.model.item_table import chunk_rows as rows_per_chunk
+from astro_trt.model.item_table import ItemTable, table_shape
 from astro_trt.model.resources import check_fits
 from astro_trt.precision import DTYPES, by_torch
 
@@ -215,7 +213,7 @@ def _is_dense_only(metadata: dict[str, str], weights: Path) -> bool:
 
 
 def _check_table_shape(table: ItemTable, cfg: ASTROConfig, weights: Path) -> None:
-    want = [cfg.num_items + 1, cfg.d_model]
+    want = list(table_shape(cfg))
     if [table.rows, table.dim] != want:
         raise CheckpointError(f"{weights}: the item table has shape {[table.rows, table.dim]} but config "
                               f"'{cfg.name}' implies {want} (num_items + 1, d_model); use the table exported "
@@ -245,32 +243,6 @@ def _mapped_table(weights: Path, header: _Header) -> ItemTable:
     entry = header.tensors[ITEM_TABLE_TENSOR]
     rows, dim = entry["shape"]
     return ItemTable.mapped_view(weights, header.data_start + entry["data_offsets"][0], rows, dim)
-
-
-def table_chunks(path: str | Path, chunk_rows: int | None = None) -> Iterator[np.ndarray]:
-    """The checkpoint's item table as float32 row chunks [k, d_model], in order, by plain file
-    reads: memory stays at one chunk whatever the table's size (model/item_table.py write_tables
-    takes them). ``chunk_rows`` defaults to item_table.CHUNK_BYTES worth of rows."""
-    _, weights = _resolve(path)
-    header = _read_header(weights)
-    entry = header.tensors.get(ITEM_TABLE_TENSOR)
-    if entry is None:
-        raise CheckpointError(f"{weights}: holds no item table (a bundle's dense-only copy); export from the "
-                              "original checkpoint")
-    if entry["dtype"] != "F32" or len(entry["shape"]) != 2:
-        raise CheckpointError(f"{weights}: tensor '{ITEM_TABLE_TENSOR}' is {entry['dtype']} {entry['shape']}, "
-                              "not float32 [rows, d_model]; re-save the checkpoint")
-    rows, dim = entry["shape"]
-    step = chunk_rows or rows_per_chunk(dim)
-    with weights.open("rb") as fh:
-        fh.seek(header.data_start + entry["data_offsets"][0])
-        for first in range(0, rows, step):
-            count = min(step, rows - first) * dim
-            chunk = np.fromfile(fh, dtype="<f4", count=count)
-            if chunk.size != count:
-                raise CheckpointError(f"{weights}: ends inside the item table (row {first + chunk.size // dim}); "
-                                      "re-copy or re-save the checkpoint")
-            yield chunk.reshape(-1, dim)
 
 
 def _digest_start(metadata: dict[str, str]) -> Any:
@@ -625,6 +597,6 @@ def _likely_field(cfg: ASTROConfig, got: tuple[int, ...], want: tuple[int, ...])
 
 __all__ = [
     "CONFIG_FILE", "ITEM_TABLE_TENSOR", "WEIGHTS_FILE", "Checkpoint", "checkpoint_documents", "checkpoint_sha256",
-    "copy_checkpoint", "load_checkpoint", "read_checkpoint_config", "save_checkpoint", "table_chunks",
+    "copy_checkpoint", "load_checkpoint", "read_checkpoint_config", "save_checkpoint",
     "write_dense_checkpoint",
 ]

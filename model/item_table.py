@@ -17,7 +17,7 @@ padded file never maps.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,9 +76,14 @@ def _file_dtype(record: Storage) -> np.dtype:
 _SCALE_DTYPE = np.dtype("<f4")
 
 
+def table_shape(cfg: ASTROConfig) -> tuple[int, int]:
+    """[rows, dim] of ``cfg``'s item table: one row per item id and row 0 for padding."""
+    return cfg.num_items + 1, cfg.d_model
+
+
 def planned_table_bytes(cfg: ASTROConfig, storages: Sequence[str]) -> int:
     """Bytes the table files of ``storages`` take on disk for ``cfg`` (what a free-space check plans)."""
-    rows, dim = cfg.num_items + 1, cfg.d_model
+    rows, dim = table_shape(cfg)
     return sum(precision.storage(name).bytes_for(rows * dim, groups=rows) for name in dict.fromkeys(storages))
 
 
@@ -191,6 +196,15 @@ class ItemTable:
         if self._scale_reader is not None:
             return stored, self._scale_reader.read_range(start, stop).reshape(-1)
         return stored, self._scales[start:stop]
+
+    def float_chunks(self, rows_per_chunk: int | None = None) -> Iterator[np.ndarray]:
+        """Every row in order as float32 chunks [k, dim] (dequantized), one chunk in memory at a
+        time (``rows_per_chunk`` defaults to CHUNK_BYTES worth): what ``write_tables`` streams from a
+        checkpoint's own table or a bundle's."""
+        step = rows_per_chunk or chunk_rows(self.dim)
+        for start in range(0, self.rows, step):
+            stored, scales = self.stored_rows(start, min(self.rows, start + step))
+            yield self.storage.decode(stored, None if scales is None else np.asarray(scales)[:, None])
 
     def lookup_torch(self, ids: Any) -> Any:
         """The PyTorch oracle's lookup: a CPU int tensor -> float32 CPU tensor [*ids.shape, dim]."""

@@ -40,6 +40,7 @@ from astro_trt.contract import (
     graph_io,
 )
 from astro_trt.errors import DataError
+from astro_trt.model.item_table import table_shape
 from astro_trt.runtime import gate
 from astro_trt.runtime.gate import Ranges
 
@@ -106,7 +107,7 @@ class Runner:
     def __init__(self, cfg: ASTROConfig, precision: str, profiles: Mapping[str, Ranges] | None = None, *,
                  item_table: Any = None) -> None:
         rows = (int(getattr(item_table, "rows", -1)), int(getattr(item_table, "dim", -1)))
-        if not hasattr(item_table, "lookup") or rows != (cfg.num_items + 1, cfg.d_model):
+        if not hasattr(item_table, "lookup") or rows != table_shape(cfg):
             raise DataError(f"{type(self).__name__} item_table: expected the model's item table ([num_items + 1, "
                             f"d_model] = [{cfg.num_items + 1}, {cfg.d_model}]), got {type(item_table).__name__} "
                             f"{list(rows) if hasattr(item_table, 'lookup') else ''}".rstrip()

@@ -20,7 +20,6 @@ from astro_trt.model.checkpoint import (
     checkpoint_sha256,
     load_checkpoint,
     save_checkpoint,
-    table_chunks,
     write_dense_checkpoint,
 )
 from astro_trt.model.item_table import TABLE_DIR, ItemTable, write_tables
@@ -68,9 +67,9 @@ def test_the_streamed_digest_is_the_one_recorded_for_the_example_checkpoint() ->
     assert load_checkpoint(EXAMPLE).sha256 == checkpoint_sha256(weights)
 
 
-def test_table_chunks_are_the_rows_in_order(saved) -> None:
+def test_float_chunks_are_the_rows_in_order(saved) -> None:
     path, model, cfg = saved
-    chunks = list(table_chunks(path, chunk_rows=6))
+    chunks = list(load_checkpoint(path).item_table.float_chunks(6))
     assert [len(c) for c in chunks] == [6] * 6 + [5]  # 41 rows
     assert np.concatenate(chunks).tobytes() == model.item_embedding.weight.detach().numpy().tobytes()
 
@@ -80,7 +79,8 @@ def _bundle_like(saved, tmp_path):
     path, _, cfg = saved
     bundle = tmp_path / "bundle"
     names = write_dense_checkpoint(path, bundle / "checkpoint")
-    written = write_tables(table_chunks(path), cfg.num_items + 1, cfg.d_model, bundle / TABLE_DIR, ["fp32", "int8"])
+    rows = load_checkpoint(path).item_table.float_chunks()
+    written = write_tables(rows, cfg.num_items + 1, cfg.d_model, bundle / TABLE_DIR, ["fp32", "int8"])
     return bundle, names, {name: ItemTable.open(bundle, files) for name, (files, _) in written.items()}
 
 
@@ -111,8 +111,6 @@ def test_the_dense_only_copy_without_a_table_names_the_fix(saved, tmp_path) -> N
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(bundle / "checkpoint")
     assert "dense-only" in _one_line(info) and "through its bundle" in str(info.value)
-    with pytest.raises(CheckpointError, match="holds no item table"):
-        next(table_chunks(bundle / "checkpoint"))
     with pytest.raises(CheckpointError, match="already a dense-only copy"):
         write_dense_checkpoint(bundle / "checkpoint", tmp_path / "again")
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from astro_trt.errors import BundleError, CheckpointError, DataError
-from astro_trt.model.checkpoint import save_checkpoint, table_chunks
+from astro_trt.model.checkpoint import load_checkpoint, save_checkpoint
 from astro_trt.model.item_table import (
     TABLE_DIR,
     ItemTable,
@@ -41,7 +41,7 @@ def weight(saved) -> np.ndarray:
 
 def _written(saved, out, storages=STORAGES, rows_per_chunk=7):
     path, _, cfg = saved
-    return write_tables(table_chunks(path, chunk_rows=rows_per_chunk), cfg.num_items + 1, cfg.d_model,
+    return write_tables(load_checkpoint(path).item_table.float_chunks(rows_per_chunk), cfg.num_items + 1, cfg.d_model,
                         out / TABLE_DIR, storages)
 
 

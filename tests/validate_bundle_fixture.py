@@ -32,7 +32,7 @@ def make_bundle(out: Path, checkpoint: Path, precisions: tuple[str, ...] = ("fp3
     from astro_trt.engines.bundle import CHECKPOINT_DIR, onnx_relpath
     from astro_trt.exporter.export import export_onnx
     from astro_trt.manifest import build_manifest, write_manifest
-    from astro_trt.model.checkpoint import load_checkpoint, table_chunks, write_dense_checkpoint
+    from astro_trt.model.checkpoint import load_checkpoint, write_dense_checkpoint
     from astro_trt.model.item_table import TABLE_DIR, write_tables
 
     ckpt = load_checkpoint(checkpoint)
@@ -40,7 +40,7 @@ def make_bundle(out: Path, checkpoint: Path, precisions: tuple[str, ...] = ("fp3
     (out / CHECKPOINT_DIR).mkdir()
     write_dense_checkpoint(ckpt.directory, out / CHECKPOINT_DIR)
     rows = ckpt.config.num_items + 1
-    tables = write_tables(table_chunks(ckpt.directory), rows, ckpt.config.d_model, out / TABLE_DIR, ["fp32"])
+    tables = write_tables(ckpt.item_table.float_chunks(), rows, ckpt.config.d_model, out / TABLE_DIR, ["fp32"])
     onnx = {}
     for p in precisions:
         result = export_onnx(ckpt.model, out / "onnx" / p, precision=p, attention="plugin")
