@@ -262,19 +262,13 @@ def validate_bundle(
                 run_full = runner.runtime != "torch"
                 outputs, name, rt = collect(runner, batches, full=run_full), runner.name, runner.runtime
             split = outputs.masked("split", masks)
-            entry: dict[str, Any] = {
-                "logits": error_stats(split, oracle_split, name="logits").to_dict(),
-                "kv_cache": error_stats(np.concatenate(outputs.kv), np.concatenate(oracle.kv),
-                                        name="kv_cache").to_dict(),
-                "metrics": _metrics_of(outputs, batches, tasks),
-                "ranking": _ranking(outputs, oracle, masks, gates.topk, tasks),
-            }
+            entry = _quality(outputs, oracle, oracle_metrics, batches, masks, gates, tasks)
+            entry["kv_cache"] = error_stats(np.concatenate(outputs.kv), np.concatenate(oracle.kv),
+                                            name="kv_cache").to_dict()
             if outputs.full:
                 full = outputs.masked("full", masks)
                 entry["full_logits"] = error_stats(full, oracle_split, name="logits").to_dict()
                 entry["split_vs_full"] = error_stats(split, full, name="logits").to_dict()
-            entry["auc_delta_vs_oracle"] = {t: abs(entry["metrics"][t]["auc"] - oracle_metrics[t]["auc"])
-                                            for t in tasks}
             if rt == "torch" and not is_reference(precision):
                 torch_error = entry["logits"]["max_abs"]
             if torch_error is not None:
@@ -291,7 +285,7 @@ def validate_bundle(
             name = f"{runner.name}+{storage}-table"
             say(f"running {name}")
             outputs = collect(runner, batches, full=False)
-            entry = _table_entry(outputs, oracle, oracle_metrics, batches, masks, gates, tasks)
+            entry = _quality(outputs, oracle, oracle_metrics, batches, masks, gates, tasks)
             results.setdefault("item_tables", {})[storage] = {name: entry}
             errors_for_plot[name] = abs_errors(outputs.masked("split", masks), oracle_split)
             gate_results += _table_gates(name, storage, entry, gates, tasks)
@@ -301,9 +295,10 @@ def validate_bundle(
     return report
 
 
-def _table_entry(outputs: Outputs, oracle: Outputs, oracle_metrics: dict, batches: Sequence[Any],
-                 masks: Sequence[np.ndarray], gates: Gates, tasks: Sequence[str]) -> dict[str, Any]:
-    """What a stored item table (fp16, int8) does to the fp32 graphs' results against the oracle."""
+def _quality(outputs: Outputs, oracle: Outputs, oracle_metrics: dict, batches: Sequence[Any],
+             masks: Sequence[np.ndarray], gates: Gates, tasks: Sequence[str]) -> dict[str, Any]:
+    """A runner's scorer results against the oracle's: logits error, task metrics, rankings and the
+    AUC change per task (every runtime and precision, and each stored item table)."""
     metrics = _metrics_of(outputs, batches, tasks)
     return {"logits": error_stats(outputs.masked("split", masks), oracle.masked("split", masks),
                                   name="logits").to_dict(),
