@@ -40,7 +40,7 @@ from astro_trt.contract import (
     graph_io,
 )
 from astro_trt.errors import DataError
-from astro_trt.model.item_table import table_shape
+from astro_trt.model.item_table import ItemTable, table_shape
 from astro_trt.runtime import gate
 from astro_trt.runtime.gate import Ranges
 
@@ -106,12 +106,12 @@ class Runner:
 
     def __init__(self, cfg: ASTROConfig, precision: str, profiles: Mapping[str, Ranges] | None = None, *,
                  item_table: Any = None) -> None:
-        rows = (int(getattr(item_table, "rows", -1)), int(getattr(item_table, "dim", -1)))
-        if not hasattr(item_table, "lookup") or rows != table_shape(cfg):
+        is_table = isinstance(item_table, ItemTable)
+        if not is_table or (item_table.rows, item_table.dim) != table_shape(cfg):
+            got = f"a table of [{item_table.rows}, {item_table.dim}]" if is_table else type(item_table).__name__
             raise DataError(f"{type(self).__name__} item_table: expected the model's item table ([num_items + 1, "
-                            f"d_model] = [{cfg.num_items + 1}, {cfg.d_model}]), got {type(item_table).__name__} "
-                            f"{list(rows) if hasattr(item_table, 'lookup') else ''}".rstrip()
-                            + "; pass bundle.item_table() or the checkpoint model's table")
+                            f"d_model] = {list(table_shape(cfg))}), got {got}; pass bundle.item_table() or the "
+                            "checkpoint model's table")
         self.item_table = item_table
         self.cfg = cfg
         self.precision = precision
